@@ -1,0 +1,46 @@
+"""fmodel: a functional model library for PyTorch.
+
+A model is data (`ModelState`); loading, saving and every change are pure functions;
+`forward` runs the state through `torch.func.functional_call` with pluggable attention.
+"""
+
+from . import attention
+from .config import LlamaConfig, MistralConfig, Qwen2Config, config_from_dict, load_config
+from .errors import (
+    AttentionUnavailableError,
+    CheckpointError,
+    ConfigError,
+    FModelError,
+    ShapeMismatchError,
+    UnknownArchitectureError,
+)
+from .forward import ModelOutput, forward
+from .io import LoadReport, load, load_with_report, save
+from .state import ModelState, TieError
+from .transforms import set_attn_implementation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionUnavailableError",
+    "CheckpointError",
+    "ConfigError",
+    "FModelError",
+    "LlamaConfig",
+    "LoadReport",
+    "MistralConfig",
+    "ModelOutput",
+    "ModelState",
+    "Qwen2Config",
+    "ShapeMismatchError",
+    "TieError",
+    "UnknownArchitectureError",
+    "attention",
+    "config_from_dict",
+    "forward",
+    "load",
+    "load_config",
+    "load_with_report",
+    "save",
+    "set_attn_implementation",
+]

@@ -1,0 +1,109 @@
+"""The attention registry: name -> attention function, looked up at call time.
+
+Every attention function has Transformers' attention-interface signature::
+
+    fn(module, query, key, value, attention_mask, *, scaling, dropout, **kwargs)
+        -> (output [B, T, H, D], weights [B, H, T, S] or None)
+
+with `query` [B, H, T, D] and `key`/`value` [B, H_kv, S, D] (grouped-query attention:
+`module.num_key_value_groups` = H // H_kv). A function written for Transformers'
+`AttentionInterface` therefore registers here unchanged.
+
+Unlike Transformers, a registered function always receives the mask the model built.
+`mask_kind` says in which form:
+
+- "additive": float [B, 1, T, S], 0 where attention is allowed and the dtype's minimum
+  elsewhere (what Transformers' eager attention takes). The default for user functions.
+- "bool": bool [B, 1, T, S], True where allowed; None when plain causal attention over the
+  whole sequence is exact (the function should then use causal masking itself).
+- "block": a `torch.nn.attention.flex_attention.BlockMask`.
+- "padding": the 2-D [B, S] padding mask (1 = real token) or None, for varlen kernels.
+
+The registry is the one piece of global state fmodel has; users extend it on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from ..errors import AttentionUnavailableError
+
+__all__ = ["AttentionFunction", "available", "get", "register", "unregister"]
+
+MASK_KINDS = ("additive", "bool", "block", "padding")
+
+
+@attrs.frozen
+class AttentionFunction:
+    """A registered attention function and the mask form it wants."""
+
+    name: str
+    fn: Callable
+    mask_kind: str = "additive"
+    # Returns None when usable here, or a sentence saying what is missing.
+    check: Callable[[], str | None] | None = attrs.field(default=None, eq=False)
+
+
+_REGISTRY: dict[str, AttentionFunction] = {}
+
+
+def register(
+    name: str,
+    fn: Callable,
+    *,
+    mask_kind: str = "additive",
+    check: Callable[[], str | None] | None = None,
+) -> None:
+    """Register `fn` under `name` (replacing an earlier registration of that name).
+
+    Arguments:
+        name: the string users pass as `attn_implementation`.
+        fn: an attention function with the signature in this module's docstring.
+        mask_kind: which mask form `fn` receives: "additive" (default), "bool", "block" or "padding".
+        check: optional; returns None when `fn` can run here, else why not (checked at `get`).
+
+    Example:
+        >>> def my_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw): ...
+        >>> fmodel.attention.register("mine", my_attention)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"attention name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"attention function for {name!r} must be callable, got {type(fn).__name__}")
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind for {name!r} must be one of {MASK_KINDS}, got {mask_kind!r}")
+    _REGISTRY[name] = AttentionFunction(name, fn, mask_kind, check)
+
+
+def unregister(name: str) -> None:
+    """Remove a registration (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def available() -> list[str]:
+    """Names of the registered attention functions that can run on this machine."""
+    return sorted(name for name, entry in _REGISTRY.items() if entry.check is None or entry.check() is None)
+
+
+def get(name: str) -> AttentionFunction:
+    """The registered function `name`.
+
+    Raises:
+        AttentionUnavailableError: `name` is not registered, or its package / hardware is missing.
+    """
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise AttentionUnavailableError(
+            f"attention implementation {name!r} is not registered; registered: {sorted(_REGISTRY)}"
+        )
+    if entry.check is not None:
+        why = entry.check()
+        if why is not None:
+            raise AttentionUnavailableError(f"attention implementation {name!r} cannot run here: {why}")
+    return entry
+
+
+def known(name: str) -> bool:
+    return name in _REGISTRY

@@ -1,0 +1,117 @@
+"""`fmodel.forward`: run a state through its skeleton with `torch.func.functional_call`."""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import torch
+from torch.func import functional_call
+
+from . import attention
+from .models.skeleton import skeleton
+from .state import ModelState
+
+__all__ = ["ModelOutput", "forward"]
+
+logger = logging.getLogger("fmodel")
+
+
+@attrs.frozen
+class ModelOutput:
+    """What a forward returns.
+
+    Attributes:
+        logits: [B, T, vocab] for language-model heads, else None.
+        last_hidden_state: [B, T, hidden] after the final norm.
+        hidden_states: (embeddings, after layer 1, ..., final normed) when asked, else None.
+        attentions: per layer [B, H, T, S] attention weights when asked, else None.
+    """
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("forward: pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(
+                f"forward: input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}"
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        hidden = state.config.hidden_size
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+            raise ValueError(
+                f"forward: inputs_embeds must be [batch, seq, {hidden}], got {list(inputs_embeds.shape)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"forward: attention_mask must have shape {list(shape)} like the inputs, got {list(attention_mask.shape)}"
+        )
+
+
+def forward(
+    state: ModelState,
+    input_ids: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    attn_implementation: str | None = None,
+    logits_to_keep: int = 0,
+    training: bool = False,
+) -> ModelOutput:
+    """Run the model. Pure: the state's tensors are read, never written.
+
+    Arguments:
+        state: the model.
+        input_ids: [B, T] token ids (or pass `inputs_embeds` [B, T, hidden]).
+        attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
+        position_ids: [B, T]; default 0..T-1 for every row, as Transformers.
+        output_hidden_states / output_attentions: also return per-layer values. Attention
+            weights need an implementation that computes them; when the chosen one does not
+            (sdpa, flex, flash), that call runs with "eager".
+        attn_implementation: override the state's attention function for this call.
+        logits_to_keep: compute logits only for the last N positions (0 = all).
+        training: run dropout (gradients flow either way).
+
+    Returns:
+        ModelOutput with `logits` (heads) or `last_hidden_state` (base models).
+
+    Example:
+        >>> out = fmodel.forward(state, input_ids=ids, attention_mask=mask)
+        >>> out.logits.shape
+        torch.Size([2, 7, 32000])
+    """
+    _check_inputs(state, input_ids, attention_mask, inputs_embeds)
+    name = attn_implementation or state.attn_implementation
+    if output_attentions and name in _NO_WEIGHTS:
+        logger.info("forward: %s does not compute attention weights; using eager for this call", name)
+        name = "eager"
+    attn = attention.get(name)
+    module = skeleton(state.config, state.architecture, training)
+    kwargs = dict(
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        attn=attn,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+    )
+    if logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
+    out = functional_call(module, state.tensors, (input_ids,), kwargs, tie_weights=False, strict=False)
+    return ModelOutput(
+        **{k: out.get(k) for k in ("logits", "last_hidden_state", "hidden_states", "attentions")}
+    )
+
+
+_NO_WEIGHTS = frozenset({"sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"})

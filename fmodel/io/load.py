@@ -1,0 +1,341 @@
+"""`fmodel.load`: a Hugging Face checkpoint (folder or hub id) -> `ModelState`.
+
+No random initialisation happens unless asked for (`allow_missing=True`): the skeleton is
+built on the meta device and only its names and shapes are read. Tensors stay memory-mapped
+when no dtype or device change is asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import attrs
+import torch
+
+from ..config import load_config
+from ..errors import CheckpointError, ConfigError, ShapeMismatchError
+from ..models import get_spec, specs_for_model_type
+from ..models.init import init_tensor
+from ..models.skeleton import skeleton
+from ..state import ModelState
+from .read import read_tensors
+from .resolve import resolve_checkpoint
+
+__all__ = ["LoadReport", "load", "load_with_report", "resolve_dtype", "state_from_tensors"]
+
+logger = logging.getLogger("fmodel")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@attrs.frozen
+class LoadReport:
+    """What a load did besides reading tensors under their own names.
+
+    Attributes:
+        missing: expected tensors absent from the checkpoint (initialised; only with allow_missing).
+        unexpected: checkpoint tensors the architecture has no place for (only when strict=False).
+        mismatched: (name, checkpoint shape, expected shape), re-initialised (ignore_mismatched_sizes).
+        renamed: (checkpoint name, new name) for legacy renames and base-prefix changes.
+        unused: head tensors dropped because a head checkpoint was loaded as the base model,
+            tied aliases stored redundantly, and known-harmless extras (old rotary buffers).
+    """
+
+    source: str
+    architecture: str
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
+    unused: tuple[str, ...] = ()
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None or "auto" -> None (keep the stored dtype); a name or torch.dtype -> torch.dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ConfigError(
+        f"dtype {dtype!r} is not understood; use a torch.dtype, 'auto', or one of {sorted(_DTYPES)}"
+    )
+
+
+def default_architecture(config) -> str:
+    """`architectures[0]` of the config, else the family's causal-LM class, else its base."""
+    if config.architectures:
+        return config.architectures[0]
+    specs = specs_for_model_type(config.model_type)
+    heads = [s for s in specs if s.output == "causal_lm"]
+    return (heads or specs)[0].name
+
+
+def _map_keys(spec, names, expected) -> tuple[dict[str, str], list[tuple[str, str]], list[str]]:
+    """{checkpoint name: state name} after legacy renames and the base-prefix rule of Transformers:
+    a head checkpoint loaded as the base model loses the prefix (its head tensors are unused);
+    a base checkpoint loaded into a head class gains it."""
+    prefix = spec.prefix + "."
+    renamed: list[tuple[str, str]] = []
+    unused: list[str] = []
+    mapping: dict[str, str] = {}
+    for name in names:
+        new = spec.rename_key(name)
+        if new != name:
+            renamed.append((name, new))
+        mapping[name] = new
+    has_prefix = any(n.startswith(prefix) for n in mapping.values())
+    wants_prefix = any(n.startswith(prefix) for n in expected)
+    if has_prefix and not wants_prefix:
+        for name, new in list(mapping.items()):
+            if new.startswith(prefix):
+                mapping[name] = new[len(prefix) :]
+                renamed.append((name, mapping[name]))
+            else:
+                del mapping[name]
+                unused.append(name)
+    elif wants_prefix and not has_prefix:
+        for name, new in mapping.items():
+            mapping[name] = prefix + new
+            renamed.append((name, mapping[name]))
+    return mapping, renamed, unused
+
+
+def state_from_tensors(
+    config,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    architecture: str | None = None,
+    origin: Mapping[str, str] | None = None,
+    source: str = "tensors",
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
+    allow_missing: bool = False,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+    seed: int = 0,
+) -> tuple[ModelState, LoadReport]:
+    """Check `tensors` (checkpoint names) against `architecture` and build a state.
+
+    Arguments:
+        config: the model config.
+        tensors: {checkpoint name: tensor}; never modified, and shared into the state as is
+            when no dtype/device change is asked.
+        architecture: class name; default `architectures[0]` of the config.
+        origin: {name: file} for error messages.
+        dtype / device: cast floating tensors / move everything (None keeps what is stored).
+        allow_missing: initialise absent tensors with the architecture's init rules (seeded by
+            `seed`) instead of raising.
+        strict: raise on unexpected tensors (else report them).
+        ignore_mismatched_sizes: re-initialise wrong-shape tensors instead of raising.
+
+    Returns:
+        (state, report).
+
+    Raises:
+        CheckpointError: missing or unexpected tensors, each listed by name.
+        ShapeMismatchError: wrong-shape tensors, each with found and expected shapes.
+        ConfigError: the architecture does not belong to the config's model_type.
+    """
+    architecture = architecture or default_architecture(config)
+    spec = get_spec(architecture)
+    if spec.model_type != config.model_type:
+        raise ConfigError(
+            f"{source}: architecture {architecture!r} is for model_type {spec.model_type!r}, "
+            f"but the config has model_type {config.model_type!r}"
+        )
+    target_dtype = resolve_dtype(dtype)
+    origin = origin or {}
+    module = skeleton(config, architecture)
+    param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    expected = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
+    ties = dict(spec.ties(config))
+
+    mapping, renamed, unused = _map_keys(spec, tensors, expected)
+    for old, new in renamed:
+        logger.info("%s: tensor %r loaded as %r", source, old, new)
+    found: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    for ckpt_name, name in mapping.items():
+        tensor = tensors[ckpt_name]
+        if name in ties or (name not in expected and spec.is_ignorable(name)):
+            unused.append(ckpt_name)  # tied alias stored redundantly, or a known-harmless extra
+        elif name not in expected:
+            unexpected.append(ckpt_name)
+        elif tuple(tensor.shape) != expected[name]:
+            mismatched.append((name, tuple(tensor.shape), expected[name]))
+        else:
+            found[name] = tensor
+    if mismatched and not ignore_mismatched_sizes:
+        lines = [
+            f"  {name}: found {list(got)} in {origin.get(name, source)}, expected {list(want)}"
+            for name, got, want in mismatched
+        ]
+        raise ShapeMismatchError(
+            f"{source}: {len(mismatched)} tensor(s) do not match {architecture} with this config:\n"
+            + "\n".join(lines)
+        )
+    if unexpected and strict:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensor(s) that {architecture} has no place for: {sorted(unexpected)[:20]}"
+            " (pass strict=False to ignore them, or architecture= to pick the right class)"
+        )
+    missing = sorted(n for n in expected if n not in found and n not in ties)
+    really_missing = [n for n in missing if n not in {m[0] for m in mismatched}]
+    if really_missing and not allow_missing:
+        raise CheckpointError(
+            f"{source}: {len(really_missing)} tensor(s) that {architecture} needs are missing: "
+            f"{really_missing[:20]} (pass allow_missing=True to initialise them)"
+        )
+
+    init_dtype = target_dtype or _stored_float_dtype(found)
+    generator = torch.Generator().manual_seed(seed)
+    for name in missing:
+        rule = spec.init_rule(name, config)
+        found[name] = init_tensor(
+            rule, expected[name], dtype=init_dtype, std=config.initializer_range, generator=generator
+        )
+    if missing:
+        logger.warning("%s: initialised %d missing tensor(s): %s", source, len(missing), missing[:20])
+
+    found = {name: _convert(t, target_dtype, device) for name, t in found.items()}
+    params = {name: found[name] for name in expected if name in param_names and name not in ties}
+    for alias, src in ties.items():
+        params[alias] = params[src]
+    buffers = {name: found[name] for name in expected if name not in param_names}
+    buffers.update(
+        {name: _convert(t, None, device) for name, t in spec.computed_buffers(config, None).items()}
+    )
+    state = ModelState(config, architecture, params, buffers, ties, attn_implementation)
+    report = LoadReport(
+        source,
+        architecture,
+        tuple(really_missing),
+        tuple(sorted(unexpected)),
+        tuple(mismatched),
+        tuple(renamed),
+        tuple(sorted(unused)),
+    )
+    return state, report
+
+
+def _stored_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    for t in tensors.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    if device is not None:
+        t = t.to(device)
+    return t
+
+
+def load_with_report(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+    attn_implementation: str = "sdpa",
+    allow_missing: bool = False,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+    config=None,
+) -> tuple[ModelState, LoadReport]:
+    """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
+    files = resolve_checkpoint(
+        path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    config = config if config is not None else load_config(files.config)
+    tensors, origin = read_tensors(files)
+    return state_from_tensors(
+        config,
+        tensors,
+        architecture=architecture,
+        origin=origin,
+        source=files.source,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        allow_missing=allow_missing,
+        strict=strict,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+    )
+
+
+def load(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+    attn_implementation: str = "sdpa",
+    allow_missing: bool = False,
+    strict: bool = True,
+) -> ModelState:
+    """Load a Hugging Face checkpoint as a `ModelState`.
+
+    Arguments:
+        path_or_repo_id: a folder with config.json and weights (model.safetensors, a sharded
+            model.safetensors.index.json, or pickle .bin read with weights_only=True), or a hub
+            repo id resolved through huggingface_hub's cache.
+        revision, cache_dir, local_files_only: hub options (offline: local_files_only=True or
+            HF_HUB_OFFLINE=1).
+        dtype: cast floating tensors (torch.dtype or "bfloat16", ...); None/"auto" keeps the
+            stored dtype and the tensors stay memory-mapped.
+        device: move tensors there (None: CPU, memory-mapped).
+        architecture: class to load as (default `architectures[0]` of config.json); a head
+            checkpoint loads as its base model by dropping the base prefix, as in Transformers.
+        attn_implementation: the registered attention function the state's forward uses.
+        allow_missing: initialise missing tensors by the architecture's init rules.
+        strict: raise on tensors the architecture has no place for.
+
+    Returns:
+        A new `ModelState`; the checkpoint files are never written.
+
+    Raises:
+        CheckpointError, ShapeMismatchError, ConfigError: each names the file and tensor or field.
+
+    Example:
+        >>> state = fmodel.load("path/to/checkpoint", dtype="bfloat16")
+    """
+    state, _ = load_with_report(
+        path_or_repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        dtype=dtype,
+        device=device,
+        architecture=architecture,
+        attn_implementation=attn_implementation,
+        allow_missing=allow_missing,
+        strict=strict,
+    )
+    return state

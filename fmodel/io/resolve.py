@@ -1,0 +1,151 @@
+"""Find a checkpoint's files: a local folder, or a hub repo id through huggingface_hub's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import attrs
+
+from ..errors import CheckpointError
+
+__all__ = ["CheckpointFiles", "resolve_checkpoint"]
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PT_SINGLE = "pytorch_model.bin"
+PT_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+
+
+@attrs.frozen
+class CheckpointFiles:
+    """Local paths of one checkpoint.
+
+    Attributes:
+        source: what the user passed (folder or repo id), for error messages.
+        config: path of config.json.
+        weights: weight files, in shard order.
+        index: path of the shard index, if sharded.
+        format: "safetensors" or "pickle".
+        folder: the folder holding the files (a hub snapshot folder for repo ids).
+    """
+
+    source: str
+    config: str
+    weights: tuple[str, ...]
+    index: str | None
+    format: str
+    folder: str
+
+
+def _shards_from_index(index_path: str) -> list[str]:
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{index_path}: not a valid shard index ({exc}); expected {{'weight_map': {{...}}}}"
+        ) from None
+    return sorted(set(weight_map.values()))
+
+
+def _local(folder: str) -> CheckpointFiles:
+    config = os.path.join(folder, CONFIG)
+    if not os.path.isfile(config):
+        raise CheckpointError(f"{folder}: no {CONFIG} in this folder")
+    for index_name, single, fmt in (
+        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
+        (PT_INDEX, PT_SINGLE, "pickle"),
+    ):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            shards = [os.path.join(folder, name) for name in _shards_from_index(index)]
+            missing = [s for s in shards if not os.path.isfile(s)]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
+            return CheckpointFiles(folder, config, tuple(shards), index, fmt, folder)
+        path = os.path.join(folder, single)
+        if os.path.isfile(path):
+            return CheckpointFiles(folder, config, (path,), None, fmt, folder)
+    raise CheckpointError(
+        f"{folder}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {PT_SINGLE} or {PT_INDEX}"
+    )
+
+
+def _hub(repo_id: str, revision, cache_dir, local_files_only) -> CheckpointFiles:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    def fetch(filename: str) -> str | None:
+        try:
+            return hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=bool(local_files_only),
+            )
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+
+    try:
+        config = fetch(CONFIG)
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: not a local folder and not a repository on the hub") from None
+    except Exception as exc:  # network or validation errors from huggingface_hub
+        raise CheckpointError(
+            f"{repo_id}: could not resolve on the hub ({type(exc).__name__}: {exc})"
+        ) from None
+    if config is None:
+        offline = " (offline: it is not in the local cache)" if local_files_only else ""
+        raise CheckpointError(f"{repo_id}: no {CONFIG} found{offline}")
+    folder = os.path.dirname(config)
+    for index_name, single, fmt in (
+        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
+        (PT_INDEX, PT_SINGLE, "pickle"),
+    ):
+        index = fetch(index_name)
+        if index is not None:
+            shards = []
+            for name in _shards_from_index(index):
+                path = fetch(name)
+                if path is None:
+                    raise CheckpointError(
+                        f"{repo_id}: shard {name} listed in {index_name} could not be fetched"
+                    )
+                shards.append(path)
+            return CheckpointFiles(repo_id, config, tuple(shards), index, fmt, folder)
+        path = fetch(single)
+        if path is not None:
+            return CheckpointFiles(repo_id, config, (path,), None, fmt, folder)
+    raise CheckpointError(
+        f"{repo_id}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {PT_SINGLE} or {PT_INDEX}"
+    )
+
+
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> CheckpointFiles:
+    """Locate config and weights. A path that exists is a local folder; otherwise a hub id.
+
+    Offline use: pass `local_files_only=True` or set `HF_HUB_OFFLINE=1`; cached files are used.
+
+    Raises:
+        CheckpointError: nothing found, names what was looked for and where.
+    """
+    source = os.fspath(path_or_repo_id)
+    if os.path.isdir(source):
+        return _local(source)
+    if os.path.exists(source):
+        raise CheckpointError(f"{source}: expected a checkpoint folder (config.json + weights), got a file")
+    if source.count("/") > 1 or source.startswith((".", "/", "~")):
+        raise CheckpointError(f"{source}: no such folder (and not a valid hub repo id 'org/name')")
+    return _hub(source, revision, None if cache_dir is None else os.fspath(cache_dir), local_files_only)

@@ -1,0 +1,92 @@
+"""`ArchSpec`: the declarative description of one model class (e.g. `LlamaForCausalLM`).
+
+A spec says how to build the weightless skeleton, which names are tied and embedded,
+the base-model prefix, legacy checkpoint key renames, which unexpected keys are harmless,
+which buffers are computed rather than stored, and how each tensor is initialised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from ..errors import UnknownArchitectureError
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "get_spec", "register_architecture", "specs_for_model_type"]
+
+
+@attrs.frozen
+class ArchSpec:
+    """What fmodel needs to know about a model class, as data.
+
+    Attributes:
+        name: the Transformers class name (`architectures[0]` in config.json).
+        model_type: the config `model_type` it belongs to.
+        build: config -> nn.Module; called under `torch.device("meta")`, so it holds no weights.
+        prefix: the attribute holding the base model in the family's head classes ("model" for
+            Llama); checkpoint keys of a head class start with it, a base class's keys do not.
+        is_base: True for the bare base model (no head), whose keys carry no prefix.
+        ties: config -> {alias: source} tensor names that share one tensor.
+        input_embeddings: name of the input embedding matrix.
+        output_embeddings: name of the output projection (None for base models).
+        key_renames: (regex, replacement) pairs for legacy checkpoint names; applied and reported.
+        ignore_unexpected: regexes of checkpoint keys that are dropped without error
+            (e.g. old `rotary_emb.inv_freq` entries).
+        computed_buffers: (config, device) -> {name: tensor}: non-persistent buffers derived from
+            the config (never saved).
+        init_rule: (name, config) -> "normal" | "zeros" | "ones": how a tensor is initialised.
+        output: "causal_lm" (logits) or "base" (last_hidden_state).
+    """
+
+    name: str
+    model_type: str
+    build: Callable[[object], nn.Module]
+    prefix: str
+    is_base: bool
+    ties: Callable[[object], Mapping[str, str]]
+    input_embeddings: str
+    output_embeddings: str | None
+    computed_buffers: Callable[[object, torch.device | None], Mapping[str, torch.Tensor]]
+    init_rule: Callable[[str, object], str]
+    output: str
+    key_renames: tuple[tuple[str, str], ...] = ()
+    ignore_unexpected: tuple[str, ...] = ()
+
+    def rename_key(self, key: str) -> str:
+        for pattern, replacement in self.key_renames:
+            key = re.sub(pattern, replacement, key)
+        return key
+
+    def is_ignorable(self, key: str) -> bool:
+        return any(re.search(pattern, key) for pattern in self.ignore_unexpected)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register_architecture(spec: ArchSpec) -> ArchSpec:
+    """Register a spec under its class name (replacing any earlier one)."""
+    ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ArchSpec:
+    """The spec of class `name`, e.g. "LlamaForCausalLM".
+
+    Raises:
+        UnknownArchitectureError: not implemented; the message lists what is.
+    """
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"architecture {name!r} is not implemented; fmodel knows {sorted(ARCHITECTURES)}"
+        ) from None
+
+
+def specs_for_model_type(model_type: str) -> list[ArchSpec]:
+    return [s for s in ARCHITECTURES.values() if s.model_type == model_type]
