@@ -27,11 +27,17 @@ VARIANTS = {
     "llama-mqa-bias": ("llama", {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}),
     "llama-head-dim": ("llama", {"head_dim": 24}),
     "qwen2-bias": ("qwen2", {}),
-    "qwen2-sliding-layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen2-sliding-layers": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     "mistral-sliding": ("mistral", {"sliding_window": 4}),
     "rope-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     # max_position_embeddings below the input length makes dynamic scaling kick in
-    "rope-dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 8}),
+    "rope-dynamic": (
+        "llama",
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 8},
+    ),
     "rope-llama3": (
         "llama",
         {
@@ -44,7 +50,10 @@ VARIANTS = {
             }
         },
     ),
-    "rope-yarn": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+    "rope-yarn": (
+        "llama",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    ),
 }
 
 
@@ -99,7 +108,9 @@ def test_fmodel_save_loads_in_transformers(saved_variants, variant, tmp_path):
     folder, hf_model = saved_variants[variant]
     state = fmodel.load(folder)
     fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", attn_implementation="eager")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "resaved", attn_implementation="eager"
+    )
     assert type(reloaded).__name__ == state.architecture
     ids, mask = padded_batch(seq=11)
     original = _hf_logits(hf_model, ids, mask, "eager")
@@ -117,7 +128,9 @@ def test_hidden_states_and_attentions_match(saved_variants):
     ours = fmodel.forward(state, ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     hf_model.config._attn_implementation = "eager"
     with torch.no_grad():
-        theirs = hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        theirs = hf_model(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+        )
     assert len(ours.hidden_states) == len(theirs.hidden_states) == hf_model.config.num_hidden_layers + 1
     for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
         assert _max_diff(a, b, mask) <= TOL
