@@ -43,7 +43,7 @@ def test_a_transformers_attention_function_registers_unchanged(llama, registered
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    state, hf_model = llama
+    state, _ = llama
     ids, mask = padded_batch()
     reference = fmodel.forward(state, ids, attention_mask=mask, attn_implementation="eager").logits
     registered("hf_eager", eager_attention_forward)  # additive mask, as Transformers' eager expects
@@ -92,7 +92,7 @@ def test_switching_attention_rebuilds_nothing(llama):
 
 def test_unknown_attention_is_a_clear_error(llama):
     state, _ = llama
-    with pytest.raises(fmodel.AttentionUnavailableError, match="'nope' is not registered.*eager"):
+    with pytest.raises(fmodel.AttentionUnavailableError, match=r"'nope' is not registered.*eager"):
         fmodel.set_attn_implementation(state, "nope")
     with pytest.raises(fmodel.AttentionUnavailableError, match="nope"):
         fmodel.forward(state, torch.tensor([[1, 2]]), attn_implementation="nope")
@@ -105,7 +105,7 @@ def test_flash_attention_says_what_is_missing(llama, name, package):
     if importlib.util.find_spec(package) is not None and torch.cuda.is_available():
         pytest.skip(f"{package} and a GPU are present: {name} runs here")
     state, _ = llama
-    with pytest.raises(fmodel.AttentionUnavailableError, match=f"{name}.*(not installed|CUDA GPU)"):
+    with pytest.raises(fmodel.AttentionUnavailableError, match=rf"{name}.*(not installed|CUDA GPU)"):
         fmodel.set_attn_implementation(state, name)
     assert name not in attention.available()
 
