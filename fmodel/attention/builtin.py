@@ -6,6 +6,7 @@ match Transformers' functions of the same name.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -66,6 +67,13 @@ def sdpa_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    return torch.compile(_flex, dynamic=False)
+
+
 def flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """torch's FlexAttention with a BlockMask (runs on CPU too). Mask: block."""
     from torch.nn.attention.flex_attention import flex_attention as _flex
@@ -75,7 +83,10 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, drop
             "flex_attention does not support dropout; use eager or sdpa for training with dropout"
         )
     groups = getattr(module, "num_key_value_groups", 1)
-    output = _flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1)
+    # Compiled, flex fuses the mask into its kernel; uncompiled it materialises the scores.
+    # On CPU the uncompiled path is kept: compiling costs seconds per new shape.
+    kernel = _compiled_flex() if query.is_cuda else _flex
+    output = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -168,8 +168,14 @@ def state_from_tensors(
     ties = dict(spec.ties(config))
 
     mapping, renamed, unused = _map_keys(spec, tensors, expected)
-    for old, new in renamed:
-        logger.info("%s: tensor %r loaded as %r", source, old, new)
+    # A checkpoint that stores a tied tensor only under its alias name (some exporters do)
+    # still provides the source: read it from there, and say so.
+    stored = set(mapping.values())
+    for alias, src in ties.items():
+        if src not in stored and alias in stored:
+            ckpt_alias = next(k for k, v in mapping.items() if v == alias)
+            mapping[ckpt_alias] = src
+            renamed.append((ckpt_alias, src))
     found: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
@@ -183,6 +189,8 @@ def state_from_tensors(
             mismatched.append((name, tuple(tensor.shape), expected[name]))
         else:
             found[name] = tensor
+    for old_name, new_name in renamed:
+        logger.info("%s: tensor %r loaded as %r", source, old_name, new_name)
     if mismatched and not ignore_mismatched_sizes:
         lines = [
             f"  {name}: found {list(got)} in {origin.get(name, source)}, expected {list(want)}"
