@@ -1,0 +1,24 @@
+"""Frozen, hashable model configs that read and write Hugging Face `config.json` losslessly.
+
+A config class lists the fields fmodel models, with Transformers' names and defaults.
+Every other key of the source `config.json` is kept verbatim in `extra`, and the keys the
+source spelled out are remembered in `given`, so `config_from_dict(d).to_dict() == d`.
+"""
+
+from .base import CONFIG_CLASSES, BaseConfig, config_from_dict, load_config, register_config
+from .decoder import DecoderConfig, LlamaConfig, MistralConfig, Qwen2Config
+from .encoder import BertConfig, GPT2Config
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "BaseConfig",
+    "BertConfig",
+    "DecoderConfig",
+    "GPT2Config",
+    "LlamaConfig",
+    "MistralConfig",
+    "Qwen2Config",
+    "config_from_dict",
+    "load_config",
+    "register_config",
+]

@@ -1,0 +1,247 @@
+"""Configs of the rotary decoder families: Llama, Mistral, Qwen2 (Transformers' names and defaults).
+
+Both rope spellings load: Transformers 4 (`rope_theta` + `rope_scaling`) and Transformers 5
+(`rope_parameters`, which carries `rope_theta` inside); a config is written back in the
+spelling it was read in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from .._frozen import FrozenDict, thaw
+from ..errors import ConfigError
+from .base import (
+    ACTIVATIONS as _ACTIVATIONS,
+)
+from .base import (
+    BaseConfig,
+    _is_float,
+    bool_field,
+    float_field,
+    frozen_field,
+    int_field,
+    register_config,
+    str_field,
+    token_id_field,
+)
+
+__all__ = ["DecoderConfig", "LlamaConfig", "MistralConfig", "Qwen2Config"]
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@attrs.frozen(kw_only=True)
+class DecoderConfig(BaseConfig):
+    """Fields shared by the rotary decoder families (Llama, Qwen2, Mistral)."""
+
+    vocab_size: int = int_field(32000)
+    hidden_size: int = int_field(4096)
+    intermediate_size: int = int_field(11008)
+    num_hidden_layers: int = int_field(32)
+    num_attention_heads: int = int_field(32)
+    num_key_value_heads: int | None = int_field(None, nullable=True)
+    head_dim: int | None = int_field(None, nullable=True)
+    hidden_act: str = str_field("silu")
+    max_position_embeddings: int = int_field(2048)
+    rms_norm_eps: float = float_field(1e-6)
+    tie_word_embeddings: bool = bool_field(False)
+    rope_theta: float = float_field(10000.0)
+    rope_scaling: FrozenDict | None = frozen_field(None)
+    attention_dropout: float = float_field(0.0)
+    bos_token_id: Any = token_id_field(1)
+    eos_token_id: Any = token_id_field(2)
+    rope_spelling: str = attrs.field(default="rope_scaling", repr=False)
+
+    # -- derived values -------------------------------------------------------------
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (`num_key_value_heads`, defaulting to the query heads)."""
+        return self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head width: `head_dim` when set, else `hidden_size // num_attention_heads`."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def qkv_bias(self) -> bool:
+        return False
+
+    @property
+    def o_bias(self) -> bool:
+        return False
+
+    @property
+    def mlp_has_bias(self) -> bool:
+        return False
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The sliding-window width of layer `layer_idx`, or None for full causal attention."""
+        return None
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        name = type(self).__name__
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{name}: field 'hidden_size' ({self.hidden_size}) must be divisible by "
+                f"'num_attention_heads' ({self.num_attention_heads}) when 'head_dim' is not set"
+            )
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"{name}: field 'num_key_value_heads' ({self.kv_heads}) must divide "
+                f"'num_attention_heads' ({self.num_attention_heads})"
+            )
+        if self.head_size % 2:
+            raise ConfigError(
+                f"{name}: rotary embeddings need an even head size, got head size {self.head_size}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ConfigError(
+                f"{name}: field 'hidden_act' is {self.hidden_act!r}; fmodel implements {sorted(_ACTIVATIONS)}"
+            )
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        where = "rope_parameters" if self.rope_spelling == "rope_parameters" else "rope_scaling"
+        rope_type = self.rope_type
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"{type(self).__name__}: field '{where}.rope_type' is {rope_type!r}; expected one of {ROPE_TYPES}"
+            )
+        for key in _ROPE_REQUIRED.get(rope_type, ()):
+            value = self.rope_scaling.get(key)
+            if not _is_float(value) or value <= 0:
+                raise ConfigError(
+                    f"{type(self).__name__}: rope type {rope_type!r} needs a positive number in field "
+                    f"'{where}.{key}', got {value!r}"
+                )
+
+    # -- rope spellings ------------------------------------------------------------------
+
+    @classmethod
+    def _read_json(cls, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        if "rope_parameters" not in data:
+            return data, {}
+        params = data.pop("rope_parameters")
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{cls.__name__}: field 'rope_parameters' expected a mapping, got {params!r}")
+        params = dict(params)
+        if "rope_theta" in params:
+            data["rope_theta"] = params.pop("rope_theta")
+        data["rope_scaling"] = params
+        return data, {"rope_spelling": "rope_parameters"}
+
+    def _write_json(self, out: dict[str, Any]) -> dict[str, Any]:
+        if self.rope_spelling == "rope_parameters":
+            params = thaw(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}
+            if "rope_theta" in out:  # given, or changed from the default
+                params["rope_theta"] = out.pop("rope_theta")
+            out.pop("rope_scaling", None)
+            out["rope_parameters"] = params
+        return out
+
+
+@register_config
+@attrs.frozen(kw_only=True)
+class LlamaConfig(DecoderConfig):
+    """Llama (`model_type: llama`), defaults as Transformers' `LlamaConfig`."""
+
+    model_type: ClassVar[str] = "llama"
+
+    attention_bias: bool = bool_field(False)
+    mlp_bias: bool = bool_field(False)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def mlp_has_bias(self) -> bool:
+        return self.mlp_bias
+
+
+@register_config
+@attrs.frozen(kw_only=True)
+class MistralConfig(DecoderConfig):
+    """Mistral (`model_type: mistral`): sliding-window attention on every layer."""
+
+    model_type: ClassVar[str] = "mistral"
+
+    intermediate_size: int = int_field(14336)
+    num_key_value_heads: int | None = int_field(8, nullable=True)
+    max_position_embeddings: int = int_field(4096 * 32)
+    sliding_window: int | None = int_field(4096, nullable=True)
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        return self.sliding_window
+
+
+@register_config
+@attrs.frozen(kw_only=True)
+class Qwen2Config(DecoderConfig):
+    """Qwen2 (`model_type: qwen2`): bias on q/k/v, optional sliding window per `layer_types`."""
+
+    model_type: ClassVar[str] = "qwen2"
+
+    vocab_size: int = int_field(151936)
+    intermediate_size: int = int_field(22016)
+    num_key_value_heads: int | None = int_field(32, nullable=True)
+    max_position_embeddings: int = int_field(32768)
+    bos_token_id: Any = token_id_field(None)
+    eos_token_id: Any = token_id_field(None)
+    use_sliding_window: bool = bool_field(False)
+    sliding_window: int | None = int_field(4096, nullable=True)
+    max_window_layers: int = int_field(28, positive=False)
+    layer_types: tuple[str, ...] | None = frozen_field(
+        None,
+        kind="a list of 'full_attention' / 'sliding_attention'",
+        accept=lambda v: (
+            isinstance(v, tuple) and all(x in ("full_attention", "sliding_attention") for x in v)
+        ),
+    )
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"Qwen2Config: field 'layer_types' has {len(self.layer_types)} entries, "
+                f"expected num_hidden_layers={self.num_hidden_layers}"
+            )
+
+    @property
+    def qkv_bias(self) -> bool:
+        return True
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        # As Transformers: the window applies only when use_sliding_window is on, and then to the
+        # layers `layer_types` marks as sliding (by default those at index >= max_window_layers).
+        if not self.use_sliding_window or self.sliding_window is None:
+            return None
+        if self.layer_types is not None:
+            sliding = self.layer_types[layer_idx] == "sliding_attention"
+        else:
+            sliding = layer_idx >= self.max_window_layers
+        return self.sliding_window if sliding else None
