@@ -60,7 +60,7 @@ def float_field(default: Any, *, nullable: bool = False) -> Any:
     return attrs.field(
         default=default,
         converter=_to_float,
-        validator=_checker("a finite number", lambda v: isinstance(v, float), nullable),
+        validator=_checker("a finite number", lambda v: isinstance(v, float) and math.isfinite(v), nullable),
     )
 
 
