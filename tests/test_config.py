@@ -372,15 +372,8 @@ def test_wrong_type_names_the_field(model_type, field):
         ({"hidden_size": 0}, r"'hidden_size' expected a positive integer"),
         ({"vocab_size": True}, r"'vocab_size' expected a positive integer"),
         ({"vocab_size": 9.0}, r"'vocab_size' expected a positive integer"),
-        pytest.param(
-            {"rms_norm_eps": float("nan")},
-            r"'rms_norm_eps' expected a finite number",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: float_field accepts NaN/inf: _to_float leaves a non-finite float unchanged "
-                "and the validator only checks isinstance(v, float)",
-            ),
-        ),
+        ({"rms_norm_eps": float("nan")}, r"'rms_norm_eps' expected a finite number"),
+        ({"rope_theta": float("inf")}, r"'rope_theta' expected a finite number"),
         ({"rms_norm_eps": "1e-6"}, r"'rms_norm_eps' expected a finite number"),
         ({"tie_word_embeddings": 1}, r"'tie_word_embeddings' expected true or false"),
         ({"hidden_act": 3}, r"'hidden_act' expected a string"),
