@@ -24,12 +24,14 @@ class ModelOutput:
     Attributes:
         logits: [B, T, vocab] for language-model heads, else None.
         last_hidden_state: [B, T, hidden] after the final norm.
+        pooler_output: [B, hidden] for models with a pooler (BERT), else None.
         hidden_states: (embeddings, after layer 1, ..., final normed) when asked, else None.
         attentions: per layer [B, H, T, S] attention weights when asked, else None.
     """
 
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -68,6 +70,7 @@ def forward(
     attn_implementation: str | None = None,
     logits_to_keep: int = 0,
     training: bool = False,
+    **model_inputs: torch.Tensor | None,
 ) -> ModelOutput:
     """Run the model. Pure: the state's tensors are read, never written.
 
@@ -82,6 +85,8 @@ def forward(
         attn_implementation: override the state's attention function for this call.
         logits_to_keep: compute logits only for the last N positions (0 = all).
         training: run dropout (gradients flow either way).
+        **model_inputs: family-specific inputs, e.g. `token_type_ids` [B, T] for BERT
+            (passed on when not None).
 
     Returns:
         ModelOutput with `logits` (heads) or `last_hidden_state` (base models).

@@ -16,7 +16,36 @@ from torch import nn
 
 from ..errors import UnknownArchitectureError
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "get_spec", "register_architecture", "specs_for_model_type"]
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "HeadLayout",
+    "get_spec",
+    "register_architecture",
+    "specs_for_model_type",
+]
+
+
+@attrs.frozen
+class HeadLayout:
+    """Where the attention heads of one layer live in the state's tensors (for `prune_heads`).
+
+    Attributes:
+        heads: query heads the layer has now (after any pruning recorded in the config).
+        kv_heads: key/value heads it has now (== heads without grouped-query attention).
+        head_dim: width of one head.
+        original_heads: query heads before any pruning (head ids in `pruned_heads` refer to these).
+        slices: (tensor name, axis, section): the tensor's `axis` is made of head blocks of
+            `head_dim`. section "q" / "k" / "v" / "o" holds one block per query (q, o) or
+            key/value (k, v) head; "qkv" is q, k and v concatenated (GPT-2's fused c_attn).
+            "o" is the input axis of the output projection; its bias is never sliced.
+    """
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    original_heads: int
+    slices: tuple[tuple[str, int, str], ...]
 
 
 @attrs.frozen
@@ -39,7 +68,12 @@ class ArchSpec:
         computed_buffers: (config, device) -> {name: tensor}: non-persistent buffers derived from
             the config (never saved).
         init_rule: (name, config) -> "normal" | "zeros" | "ones": how a tensor is initialised.
-        output: "causal_lm" (logits) or "base" (last_hidden_state).
+        output: "causal_lm" (logits), "masked_lm" (logits), "sequence_classification"
+            (logits [B, num_labels]) or "base" (last_hidden_state).
+        position_embeddings: name of the learned position matrix (GPT-2, BERT), else None.
+        position_ids_buffer: name of a `position_ids` buffer sized like it (BERT), else None.
+        output_bias: name of the output projection's bias over the vocabulary, else None.
+        head_layout: (config, layer index) -> HeadLayout, for `prune_heads`; None if unsupported.
     """
 
     name: str
@@ -55,6 +89,10 @@ class ArchSpec:
     output: str
     key_renames: tuple[tuple[str, str], ...] = ()
     ignore_unexpected: tuple[str, ...] = ()
+    position_embeddings: str | None = None
+    position_ids_buffer: str | None = None
+    output_bias: str | None = None
+    head_layout: Callable[[object, int], HeadLayout] | None = None
 
     def rename_key(self, key: str) -> str:
         for pattern, replacement in self.key_renames:
