@@ -119,6 +119,24 @@ class DecoderConfig(BaseConfig):
                 f"{name}: field 'hidden_act' is {self.hidden_act!r}; fmodel implements {sorted(_ACTIVATIONS)}"
             )
         self._validate_rope()
+        self._validate_pruned_heads()
+
+    def _validate_pruned_heads(self) -> None:
+        groups = self.num_attention_heads // self.kv_heads
+        for layer, heads in self.pruned_heads.items():
+            if not 0 <= layer < self.num_hidden_layers or any(
+                not 0 <= h < self.num_attention_heads for h in heads
+            ):
+                raise ConfigError(
+                    f"{type(self).__name__}: field 'pruned_heads' entry {layer}: {list(heads)} is out of range "
+                    f"({self.num_hidden_layers} layers of {self.num_attention_heads} heads)"
+                )
+            partial = sorted({h // groups for h in heads if any(g not in heads for g in _group(h, groups))})
+            if partial:
+                raise ConfigError(
+                    f"{type(self).__name__}: field 'pruned_heads' entry {layer}: {list(heads)} splits key/value "
+                    f"group(s) {partial}; with {groups} query heads per key/value head only whole groups can be pruned"
+                )
 
     def _validate_rope(self) -> None:
         where = "rope_parameters" if self.rope_spelling == "rope_parameters" else "rope_scaling"
@@ -158,6 +176,11 @@ class DecoderConfig(BaseConfig):
             out.pop("rope_scaling", None)
             out["rope_parameters"] = params
         return out
+
+
+def _group(head: int, groups: int) -> range:
+    start = head // groups * groups
+    return range(start, start + groups)
 
 
 @register_config

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin
-from .spec import ArchSpec, register_architecture
+from .spec import ArchSpec, HeadLayout, register_architecture
 
 __all__ = ["LlamaForCausalLM", "LlamaModel"]
 
@@ -76,9 +76,11 @@ class LlamaAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_size
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.kv_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        # Pruned heads (whole key/value groups, see DecoderConfig) shrink this layer.
+        self.num_key_value_groups = config.num_attention_heads // config.kv_heads
+        pruned = len(config.pruned_heads.get(layer_idx, ()))
+        self.num_heads = config.num_attention_heads - pruned
+        self.num_key_value_heads = config.kv_heads - pruned // self.num_key_value_groups
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -95,9 +97,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden, cos_sin, masks, attn: AttentionFunction, output_attentions: bool):
         b, t, _ = hidden.shape
-        q = self.q_proj(hidden).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(hidden).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
-        v = self.v_proj(hidden).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.num_heads == 0:  # every head pruned: only the output bias is left
+            return self.o_proj(hidden.new_zeros(b, t, 0)), None
+        q = self.q_proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = (
+            self.k_proj(hidden).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        )  # [B, H_kv, T, D]
+        v = self.v_proj(hidden).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, *cos_sin)
         out, weights = attn.fn(
             self,
@@ -227,6 +233,26 @@ def _init_rule(name: str, config) -> str:
     return "normal"
 
 
+def _head_layout(prefix: str):
+    def layout(config, layer_idx: int) -> HeadLayout:
+        p = f"{prefix}layers.{layer_idx}.self_attn."
+        groups = config.num_attention_heads // config.kv_heads
+        pruned = len(config.pruned_heads.get(layer_idx, ()))
+        slices = [(p + "q_proj.weight", 0, "q"), (p + "k_proj.weight", 0, "k"), (p + "v_proj.weight", 0, "v")]
+        if config.qkv_bias:
+            slices += [(p + "q_proj.bias", 0, "q"), (p + "k_proj.bias", 0, "k"), (p + "v_proj.bias", 0, "v")]
+        slices.append((p + "o_proj.weight", 1, "o"))
+        return HeadLayout(
+            heads=config.num_attention_heads - pruned,
+            kv_heads=config.kv_heads - pruned // groups,
+            head_dim=config.head_size,
+            original_heads=config.num_attention_heads,
+            slices=tuple(slices),
+        )
+
+    return layout
+
+
 def _computed_buffers(prefix: str):
     def buffers(config, device) -> dict[str, torch.Tensor]:
         inv_freq, _ = rope_inv_freq(config)
@@ -253,6 +279,7 @@ for _model_type, _prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral",
             input_embeddings="embed_tokens.weight",
             output_embeddings=None,
             computed_buffers=_computed_buffers(""),
+            head_layout=_head_layout(""),
             init_rule=_init_rule,
             output="base",
             ignore_unexpected=_IGNORE,
@@ -269,6 +296,7 @@ for _model_type, _prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral",
             input_embeddings="model.embed_tokens.weight",
             output_embeddings="lm_head.weight",
             computed_buffers=_computed_buffers("model."),
+            head_layout=_head_layout("model."),
             init_rule=_init_rule,
             output="causal_lm",
             ignore_unexpected=_IGNORE,
