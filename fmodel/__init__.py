@@ -17,7 +17,21 @@ from .errors import (
 from .forward import ModelOutput, forward
 from .io import LoadReport, load, load_with_report, save
 from .state import ModelState, TieError
-from .transforms import set_attn_implementation
+from .transforms import (
+    get_input_embeddings,
+    get_output_embeddings,
+    init,
+    init_weights,
+    prune_heads,
+    resize_position_embeddings,
+    resize_token_embeddings,
+    set_attn_implementation,
+    set_input_embeddings,
+    set_output_embeddings,
+    tie_weights,
+    to,
+    untie_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -38,9 +52,21 @@ __all__ = [
     "attention",
     "config_from_dict",
     "forward",
+    "get_input_embeddings",
+    "get_output_embeddings",
+    "init",
+    "init_weights",
     "load",
     "load_config",
     "load_with_report",
+    "prune_heads",
+    "resize_position_embeddings",
+    "resize_token_embeddings",
     "save",
     "set_attn_implementation",
+    "set_input_embeddings",
+    "set_output_embeddings",
+    "tie_weights",
+    "to",
+    "untie_weights",
 ]

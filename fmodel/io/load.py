@@ -130,6 +130,7 @@ def state_from_tensors(
     strict: bool = True,
     ignore_mismatched_sizes: bool = False,
     seed: int = 0,
+    warn_missing: bool = True,
 ) -> tuple[ModelState, LoadReport]:
     """Check `tensors` (checkpoint names) against `architecture` and build a state.
 
@@ -144,6 +145,8 @@ def state_from_tensors(
             `seed`) instead of raising.
         strict: raise on unexpected tensors (else report them).
         ignore_mismatched_sizes: re-initialise wrong-shape tensors instead of raising.
+        seed: seed of the tensors drawn for missing keys.
+        warn_missing: log a warning naming the tensors initialised.
 
     Returns:
         (state, report).
@@ -220,7 +223,7 @@ def state_from_tensors(
         found[name] = init_tensor(
             rule, expected[name], dtype=init_dtype, std=config.initializer_range, generator=generator
         )
-    if missing:
+    if missing and warn_missing:
         logger.warning("%s: initialised %d missing tensor(s): %s", source, len(missing), missing[:20])
 
     found = {name: _convert(t, target_dtype, device) for name, t in found.items()}

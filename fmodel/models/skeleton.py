@@ -8,6 +8,7 @@ tensors into the module for the duration of a call.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -27,7 +28,9 @@ def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
     key = (config, architecture, training)
     module = cache.get(key)
     if module is None:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # a layer with every head pruned has zero-size projections: fine, say nothing
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             module = get_spec(architecture).build(config)
         module.train(training)
         for p in module.parameters():

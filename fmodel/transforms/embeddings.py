@@ -1,0 +1,243 @@
+"""Token and position embeddings: get, set and resize, as pure functions of a state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import FModelError, ShapeMismatchError
+from ..models.init import init_tensor
+from ..state import ModelState, TieError
+from ._common import fresh_generator, spec_of, with_params
+
+__all__ = [
+    "get_input_embeddings",
+    "get_output_embeddings",
+    "resize_position_embeddings",
+    "resize_token_embeddings",
+    "set_input_embeddings",
+    "set_output_embeddings",
+]
+
+
+def get_input_embeddings(state: ModelState) -> torch.Tensor:
+    """The input embedding matrix [vocab, hidden] (the state's own tensor; do not write into it)."""
+    return state.params[spec_of(state).input_embeddings]
+
+
+def get_output_embeddings(state: ModelState) -> torch.Tensor | None:
+    """The output projection [vocab, hidden], or None for models without an LM head."""
+    name = spec_of(state).output_embeddings
+    return None if name is None else state.params[name]
+
+
+def _is_tied(state: ModelState) -> bool:
+    spec = spec_of(state)
+    return (
+        spec.output_embeddings is not None and state.ties.get(spec.output_embeddings) == spec.input_embeddings
+    )
+
+
+def set_input_embeddings(state: ModelState, embeddings: torch.Tensor) -> ModelState:
+    """A new state whose input embeddings are `embeddings` [vocab', hidden].
+
+    A tied output projection follows (the tie is kept). The config's `vocab_size` becomes
+    vocab'; with an untied output projection vocab' must equal its rows (resize first).
+
+    Raises:
+        ShapeMismatchError: wrong hidden size, or vocab' disagrees with an untied output projection.
+    """
+    spec = spec_of(state)
+    old = state.params[spec.input_embeddings]
+    _check_matrix(embeddings, old.shape[1], spec.input_embeddings)
+    out_name = spec.output_embeddings
+    if (
+        out_name is not None
+        and not _is_tied(state)
+        and state.params[out_name].shape[0] != embeddings.shape[0]
+    ):
+        raise ShapeMismatchError(
+            f"set_input_embeddings: new vocabulary {embeddings.shape[0]} differs from the untied "
+            f"{out_name!r} ({state.params[out_name].shape[0]} rows); use resize_token_embeddings"
+        )
+    config = state.config.replace(vocab_size=embeddings.shape[0])
+    return with_params(state, {spec.input_embeddings: embeddings}, config=config)
+
+
+def set_output_embeddings(
+    state: ModelState, embeddings: torch.Tensor, *, tie: bool | None = None
+) -> ModelState:
+    """A new state whose output projection is `embeddings` [vocab, hidden].
+
+    Arguments:
+        tie: for a tied model: False breaks the tie (records `tie_word_embeddings=False`);
+            True/None keep it, which is only possible when `embeddings` is the input matrix.
+
+    Raises:
+        TieError: the model is tied and `embeddings` is another tensor, without tie=False.
+        ShapeMismatchError: the shape differs from the current output projection.
+        FModelError: the model has no output projection.
+    """
+    spec = spec_of(state)
+    name = spec.output_embeddings
+    if name is None:
+        raise FModelError(f"set_output_embeddings: {state.architecture} has no output embeddings")
+    old = state.params[name]
+    if tuple(embeddings.shape) != tuple(old.shape):
+        raise ShapeMismatchError(
+            f"set_output_embeddings: {name!r} must keep shape {list(old.shape)}, got {list(embeddings.shape)}"
+        )
+    if not _is_tied(state):
+        return with_params(state, {name: embeddings})
+    if embeddings is state.params[spec.input_embeddings] and tie is not False:
+        return state
+    if tie is not False:
+        raise TieError(
+            f"set_output_embeddings: {name!r} is tied to {spec.input_embeddings!r}; pass tie=False to break "
+            "the tie, or use set_input_embeddings to change both"
+        )
+    ties = {a: s for a, s in state.ties.items() if a != name}
+    config = state.config.replace(tie_word_embeddings=False)
+    return with_params(state, {name: embeddings}, ties=ties, config=config)
+
+
+def _check_matrix(t: torch.Tensor, hidden: int, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != hidden:
+        got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ShapeMismatchError(f"{name!r}: expected a matrix [rows, {hidden}], got {got}")
+
+
+def _grow_rows(
+    old: torch.Tensor, new_rows: int, *, mean_resizing: bool, std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """[old_rows, d] -> [new_rows, d]: first rows copied, added rows drawn. Never writes into `old`."""
+    old_rows = old.shape[0]
+    if new_rows <= old_rows:
+        return old[:new_rows].clone()
+    added = new_rows - old_rows
+    if mean_resizing:
+        extra = _mean_rows(old, added, generator)
+    else:
+        extra = init_tensor("normal", (added, *old.shape[1:]), dtype=old.dtype, std=std, generator=generator)
+    return torch.cat([old, extra.to(device=old.device, dtype=old.dtype)], dim=0)
+
+
+def _mean_rows(old: torch.Tensor, added: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows from N(mean, 1e-9 * covariance) of `old`'s rows, as Transformers' mean resizing
+    (the mean alone when that covariance is not positive definite). Drawn from `generator`."""
+    x = old.detach().to(device="cpu", dtype=torch.float32)
+    if x.dim() == 1:  # a bias: N(mean, (1e-9 * std)^2)
+        noise = torch.randn(added, generator=generator)
+        return x.mean() + 1e-9 * x.std() * noise
+    mean = x.mean(0)
+    centered = x - mean
+    cov = 1e-9 * (centered.T @ centered) / x.shape[0]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        return mean.expand(added, -1).clone()
+    noise = torch.randn(added, x.shape[1], generator=generator)
+    return mean + noise @ chol.T
+
+
+def resize_token_embeddings(
+    state: ModelState,
+    new_num_tokens: int | None = None,
+    *,
+    pad_to_multiple_of: int | None = None,
+    mean_resizing: bool = True,
+    generator: torch.Generator | None = None,
+) -> ModelState:
+    """A new state with a vocabulary of `new_num_tokens` rows (Transformers' semantics).
+
+    The size is rounded up to a multiple of `pad_to_multiple_of` when given (with
+    `new_num_tokens=None` the current size is rounded). Shrinking keeps the first rows;
+    growing keeps every old row and draws the new ones from a normal with the old rows' mean
+    and (1e-9 x) covariance when `mean_resizing`, else as `init` would
+    (normal with `initializer_range`). The output projection is resized with it: tied, it
+    follows; untied, it keeps its trained rows (Transformers re-initialised them) and grows
+    the same way; an output bias grows with its mean. `config.vocab_size` is updated.
+
+    Arguments:
+        state: the model (unchanged).
+        new_num_tokens: the vocabulary size; None keeps it (only padding applies).
+        pad_to_multiple_of: round the size up to a multiple of this.
+        mean_resizing: draw new rows around the old rows' mean (True) or like `init` (False).
+        generator: random source for new rows (default: seeded with 0, so results repeat).
+
+    Returns:
+        A new state; only the embedding, output projection and output bias are new tensors.
+
+    Raises:
+        ValueError: a non-positive size or multiple.
+
+    Example:
+        >>> bigger = fmodel.resize_token_embeddings(state, 32003, pad_to_multiple_of=64)
+        >>> bigger.config.vocab_size
+        32064
+    """
+    spec = spec_of(state)
+    old = state.params[spec.input_embeddings]
+    size = old.shape[0] if new_num_tokens is None else new_num_tokens
+    if pad_to_multiple_of is not None:
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"new_num_tokens must be a positive int, got {size!r}")
+    if size == old.shape[0]:
+        return state
+    generator = fresh_generator(generator)
+    std = state.config.initializer_range
+    grow = dict(mean_resizing=mean_resizing, std=std, generator=generator)
+    changed = {spec.input_embeddings: _grow_rows(old, size, **grow)}
+    if spec.output_embeddings is not None and not _is_tied(state):
+        changed[spec.output_embeddings] = _grow_rows(state.params[spec.output_embeddings], size, **grow)
+    if spec.output_bias is not None and spec.output_bias in state.params:
+        bias = state.params[spec.output_bias]
+        if size <= bias.shape[0] or mean_resizing:
+            changed[spec.output_bias] = _grow_rows(bias, size, **grow)
+        else:
+            changed[spec.output_bias] = torch.cat([bias, bias.new_zeros(size - bias.shape[0])])
+    return with_params(state, changed, config=state.config.replace(vocab_size=size))
+
+
+def resize_position_embeddings(
+    state: ModelState, new_num_position_embeddings: int, *, generator: torch.Generator | None = None
+) -> ModelState:
+    """A new state that accepts `new_num_position_embeddings` positions.
+
+    Learned positions (GPT-2 `wpe`, BERT `position_embeddings` and its `position_ids`
+    buffer) keep their old rows when growing (new rows initialised as `init` would) and keep
+    the first rows when shrinking. Rotary families have no position weights: only
+    `max_position_embeddings` changes (and buffers derived from it are recomputed).
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+    if not isinstance(new_num_position_embeddings, int) or new_num_position_embeddings <= 0:
+        raise ValueError(
+            f"new_num_position_embeddings must be a positive int, got {new_num_position_embeddings!r}"
+        )
+    n = new_num_position_embeddings
+    if n == state.config.max_position_embeddings:
+        return state
+    spec = spec_of(state)
+    config = state.config.replace(max_position_embeddings=n)
+    changed = {}
+    if spec.position_embeddings is not None:
+        old = state.params[spec.position_embeddings]
+        changed[spec.position_embeddings] = _grow_rows(
+            old,
+            n,
+            mean_resizing=False,
+            std=state.config.initializer_range,
+            generator=fresh_generator(generator),
+        )
+    buffers = dict(state.buffers)
+    if spec.position_ids_buffer is not None and spec.position_ids_buffer in buffers:
+        ids = buffers[spec.position_ids_buffer]
+        buffers[spec.position_ids_buffer] = torch.arange(n, dtype=ids.dtype, device=ids.device).expand(1, -1)
+    for name, value in spec.computed_buffers(config, None).items():
+        buffers[name] = value.to(state.buffers[name].device) if name in state.buffers else value
+    return with_params(state, changed, config=config, buffers=buffers)

@@ -1,0 +1,93 @@
+"""Fresh weights: `init` (a whole new state) and `init_weights` (re-draw chosen tensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..io.load import state_from_tensors
+from ..models.init import init_tensor
+from ..state import ModelState
+from ._common import spec_of, with_params
+
+__all__ = ["init", "init_weights"]
+
+
+def init(
+    config,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    architecture: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> ModelState:
+    """A new model with fresh weights drawn by its family's init rules.
+
+    Weights are normal(0, `initializer_range`) (with each family's special cases), biases
+    zero, norms one; tied tensors are created once. Deterministic: the same seed gives the
+    same tensors, whatever the dtype (values are drawn in float32, then cast).
+
+    Arguments:
+        config: a model config.
+        seed: the random seed.
+        dtype: floating dtype of the weights.
+        architecture: class name (default `architectures[0]` of the config, else the family's
+            causal-LM class).
+
+    Example:
+        >>> state = fmodel.init(fmodel.LlamaConfig(hidden_size=64, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=128, vocab_size=100), seed=1)
+    """
+    state, _ = state_from_tensors(
+        config,
+        {},
+        architecture=architecture,
+        dtype=dtype,
+        allow_missing=True,
+        seed=seed,
+        attn_implementation=attn_implementation,
+        source="init",
+        warn_missing=False,
+    )
+    return state
+
+
+def init_weights(state: ModelState, *, seed: int = 0, names: Iterable[str] | None = None) -> ModelState:
+    """Re-initialise the named parameters (default: all) by the architecture's init rules.
+
+    A tied alias cannot be re-drawn on its own: name its source (the alias follows).
+
+    Arguments:
+        state: the model (unchanged).
+        seed: the random seed (names are drawn in sorted order, so a seed fixes every value).
+        names: parameter names to re-draw; None means every parameter.
+
+    Returns:
+        A new state; the named tensors are new, the others shared.
+
+    Raises:
+        KeyError: a name is not a parameter (the message lists close names), or is a tied alias.
+    """
+    spec = spec_of(state)
+    chosen = sorted(state.unique_params() if names is None else set(names))
+    for name in chosen:
+        if name in state.ties:
+            raise KeyError(
+                f"init_weights: {name!r} is tied to {state.ties[name]!r}; re-initialise the source"
+            )
+        if name not in state.params:
+            raise KeyError(f"init_weights: {name!r} is not a parameter of {state.architecture}")
+    generator = torch.Generator().manual_seed(seed)
+    changed = {}
+    for name in chosen:
+        old = state.params[name]
+        fresh = init_tensor(
+            spec.init_rule(name, state.config),
+            tuple(old.shape),
+            dtype=old.dtype,
+            std=state.config.initializer_range,
+            generator=generator,
+        )
+        changed[name] = fresh.to(old.device)
+    return with_params(state, changed)
