@@ -666,12 +666,6 @@ def test_save_into_the_folder_the_state_was_loaded_from(saved):
     assert _leftovers(folder.parent) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fmodel.save over an existing regular file replaces the file with the checkpoint "
-    "folder and leaves the renamed file behind as '.<name>.old-XXXX' (_swap_into_place renames it "
-    "aside, then shutil.rmtree(ignore_errors=True) cannot remove a file)",
-)
 def test_save_over_a_regular_file_is_refused(tmp_path):
     target = tmp_path / "model.bin"
     target.write_text("not a checkpoint folder")

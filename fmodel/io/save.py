@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from ..errors import CheckpointError
 from ..models.skeleton import skeleton
 from ..state import ModelState
 
@@ -85,12 +86,17 @@ def save(state: ModelState, directory: str | os.PathLike, *, max_shard_size: int
     Returns:
         The directory path.
 
+    Raises:
+        CheckpointError: `directory` exists and is a file.
+
     Example:
         >>> fmodel.save(state, "out/", max_shard_size="2GB")
     """
     from huggingface_hub import save_torch_state_dict
 
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: exists and is not a folder; fmodel.save writes a checkpoint folder")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
