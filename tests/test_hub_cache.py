@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -51,6 +52,14 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", refuse)
     # Keep huggingface_hub away from the user's own cache and token.
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+def reset_hub_sessions() -> None:
+    """huggingface_hub < 1.0 bakes the offline flag into its cached HTTP session; >= 1.0 reads it
+    per request."""
+    reset = getattr(huggingface_hub.utils, "reset_sessions", None)
+    if reset is not None:
+        reset()
 
 
 def random_state(*, seed: int = 0, tie: bool = True) -> fmodel.ModelState:
@@ -160,14 +169,12 @@ def test_revision_picks_the_snapshot(tmp_path):
 def hf_hub_offline(monkeypatch):
     """HF_HUB_OFFLINE=1 as huggingface_hub sees it (it reads the variable at import time and
     builds its HTTP session from it)."""
-    from huggingface_hub.utils import reset_sessions
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    reset_sessions()
+    reset_hub_sessions()
     yield
     monkeypatch.undo()
-    reset_sessions()
+    reset_hub_sessions()
 
 
 def test_hf_hub_offline_uses_the_cache(hub, hf_hub_offline):
@@ -185,19 +192,27 @@ def test_hf_hub_offline_missing_repo_names_it(hub, hf_hub_offline):
 def test_network_down_falls_back_to_the_cache(hub, monkeypatch):
     # No flags at all and no network (DNS fails, as on an air-gapped machine): cached files serve.
     cache, folder, _ = hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # even if the caller set it
+    reset_hub_sessions()
     lookups = []
 
     def no_dns(host, *args, **kwargs):
         lookups.append(host)
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
+    def no_route(address, *args, **kwargs):  # some HTTP stacks resolve inside create_connection
+        return no_dns(address[0])
+
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket, "create_connection", no_route)
     # huggingface_hub retries each HEAD call 5 times with backoff (~23 s per file); skip the waits.
-    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
     assert_same_params(fmodel.load(REPO, cache_dir=cache), fmodel.load(folder))
     assert lookups and set(lookups) == {"huggingface.co"}  # it did try, and fell back
     with pytest.raises(fmodel.CheckpointError, match=r"tiny-org/absent: "):
         fmodel.load("tiny-org/absent", cache_dir=cache)
+    monkeypatch.undo()
+    reset_hub_sessions()
 
 
 def test_hf_hub_offline_environment_variable_in_a_fresh_process(hub, tmp_path):
