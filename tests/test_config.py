@@ -454,3 +454,14 @@ def test_config_file_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
     with pytest.raises(fmodel.ConfigError, match=r"config.json: missing field 'model_type'"):
         fmodel.load_config(tmp_path)
+
+
+def test_config_written_by_transformers5_round_trips():
+    path = FIXTURES / "tiny-llama-tf5-checkpoint" / "config.json"  # saved by Transformers 5.24
+    on_disk = json.loads(path.read_text())
+    config = fmodel.load_config(path)
+    assert config.rope_spelling == "rope_parameters"
+    assert (config.rope_type, config.rope_theta, config.rope_scaling["factor"]) == ("llama3", 500000.0, 8.0)
+    assert config.extra["dtype"] == "float32"
+    assert config.to_dict() == on_disk
+    assert config.to_json_string() == json.dumps(on_disk, indent=2, sort_keys=True) + "\n"

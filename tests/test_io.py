@@ -686,3 +686,39 @@ def test_tied_source_stored_only_under_its_alias(saved, tmp_path):
     assert loaded.params[HEAD] is loaded.params[EMBED]
     assert torch.equal(loaded.params[EMBED], state.params[EMBED])
     assert (HEAD, EMBED) in report.renamed
+
+
+# --------------------------------------------------------------------------- a Transformers 5 checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TF5_CHECKPOINT = FIXTURES / "tiny-llama-tf5-checkpoint"  # written by tests/fixtures/make_tf5_checkpoint.py
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_transformers5_checkpoint_gives_transformers5_logits(attn):
+    expected = load_file(FIXTURES / "tiny-llama-tf5-expected.safetensors")
+    state = fmodel.load(TF5_CHECKPOINT, attn_implementation=attn)
+    assert state.config.rope_type == "llama3" and state.config.rope_theta == 500000.0
+    assert state.params[HEAD] is state.params[EMBED]
+    ids, mask = expected["input_ids"], expected["attention_mask"]
+    logits = fmodel.forward(state, ids, attention_mask=mask).logits
+    keep = mask.bool()
+    for reference in ("logits_eager", "logits_sdpa"):
+        assert (logits[keep] - expected[reference][keep]).abs().max().item() <= 1e-4, reference
+
+
+def test_transformers5_checkpoint_resaves_in_its_own_spelling(tmp_path):
+    import shutil
+
+    folder = tmp_path / "tf5"
+    shutil.copytree(TF5_CHECKPOINT, folder)
+    original = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in original and "dtype" in original and "torch_dtype" not in original
+    state = fmodel.load(folder)
+    fmodel.save(state, folder)
+    assert json.loads((folder / "config.json").read_text()) == original
+    assert (folder / "generation_config.json").read_bytes() == (
+        TF5_CHECKPOINT / "generation_config.json"
+    ).read_bytes()
+    assert stored_names(folder)["model.safetensors"] == stored_names(TF5_CHECKPOINT)["model.safetensors"]
+    assert_same_params(fmodel.load(folder), fmodel.load(TF5_CHECKPOINT))

@@ -42,6 +42,7 @@ CONFIGS = {
 }
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(SETTINGS, max_examples=10)  # for properties that run several forwards per example
 
 
 @functools.cache
@@ -167,7 +168,7 @@ def test_forward_never_changes_the_state_or_the_inputs(name, kwargs):
     assert (out.attentions is not None) is kwargs["output_attentions"]
 
 
-@SETTINGS
+@FEW
 @given(forward_calls())
 def test_forward_on_a_memory_mapped_state(saved_folder, kwargs):
     state = loaded_state(str(saved_folder))
@@ -176,7 +177,7 @@ def test_forward_on_a_memory_mapped_state(saved_folder, kwargs):
     state_record.check()
 
 
-@SETTINGS
+@FEW
 @given(forward_calls())
 def test_base_model_forward_is_pure(kwargs):
     state = make_state("llama", "LlamaModel")
@@ -338,7 +339,7 @@ def test_load_does_not_write_the_checkpoint(saved_folder):
 # --------------------------------------------------------------------------- set_attn_implementation
 
 
-@SETTINGS
+@FEW
 @given(st.sampled_from(sorted(CONFIGS)), st.sampled_from(ATTENTIONS))
 def test_set_attn_implementation_shares_every_tensor(name, attn):
     state = make_state(name)
