@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -722,3 +724,48 @@ def test_transformers5_checkpoint_resaves_in_its_own_spelling(tmp_path):
     ).read_bytes()
     assert stored_names(folder)["model.safetensors"] == stored_names(TF5_CHECKPOINT)["model.safetensors"]
     assert_same_params(fmodel.load(folder), fmodel.load(TF5_CHECKPOINT))
+
+
+# --------------------------------------------------------------------------- round-trip property
+
+
+@st.composite
+def states(draw) -> fmodel.ModelState:
+    model_type = draw(st.sampled_from(["llama", "qwen2", "mistral"]))
+    kv = draw(st.sampled_from([1, 2, 4]))
+    fields = {**TINY, "num_key_value_heads": kv, "tie_word_embeddings": draw(st.booleans())}
+    if draw(st.booleans()):
+        fields["head_dim"] = draw(st.sampled_from([8, 24]))
+    if model_type == "llama":
+        fields["attention_bias"] = draw(st.booleans())
+        fields["mlp_bias"] = draw(st.booleans())
+    config = {"llama": fmodel.LlamaConfig, "qwen2": fmodel.Qwen2Config, "mistral": fmodel.MistralConfig}[
+        model_type
+    ](**fields)
+    head = draw(st.booleans())
+    architecture = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type] + (
+        "ForCausalLM" if head else "Model"
+    )
+    dtype = draw(st.sampled_from([None, "bfloat16", "float16"]))
+    state, _ = fmodel.io.state_from_tensors(
+        config, {}, architecture=architecture, allow_missing=True, dtype=dtype, seed=draw(st.integers(0, 99))
+    )
+    return state
+
+
+@settings(max_examples=12, deadline=None)
+@given(states(), st.sampled_from(["5GB", "40KB", 30_000]))
+def test_save_load_round_trip_property(tmp_path_factory, state, max_shard_size):
+    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
+    fmodel.save(state, first, max_shard_size=max_shard_size)
+    loaded = fmodel.load(first)
+    assert loaded.architecture == state.architecture
+    assert_same_params(loaded, state)
+    assert dict(loaded.ties) == dict(state.ties)
+    for alias, source in loaded.ties.items():
+        assert loaded.params[alias] is loaded.params[source]
+    written = {k: v for k, v in loaded.config.to_dict().items() if k not in ("architectures", "torch_dtype")}
+    assert written == state.config.to_dict()
+    # Saving what was loaded writes the very same bytes: saves are deterministic.
+    fmodel.save(loaded, second, max_shard_size=max_shard_size)
+    assert folder_snapshot(second) == folder_snapshot(first)
