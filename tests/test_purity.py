@@ -486,3 +486,44 @@ def test_replacing_a_tied_source_without_its_alias_is_refused():
     good = state.replace(params=stale | {"lm_head.weight": new_embed})
     assert good.params["lm_head.weight"] is new_embed
     assert state.params["lm_head.weight"] is state.params["model.embed_tokens.weight"] is not new_embed
+
+
+# --------------------------------------------------------------------------- no hidden state
+
+
+def test_concurrent_forwards_of_same_config_states_do_not_mix():
+    # The skeleton cache is keyed by config: states sharing a config must never see each
+    # other's tensors, even when their forwards run at the same time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = CONFIGS["llama"]
+    states = [fmodel.io.state_from_tensors(config, {}, allow_missing=True, seed=s)[0] for s in range(4)]
+    ids = torch.arange(24).reshape(2, 12) % 96
+    expected = [fmodel.forward(s, ids).logits for s in states]
+    assert not torch.equal(expected[0], expected[1])
+    records = [StateRecord(s) for s in states]
+
+    def run(i: int) -> torch.Tensor:
+        return fmodel.forward(states[i % 4], ids, attn_implementation=ATTENTIONS[i % 3]).logits
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(24)))
+    for i, logits in enumerate(results):
+        torch.testing.assert_close(logits, expected[i % 4], atol=1e-5, rtol=1e-5)
+    for r in records:
+        r.check()
+
+
+def test_gradients_reach_the_state_tensors_without_changing_them():
+    source = make_state("llama-tied")
+    params = {n: t.detach().clone().requires_grad_(True) for n, t in source.unique_params().items()}
+    params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    state = source.replace(params=params)
+    state_record = StateRecord(state)
+    ids = torch.arange(12).reshape(2, 6)
+    loss = fmodel.forward(state, ids, training=True).logits.logsumexp(-1).mean()
+    loss.backward()
+    state_record.check()
+    for name, t in state.unique_params().items():
+        assert t.grad is not None and torch.isfinite(t.grad).all(), name
+    assert state.params["lm_head.weight"].grad is state.params["model.embed_tokens.weight"].grad
