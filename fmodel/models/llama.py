@@ -51,8 +51,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        inv_freq, self.attention_scaling = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Only the scaling is kept: the state supplies `inv_freq` (a computed buffer). Computed on
+        # CPU because arithmetic on meta tensors imports torch._dynamo (seconds) on first use.
+        with torch.device("cpu"):
+            _, self.attention_scaling = rope_inv_freq(config)
+        self.register_buffer("inv_freq", torch.empty(config.head_size // 2), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, scaling = self.inv_freq, self.attention_scaling

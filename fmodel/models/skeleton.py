@@ -12,12 +12,44 @@ import warnings
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .spec import get_spec
 
 __all__ = ["expected_shapes", "skeleton"]
 
 _local = threading.local()
+
+_INIT_FUNCTIONS = frozenset(
+    {
+        torch.nn.init.normal_,
+        torch.nn.init.uniform_,
+        torch.nn.init.trunc_normal_,
+        torch.nn.init.constant_,
+        torch.nn.init.zeros_,
+        torch.nn.init.ones_,
+        torch.nn.init.kaiming_uniform_,
+        torch.nn.init.kaiming_normal_,
+        torch.nn.init.xavier_uniform_,
+        torch.nn.init.xavier_normal_,
+        torch.Tensor.normal_,
+        torch.Tensor.uniform_,
+        torch.Tensor.fill_,
+        torch.Tensor.zero_,
+    }
+)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skip parameter initialisation while a skeleton is built: its meta tensors hold no values,
+    and drawing them on meta costs an import of torch._dynamo (seconds). Function modes are
+    per thread, so nothing outside this build is affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_FUNCTIONS:
+            return args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        return func(*args, **kwargs)
 
 
 def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
@@ -28,7 +60,7 @@ def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
     key = (config, architecture, training)
     module = cache.get(key)
     if module is None:
-        with torch.device("meta"), warnings.catch_warnings():
+        with torch.device("meta"), _SkipInit(), warnings.catch_warnings():
             # a layer with every head pruned has zero-size projections: fine, say nothing
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             module = get_spec(architecture).build(config)
