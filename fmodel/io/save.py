@@ -62,6 +62,13 @@ def _is_weight_file(name: str) -> bool:
 
 def _config_dict(state: ModelState) -> dict:
     data = state.config.to_dict()
+    params = data.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" not in data and "rope_scaling" not in data:
+        # Transformers 5 spelling: also write the Transformers 4 keys, which 4.x reads and 5.x
+        # ignores beside rope_parameters, so the checkpoint means the same to both.
+        data["rope_theta"] = state.config.rope_theta
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        data["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
     data["architectures"] = [state.architecture]
     dtype_name = _DTYPE_NAMES.get(state.dtype)
     if dtype_name is not None:
@@ -96,7 +103,9 @@ def save(state: ModelState, directory: str | os.PathLike, *, max_shard_size: int
 
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: exists and is not a folder; fmodel.save writes a checkpoint folder")
+        raise CheckpointError(
+            f"{directory}: exists and is not a folder; fmodel.save writes a checkpoint folder"
+        )
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
