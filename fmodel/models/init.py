@@ -8,12 +8,19 @@ __all__ = ["init_tensor"]
 
 
 def init_tensor(
-    rule: str, shape: tuple[int, ...], *, dtype: torch.dtype, std: float, generator: torch.Generator
+    rule: str | tuple[str, float],
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    std: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """A new CPU tensor for `rule`: "normal" (mean 0, `std`), "zeros" or "ones".
+    """A new CPU tensor for `rule`: "normal" (mean 0, `std`), ("normal", own_std), "zeros" or "ones".
 
     Drawn in float32 from `generator` and then cast, so the values for a seed do not depend on `dtype`.
     """
+    if isinstance(rule, tuple):
+        rule, std = rule
     if rule == "zeros":
         return torch.zeros(shape, dtype=dtype)
     if rule == "ones":

@@ -67,7 +67,8 @@ class ArchSpec:
             (e.g. old `rotary_emb.inv_freq` entries).
         computed_buffers: (config, device) -> {name: tensor}: non-persistent buffers derived from
             the config (never saved).
-        init_rule: (name, config) -> "normal" | "zeros" | "ones": how a tensor is initialised.
+        init_rule: (name, config) -> "normal" | ("normal", std) | "zeros" | "ones": how a tensor
+            is initialised ("normal" uses the config's `initializer_range`).
         output: "causal_lm" (logits), "masked_lm" (logits), "sequence_classification"
             (logits [B, num_labels]) or "base" (last_hidden_state).
         position_embeddings: name of the learned position matrix (GPT-2, BERT), else None.
@@ -85,7 +86,7 @@ class ArchSpec:
     input_embeddings: str
     output_embeddings: str | None
     computed_buffers: Callable[[object, torch.device | None], Mapping[str, torch.Tensor]]
-    init_rule: Callable[[str, object], str]
+    init_rule: Callable[[str, object], str | tuple[str, float]]
     output: str
     key_renames: tuple[tuple[str, str], ...] = ()
     ignore_unexpected: tuple[str, ...] = ()

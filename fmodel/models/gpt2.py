@@ -1,0 +1,255 @@
+"""The GPT-2 family: weightless skeletons (`GPT2Model`, `GPT2LMHeadModel`) and their ArchSpecs.
+
+Parameter names and layouts are Transformers' own: `Conv1D` weights are [in, out] and the
+query/key/value projection is one fused `c_attn`. Positions are learned (`wpe`). Attention
+goes through the registry with the scaling the config asks for (1/sqrt(head_dim) when
+`scale_attn_weights`, divided by layer_idx + 1 when `scale_attn_by_inverse_layer_idx`), for
+every implementation: Transformers applies the layer-index scaling in its eager path only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import AttentionFunction, MaskInputs, build_mask
+from .llama import ACTIVATIONS
+from .spec import ArchSpec, HeadLayout, register_architecture
+
+__all__ = ["GPT2LMHeadModel", "GPT2Model"]
+
+
+class Conv1D(nn.Module):
+    """A linear layer with its weight stored [in, out] (GPT-2's checkpoint layout): y = x W + b."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1]
+        out = torch.addmm(self.bias, x.reshape(rows.numel(), x.shape[-1]), self.weight)
+        return out.view(*rows, self.weight.shape[1])
+
+
+def _layer_heads(config, layer_idx: int) -> int:
+    return config.n_head - len(config.pruned_heads.get(layer_idx, ()))
+
+
+class GPT2Attention(nn.Module):
+    """Causal self-attention with a fused q/k/v projection; honours `config.pruned_heads`."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_size
+        self.num_heads = _layer_heads(config, layer_idx)
+        self.num_key_value_groups = 1
+        self.is_causal = True
+        scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scaling /= float(layer_idx + 1)
+        self.scaling = scaling
+        self.attention_dropout = config.attn_pdrop
+        inner = self.num_heads * self.head_dim
+        self.c_attn = Conv1D(3 * inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden, mask, attn: AttentionFunction, output_attentions: bool):
+        b, t, _ = hidden.shape
+        if self.num_heads == 0:  # every head pruned: only the output bias is left
+            return self.resid_dropout(self.c_proj(hidden.new_zeros(b, t, 0))), None
+        q, k, v = self.c_attn(hidden).split(self.num_heads * self.head_dim, dim=2)
+        q, k, v = (
+            x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v)
+        )  # [B, H, T, D]
+        out, weights = attn.fn(
+            self,
+            q,
+            k,
+            v,
+            mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        return self.resid_dropout(self.c_proj(out.reshape(b, t, -1))), weights  # out: [B, T, H, D]
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(config.intermediate_size, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.intermediate_size)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden, mask, attn, output_attentions):
+        attn_out, weights = self.attn(self.ln_1(hidden), mask, attn, output_attentions)
+        hidden = hidden + attn_out
+        return hidden + self.mlp(self.ln_2(hidden)), weights
+
+
+class GPT2Model(nn.Module):
+    """Token + learned position embeddings, blocks, final LayerNorm. Returns hidden states [B, T, C]."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        attn: AttentionFunction,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> dict[str, Any]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
+        b, t = hidden.shape[:2]
+        q_positions = torch.arange(t, device=hidden.device)
+        if position_ids is None:
+            position_ids = q_positions[None]  # as Transformers: padding does not shift positions
+        hidden = hidden + self.wpe(position_ids)
+        if token_type_ids is not None:
+            hidden = hidden + self.wte(token_type_ids)
+        hidden = self.drop(hidden)
+        mask = build_mask(attn.mask_kind, MaskInputs(attention_mask, q_positions, t, b), None, hidden.dtype)
+        all_hidden, all_weights = [], []
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, weights = block(hidden, mask, attn, output_attentions)
+            if output_attentions:
+                all_weights.append(weights)
+        hidden = self.ln_f(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        return {
+            "last_hidden_state": hidden,
+            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
+            "attentions": tuple(all_weights) if output_attentions else None,
+        }
+
+
+class GPT2LMHeadModel(nn.Module):
+    """`GPT2Model` plus the (usually tied) LM head. Returns logits [B, T, vocab]."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, *args: Any, logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
+        out = self.transformer(*args, **kwargs)
+        hidden = out["last_hidden_state"]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return {**out, "logits": self.lm_head(hidden)}
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _init_rule(name: str, config):
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        return "ones"
+    if name.endswith(".bias"):
+        return "zeros"
+    if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+        return ("normal", config.initializer_range / math.sqrt(2 * config.n_layer))
+    return "normal"
+
+
+def _head_layout(prefix: str):
+    def layout(config, layer_idx: int) -> HeadLayout:
+        p = f"{prefix}h.{layer_idx}.attn."
+        heads = _layer_heads(config, layer_idx)
+        return HeadLayout(
+            heads=heads,
+            kv_heads=heads,
+            head_dim=config.head_size,
+            original_heads=config.n_head,
+            slices=(
+                (p + "c_attn.weight", 1, "qkv"),
+                (p + "c_attn.bias", 0, "qkv"),
+                (p + "c_proj.weight", 0, "o"),
+            ),
+        )
+
+    return layout
+
+
+def _lm_ties(config) -> dict[str, str]:
+    return {"lm_head.weight": "transformer.wte.weight"} if config.tie_word_embeddings else {}
+
+
+# Old checkpoints carry the causal-mask buffers Transformers now computes.
+_IGNORE = (r"\.attn\.(bias|masked_bias)$",)
+
+register_architecture(
+    ArchSpec(
+        name="GPT2Model",
+        model_type="gpt2",
+        build=GPT2Model,
+        prefix="transformer",
+        is_base=True,
+        ties=lambda config: {},
+        input_embeddings="wte.weight",
+        output_embeddings=None,
+        computed_buffers=lambda config, device: {},
+        init_rule=_init_rule,
+        output="base",
+        ignore_unexpected=_IGNORE,
+        position_embeddings="wpe.weight",
+        head_layout=_head_layout(""),
+    )
+)
+register_architecture(
+    ArchSpec(
+        name="GPT2LMHeadModel",
+        model_type="gpt2",
+        build=GPT2LMHeadModel,
+        prefix="transformer",
+        is_base=False,
+        ties=_lm_ties,
+        input_embeddings="transformer.wte.weight",
+        output_embeddings="lm_head.weight",
+        computed_buffers=lambda config, device: {},
+        init_rule=_init_rule,
+        output="causal_lm",
+        ignore_unexpected=_IGNORE,
+        position_embeddings="transformer.wpe.weight",
+        head_layout=_head_layout("transformer."),
+    )
+)
