@@ -113,10 +113,10 @@ def forward(
     )
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
+    kwargs.update({k: v for k, v in model_inputs.items() if v is not None})
     out = functional_call(module, state.tensors, (input_ids,), kwargs, tie_weights=False, strict=False)
-    return ModelOutput(
-        **{k: out.get(k) for k in ("logits", "last_hidden_state", "hidden_states", "attentions")}
-    )
+    return ModelOutput(**{k: out.get(k) for k in _OUTPUT_FIELDS})
 
 
 _NO_WEIGHTS = frozenset({"sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"})
+_OUTPUT_FIELDS = tuple(f.name for f in attrs.fields(ModelOutput))
