@@ -18,19 +18,24 @@ from .forward import ModelOutput, forward
 from .io import LoadReport, load, load_with_report, save
 from .state import ModelState, TieError
 from .transforms import (
+    StackError,
     get_input_embeddings,
     get_output_embeddings,
     init,
     init_weights,
     prune_heads,
+    replace_params,
     resize_position_embeddings,
     resize_token_embeddings,
     set_attn_implementation,
     set_input_embeddings,
     set_output_embeddings,
+    stack_states,
     tie_weights,
     to,
+    unstack_state,
     untie_weights,
+    vmap_forward,
 )
 
 __version__ = "0.1.0"
@@ -47,6 +52,7 @@ __all__ = [
     "ModelState",
     "Qwen2Config",
     "ShapeMismatchError",
+    "StackError",
     "TieError",
     "UnknownArchitectureError",
     "attention",
@@ -60,13 +66,17 @@ __all__ = [
     "load_config",
     "load_with_report",
     "prune_heads",
+    "replace_params",
     "resize_position_embeddings",
     "resize_token_embeddings",
     "save",
     "set_attn_implementation",
     "set_input_embeddings",
     "set_output_embeddings",
+    "stack_states",
     "tie_weights",
     "to",
+    "unstack_state",
     "untie_weights",
+    "vmap_forward",
 ]

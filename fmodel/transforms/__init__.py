@@ -12,21 +12,28 @@ from .embeddings import (
     set_output_embeddings,
 )
 from .init import init, init_weights
+from .params import replace_params
 from .prune import prune_heads
+from .stack import StackError, stack_states, unstack_state, vmap_forward
 from .ties import tie_weights, untie_weights
 
 __all__ = [
+    "StackError",
     "get_input_embeddings",
     "get_output_embeddings",
     "init",
     "init_weights",
     "prune_heads",
+    "replace_params",
     "resize_position_embeddings",
     "resize_token_embeddings",
     "set_attn_implementation",
     "set_input_embeddings",
     "set_output_embeddings",
+    "stack_states",
     "tie_weights",
     "to",
+    "unstack_state",
     "untie_weights",
+    "vmap_forward",
 ]
