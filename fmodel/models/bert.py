@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS, _padding_idx
 from .spec import ArchSpec, HeadLayout, register_architecture
 
@@ -181,21 +182,16 @@ class BertModel(nn.Module):
         b, t = hidden.shape[:2]
         mask_inputs = MaskInputs(attention_mask, torch.arange(t, device=hidden.device), t, b, causal=False)
         mask = build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype)
-        all_hidden, all_weights = [], []
-        for layer in self.encoder.layer:
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            hidden, weights = layer(hidden, mask, attn, output_attentions)
-            if output_attentions:
-                all_weights.append(weights)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        return {
-            "last_hidden_state": hidden,
-            "pooler_output": self.pooler(hidden) if self.pooler is not None else None,
-            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
-            "attentions": tuple(all_weights) if output_attentions else None,
-        }
+        out = run_layers(
+            self.encoder.layer,
+            hidden,
+            mask,
+            attn,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        out["pooler_output"] = self.pooler(out["last_hidden_state"]) if self.pooler is not None else None
+        return out
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -236,11 +232,7 @@ class BertForMaskedLM(nn.Module):
         self.cls = BertOnlyMLMHead(config)
 
     def forward(self, *args: Any, logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
-        out = self.bert(*args, **kwargs)
-        hidden = out["last_hidden_state"]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return {**out, "logits": self.cls.predictions(hidden)}
+        return with_logits(self.bert(*args, **kwargs), self.cls.predictions, logits_to_keep)
 
 
 class BertForSequenceClassification(nn.Module):

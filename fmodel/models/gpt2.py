@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
 
@@ -144,21 +145,15 @@ class GPT2Model(nn.Module):
             hidden = hidden + self.wte(token_type_ids)
         hidden = self.drop(hidden)
         mask = build_mask(attn.mask_kind, MaskInputs(attention_mask, q_positions, t, b), None, hidden.dtype)
-        all_hidden, all_weights = [], []
-        for block in self.h:
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            hidden, weights = block(hidden, mask, attn, output_attentions)
-            if output_attentions:
-                all_weights.append(weights)
-        hidden = self.ln_f(hidden)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        return {
-            "last_hidden_state": hidden,
-            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
-            "attentions": tuple(all_weights) if output_attentions else None,
-        }
+        return run_layers(
+            self.h,
+            hidden,
+            mask,
+            attn,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            final=self.ln_f,
+        )
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -171,11 +166,7 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     def forward(self, *args: Any, logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
-        out = self.transformer(*args, **kwargs)
-        hidden = out["last_hidden_state"]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return {**out, "logits": self.lm_head(hidden)}
+        return with_logits(self.transformer(*args, **kwargs), self.lm_head, logits_to_keep)
 
 
 # --------------------------------------------------------------------------- specs

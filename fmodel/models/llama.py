@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ._stack import run_layers, with_logits
 from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin
 from .spec import ArchSpec, HeadLayout, register_architecture
 
@@ -191,21 +192,16 @@ class LlamaModel(nn.Module):
         masks = {w: build_mask(attn.mask_kind, mask_inputs, w, hidden.dtype) for w in self.windows}
         cos_sin = self.rotary_emb(position_ids, hidden.dtype)
 
-        all_hidden, all_weights = [], []
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            hidden, weights = layer(hidden, cos_sin, masks, attn, output_attentions)
-            if output_attentions:
-                all_weights.append(weights)
-        hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        return {
-            "last_hidden_state": hidden,
-            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
-            "attentions": tuple(all_weights) if output_attentions else None,
-        }
+        return run_layers(
+            self.layers,
+            hidden,
+            cos_sin,
+            masks,
+            attn,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            final=self.norm,
+        )
 
 
 class LlamaForCausalLM(nn.Module):
@@ -218,11 +214,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, *args: Any, logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
-        out = self.model(*args, **kwargs)
-        hidden = out["last_hidden_state"]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return {**out, "logits": self.lm_head(hidden)}
+        return with_logits(self.model(*args, **kwargs), self.lm_head, logits_to_keep)
 
 
 # --------------------------------------------------------------------------- specs

@@ -1,0 +1,48 @@
+"""Pieces every family's skeleton shares: running the layer stack and applying a head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def run_layers(
+    layers: Iterable[nn.Module],
+    hidden: torch.Tensor,
+    *args: Any,
+    output_hidden_states: bool,
+    output_attentions: bool,
+    final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Run `layer(hidden, *args, output_attentions) -> (hidden, weights)` for each layer, then
+    `final` (a last norm). Collects, as Transformers does, the input of every layer plus the final
+    output as `hidden_states`, and each layer's attention weights as `attentions`."""
+    all_hidden, all_weights = [], []
+    for layer in layers:
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        hidden, weights = layer(hidden, *args, output_attentions)
+        if output_attentions:
+            all_weights.append(weights)
+    if final is not None:
+        hidden = final(hidden)
+    if output_hidden_states:
+        all_hidden.append(hidden)
+    return {
+        "last_hidden_state": hidden,
+        "hidden_states": tuple(all_hidden) if output_hidden_states else None,
+        "attentions": tuple(all_weights) if output_attentions else None,
+    }
+
+
+def with_logits(
+    out: dict[str, Any], head: Callable[[torch.Tensor], torch.Tensor], logits_to_keep: int
+) -> dict[str, Any]:
+    """`out` plus `logits = head(last_hidden_state)`, for the last `logits_to_keep` positions (0 = all)."""
+    hidden = out["last_hidden_state"]
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    return {**out, "logits": head(hidden)}
