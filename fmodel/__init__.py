@@ -14,6 +14,13 @@ from .errors import (
     ShapeMismatchError,
     UnknownArchitectureError,
 )
+from .facade import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from .forward import ModelOutput, forward
 from .io import LoadReport, load, load_with_report, save
 from .state import ModelState, TieError
@@ -42,6 +49,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionUnavailableError",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSequenceClassification",
     "CheckpointError",
     "ConfigError",
     "FModelError",
@@ -50,6 +61,7 @@ __all__ = [
     "MistralConfig",
     "ModelOutput",
     "ModelState",
+    "PreTrainedModel",
     "Qwen2Config",
     "ShapeMismatchError",
     "StackError",

@@ -1,0 +1,74 @@
+"""Per-family classes (`LlamaForCausalLM`, ...) and the Auto classes that pick one from a config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import load_config
+from ..io.resolve import resolve_checkpoint
+from ..models import ARCHITECTURES, specs_for_model_type
+from .model import PreTrainedModel
+
+__all__ = [
+    "FAMILY_CLASSES",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSequenceClassification",
+]
+
+
+def _family_class(name: str) -> type[PreTrainedModel]:
+    return type(name, (PreTrainedModel,), {"architecture": name, "__doc__": f"fmodel's facade for `{name}`."})
+
+
+FAMILY_CLASSES: dict[str, type[PreTrainedModel]] = {name: _family_class(name) for name in ARCHITECTURES}
+
+
+class _Auto:
+    """Picks the family class for a task from the checkpoint's config (`model_type`)."""
+
+    output: str = ""
+
+    @classmethod
+    def _pick(cls, config) -> type[PreTrainedModel]:
+        specs = [s for s in specs_for_model_type(config.model_type) if s.output == cls.output]
+        if not specs:
+            raise ValueError(
+                f"{cls.__name__}: model_type {config.model_type!r} has no {cls.output!r} class in fmodel"
+            )
+        return FAMILY_CLASSES[specs[0].name]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        config = kwargs.get("config")
+        if config is None:
+            files = resolve_checkpoint(
+                pretrained_model_name_or_path,
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=kwargs.get("local_files_only"),
+            )
+            config = load_config(files.config)
+        return cls._pick(config).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
+        return cls._pick(config)(config)
+
+
+class AutoModel(_Auto):
+    output = "base"
+
+
+class AutoModelForCausalLM(_Auto):
+    output = "causal_lm"
+
+
+class AutoModelForMaskedLM(_Auto):
+    output = "masked_lm"
+
+
+class AutoModelForSequenceClassification(_Auto):
+    output = "sequence_classification"

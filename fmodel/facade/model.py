@@ -1,0 +1,298 @@
+"""`PreTrainedModel`: the stateful, Transformers-compatible facade over a `ModelState`.
+
+The module tree is the family's skeleton with the state's own tensors installed as
+`nn.Parameter`s (same storage, Transformers' names), so `parameters()`, `state_dict()`,
+`torch.optim` and `loss.backward()` work as users expect. Every call to `forward` runs the
+functional `fmodel.forward` over `self.state`, which is rebuilt from the module's current
+parameters: an optimizer's in-place update is therefore visible in `model.state` right away
+(the state shares those tensors; take `fmodel.to(model.state, ...)` or a clone to freeze a copy).
+Methods that change the model call a pure transform and install its result.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import transforms
+from ..forward import forward as functional_forward
+from ..io import load_with_report, save
+from ..io.load import default_architecture
+from ..models import get_spec
+from ..models.skeleton import _SkipInit
+from ..state import ModelState
+from .outputs import ModelOutput
+
+__all__ = ["PreTrainedModel"]
+
+
+class PreTrainedModel(nn.Module):
+    """A stateful model with the Transformers `PreTrainedModel` API, backed by a `ModelState`.
+
+    Subclasses name their architecture (`LlamaForCausalLM`, ...); `PreTrainedModel` itself
+    takes the architecture from the config or the checkpoint.
+    """
+
+    architecture: ClassVar[str | None] = None
+
+    def __init__(self, config, *, state: ModelState | None = None) -> None:
+        super().__init__()
+        if state is None:
+            state = transforms.init(config, architecture=self._architecture_for(config))
+        self._install(state)
+        self.eval()
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def _architecture_for(cls, config) -> str:
+        return cls.architecture or default_architecture(config)
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> PreTrainedModel:
+        """Wrap a state (its tensors become this model's parameters, shared, not copied)."""
+        return cls(state.config, state=state)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config=None,
+        cache_dir: str | os.PathLike | None = None,
+        torch_dtype: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        attn_implementation: str | None = None,
+        output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
+        **kwargs: Any,
+    ):
+        """Load a checkpoint (folder or hub id) like Transformers' `from_pretrained`; eval mode.
+
+        `dtype` (or the older `torch_dtype`): None keeps the stored dtype, "auto" too;
+        `device_map`: None, "cpu", "auto" (the first GPU if any, else CPU) or a device.
+        Missing tensors are initialised and reported, as Transformers does.
+        """
+        from ..io.load import logger
+
+        device = _device_from_map(device_map)
+        state, report = load_with_report(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device=device,
+            architecture=cls._architecture_for_checkpoint(config),
+            attn_implementation=attn_implementation or "sdpa",
+            allow_missing=True,
+            strict=False,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            config=config,
+        )
+        if report.unexpected:
+            logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
+        model = cls.from_state(state)
+        if output_loading_info:
+            info = {
+                "missing_keys": list(report.missing),
+                "unexpected_keys": list(report.unexpected),
+                "mismatched_keys": [m[0] for m in report.mismatched],
+                "error_msgs": [],
+            }
+            return model, info
+        return model
+
+    @classmethod
+    def _architecture_for_checkpoint(cls, config) -> str | None:
+        return cls.architecture
+
+    def post_init(self) -> None:
+        """Kept for API compatibility: weights are initialised by `fmodel.init` at construction."""
+
+    # -- the state <-> module binding ---------------------------------------------------
+
+    def _install(self, state: ModelState) -> None:
+        spec = get_spec(state.architecture)
+        with torch.device("meta"), _SkipInit():
+            tree = spec.build(state.config)
+        for name in list(self._modules):
+            delattr(self, name)
+        for name, child in tree.named_children():
+            self.add_module(name, child)
+        installed: dict[int, nn.Parameter] = {}
+        for name, tensor in state.params.items():
+            param = installed.get(id(tensor))
+            if param is None:
+                param = (
+                    tensor
+                    if isinstance(tensor, nn.Parameter)
+                    else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+                )
+                installed[id(tensor)] = param
+            _set(self, name, param, parameter=True)
+        for name, tensor in state.buffers.items():
+            _set(self, name, tensor, parameter=False)
+        # plain attributes, not module state
+        object.__setattr__(self, "config", state.config)
+        object.__setattr__(self, "_ties", dict(state.ties))
+        object.__setattr__(self, "_attn_implementation", state.attn_implementation)
+        object.__setattr__(self, "_architecture", state.architecture)
+
+    @property
+    def state(self) -> ModelState:
+        """The current model as an immutable `ModelState` sharing this module's tensors."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        buffers = dict(self.named_buffers(remove_duplicate=False))
+        return ModelState(
+            self.config, self._architecture, params, buffers, self._ties, self._attn_implementation
+        )
+
+    def _apply_transform(self, transform, *args: Any, **kwargs: Any) -> ModelState:
+        new = transform(self.state, *args, **kwargs)
+        self._install(new)
+        return new
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = True,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ):
+        """Transformers-shaped forward: `.logits` / `.last_hidden_state`, `.loss` with `labels`."""
+        kwargs.pop("use_cache", None)
+        out = functional_forward(
+            self.state,
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+            logits_to_keep=logits_to_keep,
+            training=self.training,
+            **kwargs,
+        )
+        fields = {"loss": None}
+        fields.update(
+            {
+                k: getattr(out, k)
+                for k in ("logits", "last_hidden_state", "pooler_output", "hidden_states", "attentions")
+            }
+        )
+        if labels is not None and out.logits is not None:
+            fields["loss"] = _loss(get_spec(self._architecture).output, out.logits, labels)
+        result = ModelOutput((k, v) for k, v in fields.items() if v is not None)
+        return result if return_dict or return_dict is None else result.to_tuple()
+
+    # -- methods that delegate to pure transforms ---------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB", **kwargs: Any
+    ) -> None:
+        """Write config.json + safetensors atomically (see `fmodel.save`)."""
+        save(self.state, save_directory, max_shard_size=max_shard_size)
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Module:
+        self._apply_transform(
+            transforms.resize_token_embeddings,
+            new_num_tokens,
+            pad_to_multiple_of=pad_to_multiple_of,
+            mean_resizing=mean_resizing,
+        )
+        return self.get_input_embeddings()
+
+    def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
+        self._apply_transform(transforms.prune_heads, heads_to_prune)
+
+    def tie_weights(self) -> None:
+        self._apply_transform(transforms.tie_weights)
+
+    def set_attn_implementation(self, name: str) -> None:
+        self._apply_transform(transforms.set_attn_implementation, name)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_submodule(get_spec(self._architecture).input_embeddings.rsplit(".", 1)[0])
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        name = get_spec(self._architecture).output_embeddings
+        return None if name is None else self.get_submodule(name.rsplit(".", 1)[0])
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        spec = get_spec(self._architecture)
+        skip = {spec.input_embeddings, spec.position_embeddings} if exclude_embeddings else set()
+        return sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if name not in skip and (p.requires_grad or not only_trainable)
+        )
+
+    def can_generate(self) -> bool:
+        return get_spec(self._architecture).output == "causal_lm"
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state.dtype
+
+    @property
+    def base_model(self) -> nn.Module:
+        spec = get_spec(self._architecture)
+        return self if spec.is_base else getattr(self, spec.prefix)
+
+
+def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool) -> None:
+    owner_name, _, leaf = dotted.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if parameter:
+        owner._parameters[leaf] = value
+    else:
+        owner._buffers[leaf] = value
+
+
+def _device_from_map(device_map: Any) -> torch.device | None:
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if isinstance(device_map, (str, int, torch.device)):
+        return torch.device(device_map)
+    raise ValueError(f"device_map {device_map!r}: fmodel's facade supports None, 'auto' or a single device")
+
+
+def _loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if kind == "causal_lm":  # predict token t+1 from position t; -100 is ignored
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if kind == "sequence_classification" and logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+    )

@@ -1,0 +1,98 @@
+"""The PreTrainedModel facade: Transformers code runs unchanged by swapping the import."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fmodel
+import fmodel.facade as facade
+
+from .conftest import make_hf_model, requires_transformers, transformers
+
+pytestmark = requires_transformers
+
+
+def fine_tune(lib, folder, out_dir, steps: int = 6) -> tuple[list[float], torch.Tensor]:
+    """A typical Transformers fine-tuning snippet; `lib` is `transformers` or `fmodel.facade`."""
+    torch.manual_seed(0)
+    model = lib.AutoModelForCausalLM.from_pretrained(folder)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(out_dir)
+    reloaded = lib.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        return losses, reloaded(input_ids=batch).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_unmodified_fine_tuning_snippet_matches_transformers(tmp_path, tied):
+    make_hf_model("llama", tie_word_embeddings=tied).save_pretrained(tmp_path / "base")
+    theirs, their_logits = fine_tune(transformers, tmp_path / "base", tmp_path / "hf")
+    ours, our_logits = fine_tune(facade, tmp_path / "base", tmp_path / "fm")
+    assert ours[-1] < 0.8 * ours[0]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    assert (our_logits - their_logits).abs().max().item() < 1e-3
+    # each library reads the other's fine-tuned checkpoint
+    cross = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fm").eval()
+    batch = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(cross(input_ids=batch).logits, our_logits)
+
+
+def test_state_shares_the_parameters_an_optimizer_updates(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model = facade.LlamaForCausalLM.from_pretrained(tmp_path)
+    before = model.state
+    name = "model.norm.weight"
+    assert before.params[name] is dict(model.named_parameters())[name]
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    assert torch.equal(model.state.params[name], before.params[name])  # same storage: the update shows
+    frozen = fmodel.load(tmp_path)
+    wrapped = facade.LlamaForCausalLM.from_state(frozen)
+    assert dict(wrapped.named_parameters())[name].data_ptr() == frozen.params[name].data_ptr()
+
+
+def test_surgery_methods_match_transformers_on_gpt2(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = facade.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(ours).__name__ == "GPT2LMHeadModel" and not ours.training
+    for model in (hf, ours):
+        embedding = model.resize_token_embeddings(101, pad_to_multiple_of=8, mean_resizing=False)
+        assert embedding.weight.shape == (104, 64)
+        model.prune_heads({0: [1, 2]})
+    assert ours.config.pruned_heads == {0: (1, 2)} and hf.config.pruned_heads == {0: [1, 2]}
+    assert ours.num_parameters() == hf.num_parameters()
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        expected = hf(ids).logits[..., :96]
+    assert (ours(ids).logits[..., :96] - expected).abs().max().item() < 1e-4
+
+
+def test_outputs_read_like_transformers(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model = facade.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids, labels=ids)
+    loss, logits = out[:2]
+    assert loss is out.loss and logits is out["logits"] and out.hidden_states is None
+    assert isinstance(model(input_ids=ids, return_dict=False), tuple)
+    base = facade.AutoModel.from_pretrained(tmp_path)
+    assert type(base).__name__ == "LlamaModel" and base(ids).last_hidden_state.shape == (1, 4, 64)
+    assert model.can_generate() and not base.can_generate()
+    _, info = facade.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
