@@ -96,3 +96,67 @@ def test_outputs_read_like_transformers(tmp_path):
     assert model.can_generate() and not base.can_generate()
     _, info = facade.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_counting_matches_transformers(tmp_path, family):
+    torch.manual_seed(0)
+    if family == "llama":
+        hf = make_hf_model("llama", tie_word_embeddings=True)
+        cls = facade.LlamaForCausalLM
+    elif family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4)
+        )
+        cls = facade.GPT2LMHeadModel
+    else:
+        hf = transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                vocab_size=96,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=112,
+            )
+        )
+        cls = facade.BertForMaskedLM
+    hf.save_pretrained(tmp_path)
+    ours = cls.from_pretrained(tmp_path)
+    inputs = {"input_ids": torch.ones(3, 11, dtype=torch.long)}
+    for flags in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert ours.num_parameters(**flags) == hf.num_parameters(**flags), flags
+    assert ours.estimate_tokens(inputs) == hf.estimate_tokens(inputs) == 33
+    assert ours.floating_point_ops(inputs) == hf.floating_point_ops(inputs)
+    assert ours.floating_point_ops(inputs, exclude_embeddings=False) == hf.floating_point_ops(
+        inputs, exclude_embeddings=False
+    )
+    # Transformers' GPT-2 keeps a [1, 1, n_positions, n_positions] causal-mask buffer per layer;
+    # fmodel builds masks per call and has no such buffers.
+    mask_buffers = sum(
+        b.numel() * b.element_size()
+        for n, b in hf.named_buffers()
+        if n.endswith(("attn.bias", "masked_bias"))
+    )
+    assert ours.get_memory_footprint() == hf.get_memory_footprint() - mask_buffers
+    assert ours.get_memory_footprint(return_buffers=False) == hf.get_memory_footprint(return_buffers=False)
+
+
+def test_stats_are_pure_functions_of_a_state():
+    from fmodel import stats
+
+    state = fmodel.init(
+        fmodel.LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            tie_word_embeddings=True,
+        )
+    )
+    embed = 50 * 32
+    total = stats.num_parameters(state)
+    assert total == sum(t.numel() for t in state.unique_params().values())
+    assert stats.num_parameters(state, exclude_embeddings=True) == total - embed
+    assert stats.get_memory_footprint(state, return_buffers=False) == 4 * total  # the tied head counted once
+    assert stats.floating_point_ops(state, {"input_ids": torch.ones(2, 5)}) == 6 * 10 * (total - embed)

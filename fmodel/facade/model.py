@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import transforms
+from .. import stats, transforms
 from ..forward import forward as functional_forward
 from ..io import load_with_report, save
 from ..io.load import default_architecture
@@ -244,13 +244,18 @@ class PreTrainedModel(nn.Module):
         return None if name is None else self.get_submodule(name.rsplit(".", 1)[0])
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        spec = get_spec(self._architecture)
-        skip = {spec.input_embeddings, spec.position_embeddings} if exclude_embeddings else set()
-        return sum(
-            p.numel()
-            for name, p in self.named_parameters()
-            if name not in skip and (p.requires_grad or not only_trainable)
+        return stats.num_parameters(
+            self.state, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings
         )
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        return stats.get_memory_footprint(self.state, return_buffers=return_buffers)
+
+    def estimate_tokens(self, input_dict: dict[str, Any]) -> int:
+        return stats.estimate_tokens(input_dict)
+
+    def floating_point_ops(self, input_dict: dict[str, Any], exclude_embeddings: bool = True) -> int:
+        return stats.floating_point_ops(self.state, input_dict, exclude_embeddings=exclude_embeddings)
 
     def can_generate(self) -> bool:
         return get_spec(self._architecture).output == "causal_lm"

@@ -1,0 +1,74 @@
+"""Counting a model: parameters, memory footprint, tokens and training FLOPs (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.skeleton import skeleton
+from .state import ModelState
+
+__all__ = [
+    "embedding_names",
+    "estimate_tokens",
+    "floating_point_ops",
+    "get_memory_footprint",
+    "num_parameters",
+]
+
+
+def embedding_names(state: ModelState) -> set[str]:
+    """Names of every `nn.Embedding` weight (tokens, positions, token types), as Transformers
+    counts embeddings for `exclude_embeddings`."""
+    module = skeleton(state.config, state.architecture)
+    return {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def num_parameters(
+    state: ModelState, *, only_trainable: bool = False, exclude_embeddings: bool = False
+) -> int:
+    """Number of parameters, each tied tensor once (as Transformers' `num_parameters`).
+
+    Arguments:
+        only_trainable: count only tensors with `requires_grad`.
+        exclude_embeddings: leave out every embedding matrix.
+    """
+    skip = embedding_names(state) if exclude_embeddings else set()
+    return sum(
+        t.numel()
+        for name, t in state.unique_params().items()
+        if name not in skip and (t.requires_grad or not only_trainable)
+    )
+
+
+def get_memory_footprint(state: ModelState, *, return_buffers: bool = True) -> int:
+    """Bytes held by the model's distinct tensors (tied tensors once), buffers included by default."""
+    tensors = state.tensors if return_buffers else dict(state.params)
+    seen: set[int] = set()
+    total = 0
+    for t in tensors.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def estimate_tokens(inputs: Mapping[str, Any]) -> int:
+    """Tokens in a batch: the element count of `input_ids` (or of `inputs_embeds` without its
+    hidden axis); 0 when neither is given (Transformers warns and returns 0 too)."""
+    if "input_ids" in inputs and isinstance(inputs["input_ids"], torch.Tensor):
+        return inputs["input_ids"].numel()
+    if "inputs_embeds" in inputs and isinstance(inputs["inputs_embeds"], torch.Tensor):
+        return inputs["inputs_embeds"].shape[:-1].numel()
+    return 0
+
+
+def floating_point_ops(
+    state: ModelState, inputs: Mapping[str, Any], *, exclude_embeddings: bool = True
+) -> int:
+    """Training FLOPs of one forward+backward over `inputs`: 6 x tokens x parameters (the
+    Kaplan et al. estimate Transformers uses)."""
+    return 6 * estimate_tokens(inputs) * num_parameters(state, exclude_embeddings=exclude_embeddings)
