@@ -70,6 +70,7 @@ def forward(
     attn_implementation: str | None = None,
     logits_to_keep: int = 0,
     training: bool = False,
+    module: torch.nn.Module | None = None,
     **model_inputs: torch.Tensor | None,
 ) -> ModelOutput:
     """Run the model. Pure: the state's tensors are read, never written.
@@ -85,6 +86,9 @@ def forward(
         attn_implementation: override the state's attention function for this call.
         logits_to_keep: compute logits only for the last N positions (0 = all).
         training: run dropout (gradients flow either way).
+        module: run this module instead of the cached skeleton (the facade passes its own
+            module tree, so hooks registered on its submodules fire); it must have the
+            state's structure, and its own `training` flags then decide dropout.
         **model_inputs: family-specific inputs, e.g. `token_type_ids` [B, T] for BERT
             (passed on when not None).
 
@@ -102,7 +106,8 @@ def forward(
         logger.info("forward: %s does not compute attention weights; using eager for this call", name)
         name = "eager"
     attn = attention.get(name)
-    module = skeleton(state.config, state.architecture, training)
+    if module is None:
+        module = skeleton(state.config, state.architecture, training)
     kwargs = dict(
         attention_mask=attention_mask,
         position_ids=position_ids,

@@ -160,3 +160,33 @@ def test_stats_are_pure_functions_of_a_state():
     assert stats.num_parameters(state, exclude_embeddings=True) == total - embed
     assert stats.get_memory_footprint(state, return_buffers=False) == 4 * total  # the tied head counted once
     assert stats.floating_point_ops(state, {"input_ids": torch.ones(2, 5)}) == 6 * 10 * (total - embed)
+
+
+def test_hooks_on_submodules_fire_and_input_grads_can_be_enabled(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model = facade.LlamaForCausalLM.from_pretrained(tmp_path)
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o[0].shape))
+    ids = torch.tensor([[1, 2, 3]])
+    model(ids)
+    assert seen == [torch.Size([1, 3, 64])]
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen base
+    assert not model(ids).logits.requires_grad
+    model.enable_input_require_grads()
+    assert model(ids).logits.requires_grad
+    model.disable_input_require_grads()
+    assert not model(ids).logits.requires_grad
+
+
+def test_half_float_and_train_eval(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model = facade.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert model.dtype == torch.float32 and not model.training and not model._tree.training
+    model.train()
+    assert model._tree.training and model.model.layers[0].training
+    model.eval().half()
+    assert model.dtype == torch.float16 and model.state.dtype == torch.float16
+    assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.float16
+    model.float()
+    assert model.state.params["lm_head.weight"].dtype == torch.float32

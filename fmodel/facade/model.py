@@ -149,6 +149,9 @@ class PreTrainedModel(nn.Module):
         object.__setattr__(self, "_ties", dict(state.ties))
         object.__setattr__(self, "_attn_implementation", state.attn_implementation)
         object.__setattr__(self, "_architecture", state.architecture)
+        # The skeleton root shares this module's children; forward runs it so hooks fire.
+        object.__setattr__(self, "_tree", tree)
+        tree.train(self.training)
 
     @property
     def state(self) -> ModelState:
@@ -191,6 +194,7 @@ class PreTrainedModel(nn.Module):
             output_attentions=bool(output_attentions),
             logits_to_keep=logits_to_keep,
             training=self.training,
+            module=self._tree,
             **kwargs,
         )
         fields = {"loss": None}
@@ -256,6 +260,27 @@ class PreTrainedModel(nn.Module):
 
     def floating_point_ops(self, input_dict: dict[str, Any], exclude_embeddings: bool = True) -> int:
         return stats.floating_point_ops(self.state, input_dict, exclude_embeddings=exclude_embeddings)
+
+    def train(self, mode: bool = True) -> PreTrainedModel:
+        super().train(mode)
+        tree = self.__dict__.get("_tree")
+        if tree is not None:
+            tree.train(mode)
+        return self
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (for adapters on a frozen base with
+        gradient checkpointing), through a forward hook as Transformers does."""
+
+        def hook(module, inputs, output):
+            output.requires_grad_(True)
+
+        self.__dict__["_require_grads_hook"] = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        handle = self.__dict__.pop("_require_grads_hook", None)
+        if handle is not None:
+            handle.remove()
 
     def can_generate(self) -> bool:
         return get_spec(self._architecture).output == "causal_lm"
