@@ -190,3 +190,31 @@ def test_half_float_and_train_eval(tmp_path):
     assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.float16
     model.float()
     assert model.state.params["lm_head.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_mask_helpers_match_transformers(tmp_path, is_decoder):
+    hf = make_hf_model("llama", is_decoder=is_decoder)
+    hf.save_pretrained(tmp_path)
+    ours = facade.LlamaForCausalLM.from_pretrained(tmp_path)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert torch.equal(ours.invert_attention_mask(mask), hf.invert_attention_mask(mask))
+    assert torch.equal(
+        ours.invert_attention_mask(mask[:, None].expand(2, 5, 5)),
+        hf.invert_attention_mask(mask[:, None].expand(2, 5, 5)),
+    )
+    for shape in ((2, 5), (2, 3)):  # a 3-token step over a 2-token prefix too
+        assert torch.equal(
+            ours.get_extended_attention_mask(mask, shape), hf.get_extended_attention_mask(mask, shape)
+        )
+        assert torch.equal(
+            ours.create_extended_attention_mask_for_decoder(shape, mask),
+            hf.create_extended_attention_mask_for_decoder(shape, mask),
+        )
+    for head_mask in (None, torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.ones(2, 4)):
+        a, b = ours.get_head_mask(head_mask, 2), hf.get_head_mask(head_mask, 2)
+        if head_mask is None:
+            assert a == b == [None, None]
+        else:
+            assert torch.equal(a, b)
+    assert torch.equal(ours.get_head_mask(torch.ones(4), 2, True), hf.get_head_mask(torch.ones(4), 2, True))
