@@ -218,3 +218,30 @@ def test_mask_helpers_match_transformers(tmp_path, is_decoder):
         else:
             assert torch.equal(a, b)
     assert torch.equal(ours.get_head_mask(torch.ones(4), 2, True), hf.get_head_mask(torch.ones(4), 2, True))
+
+
+def test_attention_selection_is_truthful_about_this_machine(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model = facade.LlamaForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    reference = model(ids).logits
+    model.set_attn_implementation({"": "eager"})
+    assert model.state.attn_implementation == "eager"
+    assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+    assert model._sdpa_can_dispatch() and model._flex_attn_can_dispatch()
+    assert model.get_correct_attn_implementation(None) == "sdpa"
+    if not torch.cuda.is_available():
+        with pytest.raises(fmodel.AttentionUnavailableError, match="flash_attention_2"):
+            model._flash_attn_2_can_dispatch()
+    assert model.framework == "pt" and model.dummy_inputs["input_ids"].shape == (3, 5)
+    assert model.get_decoder() is model.model
+
+
+def test_set_decoder_installs_another_models_base(tmp_path):
+    make_hf_model("llama", seed=0).save_pretrained(tmp_path / "a")
+    make_hf_model("llama", seed=1).save_pretrained(tmp_path / "b")
+    a = facade.LlamaForCausalLM.from_pretrained(tmp_path / "a")
+    b = facade.LlamaForCausalLM.from_pretrained(tmp_path / "b")
+    a.set_decoder(b.get_decoder())
+    assert torch.equal(a.model.norm.weight, b.model.norm.weight)
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)

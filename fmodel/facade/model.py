@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import stats, transforms
+from .. import attention, stats, transforms
 from ..forward import forward as functional_forward
 from ..io import load_with_report, save
 from ..io.load import default_architecture
@@ -238,8 +238,79 @@ class PreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         self._apply_transform(transforms.tie_weights)
 
-    def set_attn_implementation(self, name: str) -> None:
+    def set_attn_implementation(self, attn_implementation: str | dict[str, str]) -> None:
+        """Switch every attention layer at once (a dict maps sub-model names to names; the
+        families here have one model, so its single value, or the "" entry, is used)."""
+        name = attn_implementation
+        if isinstance(name, dict):
+            values = set(name.values())
+            if "" not in name and len(values) != 1:
+                raise ValueError(
+                    f"set_attn_implementation: expected one implementation for this model, got {name}"
+                )
+            name = name.get("", next(iter(values)))
         self._apply_transform(transforms.set_attn_implementation, name)
+
+    def get_correct_attn_implementation(self, requested: str | None, is_init_check: bool = False) -> str:
+        """`requested` (default "sdpa") when it can run here; otherwise raises saying why."""
+        name = requested or "sdpa"
+        attention.get(name)
+        return name
+
+    def _can_set_attn_implementation(self) -> bool:
+        return True
+
+    def _check_can_dispatch(self, name: str) -> bool:
+        attention.get(name)  # raises AttentionUnavailableError with the reason
+        return True
+
+    def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
+        return self._check_can_dispatch("sdpa")
+
+    def _flash_attn_2_can_dispatch(self, is_init_check: bool = False) -> bool:
+        return self._check_can_dispatch("flash_attention_2")
+
+    def _flash_attn_3_can_dispatch(self, is_init_check: bool = False) -> bool:
+        return self._check_can_dispatch("flash_attention_3")
+
+    def _flex_attn_can_dispatch(self, is_init_check: bool = False) -> bool:
+        return self._check_can_dispatch("flex_attention")
+
+    # -- small API surface ----------------------------------------------------------------
+
+    @property
+    def framework(self) -> str:
+        return "pt"
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([[7, 6, 0, 0, 1], [1, 2, 3, 0, 0], [0, 0, 0, 4, 5]])}
+
+    def warn_if_padding_and_no_attention_mask(self, input_ids: torch.Tensor, attention_mask) -> None:
+        """Warn once when `input_ids` start or end with the pad token and no mask was given."""
+        pad = self.config.pad_token_id
+        if attention_mask is not None or pad is None or self.__dict__.get("_warned_padding"):
+            return
+        if (input_ids[:, [-1, 0]] == pad).any():
+            from ..io.load import logger
+
+            logger.warning(
+                "We strongly recommend passing in an `attention_mask` since your input_ids may be padded."
+            )
+            self.__dict__["_warned_padding"] = True
+
+    def get_decoder(self) -> nn.Module:
+        return self.base_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        spec = get_spec(self._architecture)
+        if spec.is_base:
+            raise ValueError("set_decoder: a base model is its own decoder")
+        prefix = spec.prefix + "."
+        params = {prefix + n: p for n, p in decoder.named_parameters(remove_duplicate=False)}
+        self._apply_transform(
+            transforms.replace_params, {n: p for n, p in params.items() if n not in self._ties}
+        )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(get_spec(self._architecture).input_embeddings.rsplit(".", 1)[0])
