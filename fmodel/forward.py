@@ -71,6 +71,7 @@ def forward(
     logits_to_keep: int = 0,
     training: bool = False,
     module: torch.nn.Module | None = None,
+    gradient_checkpointing: bool = False,
     **model_inputs: torch.Tensor | None,
 ) -> ModelOutput:
     """Run the model. Pure: the state's tensors are read, never written.
@@ -86,6 +87,8 @@ def forward(
         attn_implementation: override the state's attention function for this call.
         logits_to_keep: compute logits only for the last N positions (0 = all).
         training: run dropout (gradients flow either way).
+        gradient_checkpointing: recompute each layer's activations in the backward pass
+            instead of keeping them (less memory, same gradients).
         module: run this module instead of the cached skeleton (the facade passes its own
             module tree, so hooks registered on its submodules fire); it must have the
             state's structure, and its own `training` flags then decide dropout.
@@ -118,6 +121,8 @@ def forward(
     )
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
+    if gradient_checkpointing:
+        kwargs["gradient_checkpointing"] = True
     kwargs.update({k: v for k, v in model_inputs.items() if v is not None})
     out = functional_call(module, state.tensors, (input_ids,), kwargs, tie_weights=False, strict=False)
     return ModelOutput(**{k: out.get(k) for k in _OUTPUT_FIELDS})

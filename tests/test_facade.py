@@ -245,3 +245,65 @@ def test_set_decoder_installs_another_models_base(tmp_path):
     a.set_decoder(b.get_decoder())
     assert torch.equal(a.model.norm.weight, b.model.norm.weight)
     assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the activations autograd keeps for backward while `fn` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_gradient_checkpointing_same_gradients_less_memory(tmp_path, family):
+    torch.manual_seed(0)
+    if family == "llama":
+        make_hf_model("llama", num_hidden_layers=4).save_pretrained(tmp_path)
+        cls = facade.LlamaForCausalLM
+    elif family == "gpt2":
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=4, n_head=4)
+        ).save_pretrained(tmp_path)
+        cls = facade.GPT2LMHeadModel
+    else:
+        transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                vocab_size=96,
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=112,
+            )
+        ).save_pretrained(tmp_path)
+        cls = facade.BertForMaskedLM
+    ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(2))
+
+    def grads(checkpointing: bool, frozen_embeddings: bool):
+        model = cls.from_pretrained(tmp_path)
+        model.train()
+        for module in model.modules():  # dropout off, so both runs compute the same thing
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.0
+        if frozen_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        saved = _saved_bytes(lambda: model(input_ids=ids, labels=ids).loss.backward())
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, saved
+
+    for frozen in (False, True):
+        plain, plain_bytes = grads(False, frozen)
+        ckpt, ckpt_bytes = grads(True, frozen)
+        assert set(plain) == set(ckpt) and all(g is not None for g in ckpt.values())
+        for name in plain:
+            assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+        assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)

@@ -196,6 +196,7 @@ class PreTrainedModel(nn.Module):
             logits_to_keep=logits_to_keep,
             training=self.training,
             module=self._tree,
+            gradient_checkpointing=self.is_gradient_checkpointing and self.training,
             **kwargs,
         )
         fields = {"loss": None}
@@ -339,6 +340,24 @@ class PreTrainedModel(nn.Module):
         if tree is not None:
             tree.train(mode)
         return self
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.__dict__.get("_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass (training mode only).
+
+        Always non-reentrant: Transformers' reentrant default gives no gradients when the
+        embeddings are frozen; `use_reentrant=True` in the kwargs is therefore refused."""
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "fmodel checkpoints non-reentrantly only (reentrant loses gradients with frozen inputs)"
+            )
+        self.__dict__["_gradient_checkpointing"] = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.__dict__["_gradient_checkpointing"] = False
 
     def enable_input_require_grads(self) -> None:
         """Make the input embeddings' output require grad (for adapters on a frozen base with

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def run_layers(
@@ -16,15 +17,23 @@ def run_layers(
     output_hidden_states: bool,
     output_attentions: bool,
     final: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Run `layer(hidden, *args, output_attentions) -> (hidden, weights)` for each layer, then
     `final` (a last norm). Collects, as Transformers does, the input of every layer plus the final
-    output as `hidden_states`, and each layer's attention weights as `attentions`."""
+    output as `hidden_states`, and each layer's attention weights as `attentions`.
+
+    With `gradient_checkpointing`, each layer's activations are recomputed in the backward
+    pass instead of kept (non-reentrant checkpointing: gradients reach every input and
+    parameter, frozen embeddings or not)."""
     all_hidden, all_weights = [], []
     for layer in layers:
         if output_hidden_states:
             all_hidden.append(hidden)
-        hidden, weights = layer(hidden, *args, output_attentions)
+        if gradient_checkpointing and torch.is_grad_enabled():
+            hidden, weights = checkpoint(layer, hidden, *args, output_attentions, use_reentrant=False)
+        else:
+            hidden, weights = layer(hidden, *args, output_attentions)
         if output_attentions:
             all_weights.append(weights)
     if final is not None:

@@ -175,6 +175,7 @@ class BertModel(nn.Module):
         attn: AttentionFunction,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -189,6 +190,7 @@ class BertModel(nn.Module):
             attn,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            gradient_checkpointing=gradient_checkpointing,
         )
         out["pooler_output"] = self.pooler(out["last_hidden_state"]) if self.pooler is not None else None
         return out

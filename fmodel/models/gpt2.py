@@ -5,6 +5,9 @@ query/key/value projection is one fused `c_attn`. Positions are learned (`wpe`).
 goes through the registry with the scaling the config asks for (1/sqrt(head_dim) when
 `scale_attn_weights`, divided by layer_idx + 1 when `scale_attn_by_inverse_layer_idx`), for
 every implementation: Transformers applies the layer-index scaling in its eager path only.
+With `reorder_and_upcast_attn` and eager attention, scores are computed and softmaxed in
+float32 as Transformers' `_upcast_and_reordered_attn` does; other implementations run as usual
+(Transformers ignores the option for them too).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ..errors import ConfigError
 from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
@@ -35,6 +39,23 @@ class Conv1D(nn.Module):
         rows = x.shape[:-1]
         out = torch.addmm(self.bias, x.reshape(rows.numel(), x.shape[-1]), self.weight)
         return out.view(*rows, self.weight.shape[1])
+
+
+def _upcast_reordered_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """Eager attention with the scores computed (scale folded into the product) and softmaxed
+    in float32 whatever the input dtype, then cast back: Transformers' GPT-2
+    `_upcast_and_reordered_attn`. Mask: additive. Returns ([B, T, H, D], weights [B, H, T, S])."""
+    b, h, t, d = query.shape
+    s = key.shape[2]
+    with torch.autocast(query.device.type, enabled=False):
+        q = query.reshape(b * h, t, d).float()
+        k = key.transpose(-1, -2).reshape(b * h, d, s).float()
+        scores = torch.baddbmm(q.new_empty(b * h, t, s), q, k, beta=0, alpha=scaling).view(b, h, t, s)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :s]
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2), weights
 
 
 def _layer_heads(config, layer_idx: int) -> int:
@@ -57,6 +78,7 @@ class GPT2Attention(nn.Module):
             scaling /= float(layer_idx + 1)
         self.scaling = scaling
         self.attention_dropout = config.attn_pdrop
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
         inner = self.num_heads * self.head_dim
         self.c_attn = Conv1D(3 * inner, config.n_embd)
         self.c_proj = Conv1D(config.n_embd, inner)
@@ -70,7 +92,10 @@ class GPT2Attention(nn.Module):
         q, k, v = (
             x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v)
         )  # [B, H, T, D]
-        out, weights = attn.fn(
+        fn = attn.fn
+        if self.reorder_and_upcast_attn and attn.name == "eager":
+            fn = _upcast_reordered_attention
+        out, weights = fn(
             self,
             q,
             k,
@@ -114,6 +139,11 @@ class GPT2Model(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
+        if config.extra.get("add_cross_attention"):
+            raise ConfigError(
+                "GPT2Config: field 'add_cross_attention' is true; fmodel implements GPT-2 without "
+                "cross-attention layers"
+            )
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
@@ -132,6 +162,7 @@ class GPT2Model(nn.Module):
         attn: AttentionFunction,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -152,6 +183,7 @@ class GPT2Model(nn.Module):
             attn,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            gradient_checkpointing=gradient_checkpointing,
             final=self.ln_f,
         )
 

@@ -180,6 +180,7 @@ class LlamaModel(nn.Module):
         attn: AttentionFunction,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -200,6 +201,7 @@ class LlamaModel(nn.Module):
             attn,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            gradient_checkpointing=gradient_checkpointing,
             final=self.norm,
         )
 
