@@ -74,8 +74,8 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden, mask, attn: AttentionFunction, output_attentions: bool):
         b, t, _ = hidden.shape
-        if self.num_heads == 0:  # every head pruned
-            return hidden.new_zeros(b, t, 0), None
+        if self.num_heads == 0:  # every head pruned: the output projection adds only its bias
+            return hidden.new_zeros(b, t, 0), hidden.new_zeros(b, 0, t, t) if output_attentions else None
         q, k, v = (
             proj(hidden).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
             for proj in (self.query, self.key, self.value)
@@ -307,6 +307,10 @@ def _mlm_ties(config) -> dict[str, str]:
 # Legacy TensorFlow-era names Transformers renames on load, and buffers it no longer stores.
 _RENAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
 _IGNORE = (r"embeddings\.(position_ids|token_type_ids)$",)
+# Pre-training checkpoints (bert-base-uncased and kin) also hold the heads a class does not use:
+# Transformers loads them with a warning, fmodel lists them as unused in the load report.
+_IGNORE_MLM = (*_IGNORE, r"^bert\.pooler\.", r"^cls\.seq_relationship\.")
+_IGNORE_CLASSIFIER = (*_IGNORE, r"^cls\.")
 
 
 def _spec(
@@ -318,6 +322,7 @@ def _spec(
     ties=lambda config: {},
     output_embeddings=None,
     output_bias=None,
+    ignore_unexpected=_IGNORE,
 ):
     p = "" if is_base else "bert."
     return ArchSpec(
@@ -333,7 +338,7 @@ def _spec(
         init_rule=_init_rule,
         output=output,
         key_renames=_RENAMES,
-        ignore_unexpected=_IGNORE,
+        ignore_unexpected=ignore_unexpected,
         position_embeddings=f"{p}embeddings.position_embeddings.weight",
         position_ids_buffer=f"{p}embeddings.position_ids",
         output_bias=output_bias,
@@ -351,6 +356,7 @@ register_architecture(
         ties=_mlm_ties,
         output_embeddings="cls.predictions.decoder.weight",
         output_bias="cls.predictions.bias",
+        ignore_unexpected=_IGNORE_MLM,
     )
 )
 register_architecture(
@@ -359,5 +365,6 @@ register_architecture(
         BertForSequenceClassification,
         is_base=False,
         output="sequence_classification",
+        ignore_unexpected=_IGNORE_CLASSIFIER,
     )
 )
