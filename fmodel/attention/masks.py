@@ -34,7 +34,7 @@ class MaskInputs:
         batch_size: int,
         causal: bool = True,
     ) -> None:
-        if padding_mask is not None and bool(padding_mask.all()):
+        if padding_mask is not None and _all_real(padding_mask):
             padding_mask = None  # all real tokens: the cheap paths apply
         self.padding_mask = None if padding_mask is None else padding_mask.to(torch.bool)
         self.q_positions = q_positions
@@ -62,6 +62,15 @@ class MaskInputs:
         if self.padding_mask is not None:
             allowed = allowed & self.padding_mask[:, None, None, : self.kv_len]
         return allowed.expand(self.batch_size, 1, -1, -1)
+
+
+def _all_real(padding_mask: torch.Tensor) -> bool:
+    """True when the mask marks every token real. Inside `torch.func` transforms (vmap over
+    inputs, per-example gradients) the mask is a wrapped tensor whose values Python cannot
+    branch on; then say False and build the full mask, which gives the same result."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(padding_mask):
+        return False
+    return bool(padding_mask.all())
 
 
 def build_mask(kind: str, inputs: MaskInputs, sliding_window: int | None, dtype: torch.dtype):

@@ -66,7 +66,9 @@ def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
             module = get_spec(architecture).build(config)
         module.train(training)
         for p in module.parameters():
-            p.requires_grad_(False)
+            # an attribute write, not `requires_grad_()`, which torch.func refuses: the first
+            # forward of a config may run inside `grad` or `vmap`
+            p.requires_grad = False
         cache[key] = module
     return module
 
