@@ -1,5 +1,18 @@
 """Ensembles as data: stack states of one architecture along a new leading axis and run them
-all in one call with `torch.func.vmap`."""
+all in one call with `torch.func.vmap`.
+
+`vmap_forward(stacked, ids)` is the short way. To write the vmap yourself (other inputs per
+member, a loss, gradients), vectorise over the stacked tensors and rebuild one member inside
+with `replace_params` on any unstacked member (the template must have per-member shapes):
+
+    >>> template = states[0]                      # or fmodel.unstack_state(stacked)[0]
+    >>> def run(params):
+    ...     return fmodel.forward(fmodel.replace_params(template, params), ids).logits
+    >>> logits = torch.func.vmap(run)(stacked.unique_params())   # [n, B, T, vocab]
+
+The buffers of fmodel's families depend only on the config (rotary frequencies, position
+ids), so the template's own buffers serve every member.
+"""
 
 from __future__ import annotations
 
@@ -17,59 +30,99 @@ from ._common import with_params
 
 __all__ = ["StackError", "stack_states", "unstack_state", "vmap_forward"]
 
+# ModelState fields compared as values; the tensors are compared name by name.
+_TENSOR_FIELDS = ("params", "buffers")
+
 
 class StackError(FModelError, ValueError):
-    """States that cannot be stacked: different architectures, configs, ties or tensor shapes."""
+    """States that cannot be stacked (different architecture, config, ties, tensor names, shapes,
+    dtypes or devices), or a state that is not a stack."""
 
 
 def stack_states(states: Sequence[ModelState]) -> ModelState:
-    """One state whose every tensor is the inputs' tensors stacked on a new axis 0.
+    """One state whose every tensor is the members' tensors stacked on a new axis 0.
 
-    All states must share architecture, config, ties and attention implementation. Ties
-    hold in the result (each stacked alias is its stacked source). The result is for
-    `vmap_forward` (or your own `torch.func.vmap`); a plain `forward` of it is not defined.
+    Every state must have the same architecture, config, ties, attention implementation and
+    tensor names, shapes, dtypes and devices. Ties hold in the result: each stacked alias is
+    the very tensor object of its stacked source. The result is meant for `vmap_forward` (or
+    your own `torch.func.vmap`); a plain `forward` of it is not defined.
+
+    Pure, and copies nothing it need not copy: a tensor that differs between members is
+    copied once by `torch.stack` into new storage; a tensor that is the *same object* in every
+    member (frozen parts shared by variants made with `replace_params`, config-derived
+    buffers) becomes a stride-0 `expand` view of it, so it costs no memory. The config and
+    the other fields are shared with `states[0]`.
+
+    Arguments:
+        states: one or more `ModelState`s (unchanged).
 
     Returns:
-        A new state with tensors of shape [n, *shape]; the inputs are unchanged.
+        A new state whose tensors have shape [n, *shape] (dtype and device kept), n = len(states).
 
     Raises:
-        StackError: the first differing field or tensor is named.
+        StackError: no states, or the first difference found, named: the state's index and the
+            field (`config.<field>` for configs), tie or tensor that differs.
 
     Example:
         >>> ensemble = fmodel.stack_states([fmodel.init(config, seed=s) for s in range(4)])
+        >>> ensemble.params["model.norm.weight"].shape
+        torch.Size([4, 32])
         >>> fmodel.vmap_forward(ensemble, ids).logits.shape   # [4, B, T, vocab]
     """
+    states = list(states)
     if not states:
         raise StackError("stack_states: no states given")
     first = states[0]
     for i, other in enumerate(states[1:], start=1):
-        for field in ("architecture", "config", "attn_implementation"):
-            if getattr(other, field) != getattr(first, field):
-                raise StackError(f"stack_states: state {i} differs from state 0 in {field!r}")
-        if dict(other.ties) != dict(first.ties):
-            raise StackError(
-                f"stack_states: state {i} has ties {dict(other.ties)}, state 0 has {dict(first.ties)}"
-            )
-        for name, t in other.tensors.items():
-            if t.shape != first.tensors[name].shape:
-                raise StackError(
-                    f"stack_states: tensor {name!r} has shape {list(t.shape)} in state {i}, "
-                    f"{list(first.tensors[name].shape)} in state 0"
-                )
-    params = {name: torch.stack([s.params[name] for s in states]) for name in first.unique_params()}
-    buffers = {name: torch.stack([s.buffers[name] for s in states]) for name in first.buffers}
+        _check_same(first, other, i)
+    n = len(states)
+
+    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+        t = tensors[0]
+        if all(u is t for u in tensors):
+            return t.expand(n, *t.shape)
+        return torch.stack(tensors)
+
+    params = {name: stacked([s.params[name] for s in states]) for name in first.unique_params()}
+    buffers = {name: stacked([s.buffers[name] for s in states]) for name in first.buffers}
     return with_params(first, params, buffers=buffers)
 
 
 def unstack_state(stacked: ModelState) -> list[ModelState]:
-    """The states a `stack_states` result holds, in order. Their tensors are views into the
-    stacked tensors (no copy); `fmodel.save` copies views into their own storage."""
-    sizes = {t.shape[0] for t in stacked.tensors.values()}
-    if len(sizes) != 1:
+    """The member states of a stacked state, in order: the inverse of `stack_states`.
+
+    Member tensors are views (`stacked_tensor[i]`), no copy: they share storage with the
+    stacked state (and, for a tensor `stack_states` expanded, with the original tensor).
+    States are never written into, so this is safe; `fmodel.save` copies such views into
+    storage of their own. Ties hold in each member.
+
+    Arguments:
+        stacked: a state whose every tensor has the same leading size n (unchanged).
+
+    Returns:
+        A list of n new states, tensors of shape `shape[1:]`; config and other fields shared.
+
+    Raises:
+        StackError: a tensor is a scalar, or leading sizes differ (not a stacked state).
+
+    Example:
+        >>> members = fmodel.unstack_state(fmodel.stack_states([a, b]))
+        >>> torch.equal(members[1].params["model.norm.weight"], b.params["model.norm.weight"])
+        True
+    """
+    tensors = stacked.tensors
+    scalars = sorted(name for name, t in tensors.items() if t.dim() == 0)
+    if scalars:
+        raise StackError(f"unstack_state: {scalars[:5]} are scalars; not a stacked state")
+    sizes: dict[int, str] = {}
+    for name, t in tensors.items():
+        sizes.setdefault(t.shape[0], name)
+    if len(sizes) > 1:
+        named = ", ".join(f"{name!r} has {size}" for size, name in sorted(sizes.items()))
         raise StackError(
-            f"unstack_state: tensors have different leading sizes {sorted(sizes)}; not a stacked state"
+            f"unstack_state: tensors have different leading sizes ({named}); not a stacked state"
         )
-    (n,) = sizes
+    n = next(iter(sizes), 0)
     return [
         with_params(
             stacked,
@@ -81,12 +134,24 @@ def unstack_state(stacked: ModelState) -> list[ModelState]:
 
 
 def vmap_forward(stacked: ModelState, input_ids: torch.Tensor | None = None, **kwargs: Any) -> ModelOutput:
-    """`forward` of every member of a stacked state in one vectorised call.
+    """`forward` of every member of a stacked state in one vectorised call (`torch.func.vmap`).
 
-    Inputs are shared by all members (not stacked); outputs gain a leading member axis.
+    Inputs are shared by all members, not stacked. Pure; works under `torch.func.grad`.
+
+    Arguments:
+        stacked: a `stack_states` result with n members.
+        input_ids: [B, T], as for `forward`.
+        **kwargs: any other `forward` argument (`attention_mask` [B, T], `attn_implementation`,
+            `output_hidden_states`, ...), the same for every member.
 
     Returns:
-        ModelOutput whose tensors are [n, ...] (tuples of such for hidden states / attentions).
+        ModelOutput whose tensors gain a leading member axis: logits [n, B, T, vocab], and
+        tuples of [n, ...] for hidden states / attentions. Member i equals
+        `forward(unstack_state(stacked)[i], input_ids, **kwargs)`.
+
+    Example:
+        >>> logits = fmodel.vmap_forward(ensemble, ids, attention_mask=mask).logits
+        >>> probs = logits.softmax(-1).mean(0)   # the ensemble's averaged prediction
     """
 
     def run(params, buffers):
@@ -96,3 +161,45 @@ def vmap_forward(stacked: ModelState, input_ids: torch.Tensor | None = None, **k
 
     out = vmap(run)(stacked.unique_params(), dict(stacked.buffers))
     return ModelOutput(**out)
+
+
+def _check_same(first: ModelState, other: ModelState, i: int) -> None:
+    where = f"stack_states: state {i} differs from state 0 in"
+    for field in attrs.fields(ModelState):
+        if field.name in _TENSOR_FIELDS:
+            continue
+        a, b = getattr(first, field.name), getattr(other, field.name)
+        if field.name == "config":
+            _check_same_config(a, b, where)
+        elif field.name == "ties":
+            if dict(a) != dict(b):
+                diff = sorted(set(a.items()) ^ set(b.items()))
+                raise StackError(f"{where} ties: {diff[0][0]!r} -> {diff[0][1]!r} is in one only")
+        elif a != b:
+            raise StackError(f"{where} {field.name!r}: {b!r} there, {a!r} in state 0")
+    for kind in _TENSOR_FIELDS:
+        mine, theirs = getattr(first, kind), getattr(other, kind)
+        extra, missing = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+        if extra or missing:
+            name, how = (extra[0], "has") if extra else (missing[0], "lacks")
+            raise StackError(f"{where} {kind}: it {how} {name!r}")
+        for name, t in theirs.items():
+            u = mine[name]
+            for what in ("shape", "dtype", "device"):
+                there, here = getattr(t, what), getattr(u, what)
+                if there != here:
+                    if what == "shape":
+                        there, here = list(there), list(here)
+                    raise StackError(f"{where} tensor {name!r}: {what} {there} there, {here} in state 0")
+
+
+def _check_same_config(a: Any, b: Any, where: str) -> None:
+    if a == b:
+        return
+    if type(a) is not type(b) or not attrs.has(type(a)):
+        raise StackError(f"{where} 'config': {type(b).__name__} there, {type(a).__name__} in state 0")
+    for field in attrs.fields(type(a)):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if x != y:
+            raise StackError(f"{where} 'config.{field.name}': {y!r} there, {x!r} in state 0")
+    raise StackError(f"{where} 'config'")
