@@ -41,16 +41,18 @@ def checkpoint_tensors(state: ModelState) -> dict[str, torch.Tensor]:
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone the tensors that share a storage with another (views left by slicing transforms), since
-    safetensors refuses shared storage; tensors with storage of their own are passed as is."""
+    """Clone the tensors that share a storage with another or cover only part of theirs (views
+    left by slicing transforms or `unstack_state`), since safetensors refuses shared storage;
+    tensors with storage of their own are passed as is."""
     by_storage: dict[tuple[torch.device, int], list[str]] = {}
     for name, t in tensors.items():
         by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
     out = dict(tensors)
     for names in by_storage.values():
-        if len(names) > 1:
-            for name in names:
-                out[name] = tensors[name].clone()
+        for name in names:
+            t = tensors[name]
+            if len(names) > 1 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                out[name] = t.clone()
     return out
 
 
