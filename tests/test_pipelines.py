@@ -149,6 +149,17 @@ def test_stack_refuses_different_models_naming_the_difference(other, message):
     assert_unchanged(state, snap)
 
 
+def test_unstacked_members_save_and_load(tmp_path):
+    """Members are views into the stack (or into a tensor stack_states expanded); save copies."""
+    variant = fmodel.replace_params(SEEDS[0], {"model.norm.weight": SEEDS[0].params["model.norm.weight"] * 2})
+    for i, member in enumerate(fmodel.unstack_state(fmodel.stack_states([SEEDS[1], SEEDS[0], variant]))):
+        fmodel.save(member, tmp_path / str(i))
+        back = fmodel.load(tmp_path / str(i))
+        assert_ties_hold(back)
+        assert dict(back.ties) == dict(member.ties)
+        assert max_diff(logits(back), logits(member)) == 0
+
+
 def test_stack_and_unstack_refuse_non_states():
     with pytest.raises(fmodel.StackError, match="no states"):
         fmodel.stack_states([])
