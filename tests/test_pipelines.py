@@ -128,7 +128,7 @@ def _without(state, name):
         (lambda s: s.replace(attn_implementation="eager"), "'attn_implementation': 'eager' there"),
         (
             lambda s: s.replace(ties={}, params={**s.params, TIED[0]: s.params[TIED[0]].clone()}),
-            "ties: 'lm_head.weight' -> 'model.embed_tokens.weight'",
+            "the tie of 'lm_head.weight': untied there, 'model.embed_tokens.weight' in state 0",
         ),
         (lambda s: _without(s, "model.norm.weight"), "params: it lacks 'model.norm.weight'"),
         (

@@ -173,8 +173,9 @@ def _check_same(first: ModelState, other: ModelState, i: int) -> None:
             _check_same_config(a, b, where)
         elif field.name == "ties":
             if dict(a) != dict(b):
-                diff = sorted(set(a.items()) ^ set(b.items()))
-                raise StackError(f"{where} ties: {diff[0][0]!r} -> {diff[0][1]!r} is in one only")
+                alias = min(set(a.items()) ^ set(b.items()))[0]
+                there, here = (repr(t[alias]) if alias in t else "untied" for t in (b, a))
+                raise StackError(f"{where} the tie of {alias!r}: {there} there, {here} in state 0")
         elif a != b:
             raise StackError(f"{where} {field.name!r}: {b!r} there, {a!r} in state 0")
     for kind in _TENSOR_FIELDS:
