@@ -93,7 +93,8 @@ def forward(
             module tree, so hooks registered on its submodules fire); it must have the
             state's structure, and its own `training` flags then decide dropout.
         **model_inputs: family-specific inputs, e.g. `token_type_ids` [B, T] for BERT
-            (passed on when not None).
+            (passed on when not None), or `head_mask` ([H] or [L, H]; 1 keeps a head) for the
+            families that take one (GPT-2, BERT): it runs eager attention for that call.
 
     Returns:
         ModelOutput with `logits` (heads) or `last_hidden_state` (base models).
@@ -109,6 +110,9 @@ def forward(
         logger.info("forward: %s does not compute attention weights; using eager for this call", name)
         name = "eager"
     attn = attention.get(name)
+    head_mask = model_inputs.pop("head_mask", None)
+    if head_mask is not None:
+        attn = _head_mask_attention(state, head_mask, inputs_embeds)
     if module is None:
         module = skeleton(state.config, state.architecture, training)
     kwargs = dict(
@@ -126,6 +130,16 @@ def forward(
     kwargs.update({k: v for k, v in model_inputs.items() if v is not None})
     out = functional_call(module, state.tensors, (input_ids,), kwargs, tie_weights=False, strict=False)
     return ModelOutput(**{k: out.get(k) for k in _OUTPUT_FIELDS})
+
+
+def _head_mask_attention(state: ModelState, head_mask: torch.Tensor, inputs_embeds) -> attention.AttentionFunction:
+    from .attention.head_mask import with_head_mask
+    from .models import get_spec
+
+    if not get_spec(state.architecture).takes_head_mask:
+        raise ValueError(f"forward: {state.architecture} does not take a head_mask (Transformers' does not either)")
+    dtype = inputs_embeds.dtype if inputs_embeds is not None else state.dtype
+    return with_head_mask(head_mask, state.config.num_hidden_layers, dtype)
 
 
 _NO_WEIGHTS = frozenset({"sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"})

@@ -25,8 +25,11 @@ def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Matmul-softmax-matmul attention; returns the attention weights too. Mask: additive."""
+def eager_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs
+):
+    """Matmul-softmax-matmul attention; returns the attention weights too. Mask: additive.
+    `head_mask` ([B|1, H, T|1, S|1]) multiplies the weights after dropout, as Transformers."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -35,6 +38,8 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
         weights = weights + attention_mask[:, :, :, : key.shape[-2]]
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
+    if head_mask is not None:
+        weights = weights * head_mask
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [B, T, H, D]
     return output, weights
 

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attention, stats, transforms
+from ..attention import legacy_masks as masks
 from ..forward import forward as functional_forward
 from ..io import load_with_report, save
 from ..io.load import default_architecture
 from ..models import get_spec
 from ..models.skeleton import _SkipInit
 from ..state import ModelState
-from . import masks
 from .outputs import ModelOutput
 
 __all__ = ["PreTrainedModel"]
@@ -373,7 +373,7 @@ class PreTrainedModel(nn.Module):
         if handle is not None:
             handle.remove()
 
-    # -- Transformers' legacy mask helpers (pure functions in facade/masks.py) -------------
+    # -- Transformers' legacy mask helpers (pure functions in attention/legacy_masks.py) -------------
 
     def invert_attention_mask(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
         return masks.invert_attention_mask(encoder_attention_mask, self.dtype)

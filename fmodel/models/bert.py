@@ -343,6 +343,7 @@ def _spec(
         position_ids_buffer=f"{p}embeddings.position_ids",
         output_bias=output_bias,
         head_layout=_head_layout(p),
+        takes_head_mask=True,
     )
 
 

@@ -256,6 +256,7 @@ register_architecture(
         ignore_unexpected=_IGNORE,
         position_embeddings="wpe.weight",
         head_layout=_head_layout(""),
+        takes_head_mask=True,
     )
 )
 register_architecture(
@@ -274,5 +275,6 @@ register_architecture(
         ignore_unexpected=_IGNORE,
         position_embeddings="transformer.wpe.weight",
         head_layout=_head_layout("transformer."),
+        takes_head_mask=True,
     )
 )

@@ -75,6 +75,7 @@ class ArchSpec:
         position_ids_buffer: name of a `position_ids` buffer sized like it (BERT), else None.
         output_bias: name of the output projection's bias over the vocabulary, else None.
         head_layout: (config, layer index) -> HeadLayout, for `prune_heads`; None if unsupported.
+        takes_head_mask: the forward accepts Transformers' `head_mask` (GPT-2, BERT).
     """
 
     name: str
@@ -94,6 +95,7 @@ class ArchSpec:
     position_ids_buffer: str | None = None
     output_bias: str | None = None
     head_layout: Callable[[object, int], HeadLayout] | None = None
+    takes_head_mask: bool = False
 
     def rename_key(self, key: str) -> str:
         for pattern, replacement in self.key_renames:

@@ -1,4 +1,4 @@
-"""Transformers' legacy mask helpers as pure functions (the facade's methods call these).
+"""Transformers' legacy mask helpers as pure functions (the facade's methods and head masks use them).
 
 New code does not need them: `fmodel.forward` builds every mask from the 2-D padding mask.
 """
