@@ -232,7 +232,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 @pytest.mark.parametrize("where", ["weights", "config"])
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
-    import huggingface_hub
+    import safetensors.torch
 
     good = random_state(seed=1)
     target = tmp_path / "ckpt"
@@ -241,13 +241,13 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where)
     before = folder_snapshot(target)
 
     if where == "weights":
-        real = huggingface_hub.save_torch_state_dict
+        real = safetensors.torch.save_file
 
-        def broken(state_dict, save_directory, **kwargs):
-            real(state_dict, save_directory, **kwargs)  # shards fully written, then the disk fills up
+        def broken(tensors, filename, **kwargs):
+            real(tensors, filename, **kwargs)  # a shard fully written, then the disk fills up
             raise OSError("No space left on device")
 
-        monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", broken)
+        monkeypatch.setattr(safetensors.torch, "save_file", broken)
     else:
         real_dump = json.dump
 
@@ -270,12 +270,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where)
 
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
-    import huggingface_hub
+    import safetensors.torch
 
     def broken(*args, **kwargs):
         raise RuntimeError("serialisation failed")
 
-    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", broken)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(RuntimeError, match="serialisation failed"):
         fmodel.save(random_state(), tmp_path / "new")
     assert list(tmp_path.iterdir()) == []

@@ -262,12 +262,22 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor
     return t
 
 
+def _is_gguf(path: str | os.PathLike) -> bool:
+    """A file (not a folder) named *.gguf or starting with the GGUF magic bytes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return path.endswith(".gguf") or f.read(4) == b"GGUF"
+
+
 def load_with_report(
     path_or_repo_id: str | os.PathLike,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    gguf_file: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     architecture: str | None = None,
@@ -276,10 +286,32 @@ def load_with_report(
     strict: bool = True,
     ignore_mismatched_sizes: bool = False,
     config=None,
+    variant: str | None = None,
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
+    if gguf_file is not None or _is_gguf(path_or_repo_id):
+        from .gguf import load_gguf_with_report
+
+        return load_gguf_with_report(
+            path_or_repo_id,
+            gguf_file,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            dtype=dtype,
+            device=device,
+            architecture=architecture,
+            attn_implementation=attn_implementation,
+            allow_missing=allow_missing,
+            strict=strict,
+            config=config,
+        )
     files = resolve_checkpoint(
-        path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        path_or_repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        variant=variant,
     )
     config = config if config is not None else load_config(files.config)
     tensors, origin = read_tensors(files)
@@ -304,12 +336,14 @@ def load(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    gguf_file: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     architecture: str | None = None,
     attn_implementation: str = "sdpa",
     allow_missing: bool = False,
     strict: bool = True,
+    variant: str | None = None,
 ) -> ModelState:
     """Load a Hugging Face checkpoint as a `ModelState`.
 
@@ -319,6 +353,8 @@ def load(
             repo id resolved through huggingface_hub's cache.
         revision, cache_dir, local_files_only: hub options (offline: local_files_only=True or
             HF_HUB_OFFLINE=1).
+        gguf_file: load this GGUF file (llama.cpp's format) of the folder or hub repo; a path to a
+            .gguf file needs no gguf_file. The weights are dequantized (see `fmodel.io.gguf.load_gguf`).
         dtype: cast floating tensors (torch.dtype or "bfloat16", ...); None/"auto" keeps the
             stored dtype and the tensors stay memory-mapped.
         device: move tensors there (None: CPU, memory-mapped).
@@ -327,6 +363,7 @@ def load(
         attn_implementation: the registered attention function the state's forward uses.
         allow_missing: initialise missing tensors by the architecture's init rules.
         strict: raise on tensors the architecture has no place for.
+        variant: read Transformers' variant files (`model.fp16.safetensors`, ...) instead.
 
     Returns:
         A new `ModelState`; the checkpoint files are never written.
@@ -342,11 +379,13 @@ def load(
         revision=revision,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
+        gguf_file=gguf_file,
         dtype=dtype,
         device=device,
         architecture=architecture,
         attn_implementation=attn_implementation,
         allow_missing=allow_missing,
         strict=strict,
+        variant=variant,
     )
     return state

@@ -9,13 +9,31 @@ import attrs
 
 from ..errors import CheckpointError
 
-__all__ = ["CheckpointFiles", "resolve_checkpoint"]
+__all__ = ["CheckpointFiles", "resolve_checkpoint", "variant_name"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PT_SINGLE = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
+
+
+def variant_name(filename: str, variant: str | None) -> str:
+    """`filename` with `variant` before its last suffix, as Transformers names variant files:
+    ("model.safetensors", "fp16") -> "model.fp16.safetensors",
+    ("model.safetensors.index.json", "fp16") -> "model.safetensors.index.fp16.json"."""
+    if not variant:
+        return filename
+    stem, _, suffix = filename.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _candidates(variant: str | None) -> tuple[tuple[str, str, str], ...]:
+    """(index name, single-file name, format) in the order they are looked for."""
+    return tuple(
+        (variant_name(index, variant), variant_name(single, variant), fmt)
+        for index, single, fmt in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (PT_INDEX, PT_SINGLE, "pickle"))
+    )
 
 
 @attrs.frozen
@@ -53,14 +71,12 @@ def _shards_from_index(index_path: str) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def _local(folder: str) -> CheckpointFiles:
+def _local(folder: str, variant: str | None = None) -> CheckpointFiles:
     config = os.path.join(folder, CONFIG)
     if not os.path.isfile(config):
         raise CheckpointError(f"{folder}: no {CONFIG} in this folder")
-    for index_name, single, fmt in (
-        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
-        (PT_INDEX, PT_SINGLE, "pickle"),
-    ):
+    candidates = _candidates(variant)
+    for index_name, single, fmt in candidates:
         index = os.path.join(folder, index_name)
         if os.path.isfile(index):
             shards = [os.path.join(folder, name) for name in _shards_from_index(index)]
@@ -71,12 +87,15 @@ def _local(folder: str) -> CheckpointFiles:
         path = os.path.join(folder, single)
         if os.path.isfile(path):
             return CheckpointFiles(folder, config, (path,), None, fmt, folder)
-    raise CheckpointError(
-        f"{folder}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {PT_SINGLE} or {PT_INDEX}"
-    )
+    raise CheckpointError(f"{folder}: no weights found; expected {_expected(candidates)}")
 
 
-def _hub(repo_id: str, revision, cache_dir, local_files_only) -> CheckpointFiles:
+def _expected(candidates: tuple[tuple[str, str, str], ...]) -> str:
+    names = [name for index, single, _ in candidates for name in (single, index)]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _hub(repo_id: str, revision, cache_dir, local_files_only, variant: str | None = None) -> CheckpointFiles:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -104,10 +123,8 @@ def _hub(repo_id: str, revision, cache_dir, local_files_only) -> CheckpointFiles
         offline = " (offline: it is not in the local cache)" if local_files_only else ""
         raise CheckpointError(f"{repo_id}: no {CONFIG} found{offline}")
     folder = os.path.dirname(config)
-    for index_name, single, fmt in (
-        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
-        (PT_INDEX, PT_SINGLE, "pickle"),
-    ):
+    candidates = _candidates(variant)
+    for index_name, single, fmt in candidates:
         index = fetch(index_name)
         if index is not None:
             shards = []
@@ -122,9 +139,7 @@ def _hub(repo_id: str, revision, cache_dir, local_files_only) -> CheckpointFiles
         path = fetch(single)
         if path is not None:
             return CheckpointFiles(repo_id, config, (path,), None, fmt, folder)
-    raise CheckpointError(
-        f"{repo_id}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {PT_SINGLE} or {PT_INDEX}"
-    )
+    raise CheckpointError(f"{repo_id}: no weights found; expected {_expected(candidates)}")
 
 
 def resolve_checkpoint(
@@ -133,19 +148,24 @@ def resolve_checkpoint(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    variant: str | None = None,
 ) -> CheckpointFiles:
     """Locate config and weights. A path that exists is a local folder; otherwise a hub id.
 
     Offline use: pass `local_files_only=True` or set `HF_HUB_OFFLINE=1`; cached files are used.
+    `variant` ("fp16", ...) picks Transformers' variant files (model.fp16.safetensors, ...)
+    and only those.
 
     Raises:
         CheckpointError: nothing found, names what was looked for and where.
     """
     source = os.fspath(path_or_repo_id)
     if os.path.isdir(source):
-        return _local(source)
+        return _local(source, variant)
     if os.path.exists(source):
         raise CheckpointError(f"{source}: expected a checkpoint folder (config.json + weights), got a file")
     if source.count("/") > 1 or source.startswith((".", "/", "~")):
         raise CheckpointError(f"{source}: no such folder (and not a valid hub repo id 'org/name')")
-    return _hub(source, revision, None if cache_dir is None else os.fspath(cache_dir), local_files_only)
+    return _hub(
+        source, revision, None if cache_dir is None else os.fspath(cache_dir), local_files_only, variant
+    )

@@ -1,7 +1,10 @@
 """`fmodel.save`: a `ModelState` -> a Hugging Face checkpoint folder, atomically.
 
 Everything is written into a temporary folder beside the target and renamed into place, so
-a failure never leaves a half-written checkpoint where a good one stood.
+a failure never leaves a half-written checkpoint where a good one stood. The files are those
+Transformers' `save_pretrained` writes: config.json, the weights (safetensors or pickle,
+sharded with an index, optionally a named variant), generation_config.json for causal LMs,
+and a model card when tags are given.
 """
 
 from __future__ import annotations
@@ -10,21 +13,23 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..models import get_spec
 from ..models.skeleton import skeleton
 from ..state import ModelState
+from .card import merge_tags, new_model_card, tag_model_card
+from .generation_config import generation_config_from_model_config, generation_config_json
+from .resolve import PT_INDEX, PT_SINGLE, SAFE_INDEX, SAFE_SINGLE, variant_name
 
-__all__ = ["checkpoint_tensors", "save"]
+__all__ = ["checkpoint_tensors", "save", "tensors_to_save", "weight_file_names"]
 
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+GENERATION_CONFIG = "generation_config.json"
+MODEL_CARD = "README.md"
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -38,6 +43,48 @@ def checkpoint_tensors(state: ModelState) -> dict[str, torch.Tensor]:
     persistent = skeleton(state.config, state.architecture).state_dict(keep_vars=True).keys()
     tensors = state.tensors
     return {name: tensors[name] for name in persistent if name not in state.ties}
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return bool(torch.equal(a, b))
+
+
+def tensors_to_save(state: ModelState, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores when the caller gives the tensors (Transformers' `state_dict=`).
+
+    The tensors are taken as given, by Transformers' names (a subset is fine). A tied alias of
+    `state` given beside its source, as `model.state_dict()` has it, is dropped: the checkpoint
+    stores the tensor once, under the source name, and loaders re-tie it. An alias given without
+    its source is kept (loaders read the source from it).
+
+    Arguments:
+        state: the model the tensors belong to (for its ties; not modified).
+        tensors: {name: tensor}; not modified.
+
+    Returns:
+        A new dict sharing the given tensors.
+
+    Raises:
+        CheckpointError: an alias and its source are both given with different values; the
+            checkpoint cannot hold both, since loading re-ties the alias to the source.
+    """
+    out = dict(tensors)
+    for alias, source in state.ties.items():
+        if alias in out and source in out:
+            if not _same_tensor(out[alias], out[source]):
+                raise CheckpointError(
+                    f"state_dict: {alias!r} is tied to {source!r} in this model, but the tensors given "
+                    f"for them differ; a checkpoint stores a tied tensor once (under {source!r}). Give "
+                    f"one tensor, or untie the model first"
+                )
+            del out[alias]
+    return out
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,10 +103,17 @@ def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _is_weight_file(name: str) -> bool:
-    return name in _WEIGHT_FILES or (
-        name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin"))
-    )
+def weight_file_names(variant: str | None = None) -> Callable[[str], bool]:
+    """A test for the names of weight files of `variant` (None: the plain ones), in both formats:
+    model[.V].safetensors, pytorch_model[.V].bin, their `-NNNNN-of-NNNNN` shards and indexes."""
+    singles = (variant_name(SAFE_SINGLE, variant), variant_name(PT_SINGLE, variant))
+    exact = {*singles, variant_name(SAFE_INDEX, variant), variant_name(PT_INDEX, variant)}
+    shard_prefixes = tuple(single.rpartition(".")[0] + "-" for single in singles)
+
+    def is_weight_file(name: str) -> bool:
+        return name in exact or (name.startswith(shard_prefixes) and name.endswith((".safetensors", ".bin")))
+
+    return is_weight_file
 
 
 def _config_dict(state: ModelState) -> dict:
@@ -79,57 +133,168 @@ def _config_dict(state: ModelState) -> dict:
     return data
 
 
-def save(state: ModelState, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> str:
-    """Write `state` as config.json + safetensors (sharded with an index above `max_shard_size`).
+def save(
+    state: ModelState,
+    directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    save_function: Callable[[dict[str, torch.Tensor], str], Any] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
+    tags: Iterable[str] | str | None = None,
+    model_card: str | None = None,
+    ignore_metadata_errors: bool = False,
+) -> str:
+    """Write `state` as a checkpoint folder the way Transformers' `save_pretrained` lays it out.
 
-    Tied tensors are written once, under the source name (Transformers re-ties them on load).
-    Files already in `directory` that are not weights or config (tokenizer, generation config,
-    README) are kept; old weight files are replaced.
+    Writes config.json, the weights (safetensors, or pickle `pytorch_model.bin` written by
+    `save_function`; sharded with an index above `max_shard_size`; named like Transformers'
+    variants: model.fp16.safetensors, model.fp16-00001-of-00002.safetensors,
+    model.safetensors.index.fp16.json), and for a causal LM generation_config.json. Tied tensors
+    are written once, under the source name (Transformers re-ties them on load). Files already
+    in `directory` are kept, except config.json and the weight files of the same variant (both
+    formats), which are replaced; weights of other variants stay. The folder is swapped in
+    atomically.
 
     Arguments:
         state: the model to save (not modified).
         directory: the checkpoint folder; created if absent.
         max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB" (decimal
             units, as Transformers).
+        safe_serialization: safetensors (default) or pickle `.bin` files.
+        variant: a variant name for the weight files ("fp16", ...); None for the plain names.
+        tensors: save these tensors instead of the state's, by Transformers' names (see
+            `tensors_to_save`: tied aliases given beside their source are dropped).
+        save_function: writes one pickle shard, `save_function(tensors, path)`; default
+            `torch.save`. Unused for safetensors.
+        generation_config: the generation_config.json dict to write. None: for a causal LM,
+            an existing generation_config.json in `directory` is kept and, when there is none,
+            the one Transformers derives from the config is written
+            (`generation_config_from_model_config`); other architectures get none.
+        tags: tags merged into the model card's `tags:` metadata (README.md). A README already
+            in `directory` keeps everything else; without one, `model_card` or a new card is
+            written. None or empty with `model_card` None: README.md is left alone.
+        model_card: the card to start from when `directory` has no README.md.
+        ignore_metadata_errors: see `tag_model_card`.
 
     Returns:
         The directory path.
 
     Raises:
-        CheckpointError: `directory` exists and is a file.
+        CheckpointError: `directory` exists and is a file; a tied alias and its source given
+            in `tensors` with different values.
+        ValueError: the README.md's metadata is not valid YAML or cannot be interpreted (see
+            `tag_model_card`).
 
     Example:
-        >>> fmodel.save(state, "out/", max_shard_size="2GB")
+        >>> fmodel.save(state, "out/", max_shard_size="2GB", variant="fp16")
     """
-    from huggingface_hub import save_torch_state_dict
-
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(
             f"{directory}: exists and is not a folder; fmodel.save writes a checkpoint folder"
         )
+    weights = tensors_to_save(state, tensors) if tensors is not None else checkpoint_tensors(state)
+    text_files: dict[str, str] = {}
+    if generation_config is not None:
+        text_files[GENERATION_CONFIG] = generation_config_json(generation_config)
+    elif get_spec(state.architecture).output == "causal_lm" and not os.path.isfile(
+        os.path.join(directory, GENERATION_CONFIG)
+    ):
+        text_files[GENERATION_CONFIG] = generation_config_json(
+            generation_config_from_model_config(state.config)
+        )
+    tags = merge_tags((), tags)
+    if tags or model_card is not None:
+        card = _read_text(os.path.join(directory, MODEL_CARD))
+        if card is None:
+            text_files[MODEL_CARD] = tag_model_card(
+                new_model_card(tags) if model_card is None else model_card,
+                tags,
+                ignore_metadata_errors=ignore_metadata_errors,
+            )
+        else:
+            new = tag_model_card(card, tags, ignore_metadata_errors=ignore_metadata_errors)
+            if new != card:  # an unchanged README is kept as is (same file, same mtime)
+                text_files[MODEL_CARD] = new
+
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        tensors = _own_storage(checkpoint_tensors(state))
-        save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+        _write_weights(
+            tmp,
+            _own_storage(weights),
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            save_function=save_function or torch.save,
+            total_parameters=sum(t.numel() for t in state.unique_params().values()),
+        )
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(_config_dict(state), f, indent=2, sort_keys=True)
             f.write("\n")
+        for name, text in text_files.items():  # newline="": a card keeps its own line endings
+            with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+        is_weight_file = weight_file_names(variant)
         if os.path.isdir(directory):
             for name in os.listdir(directory):
-                if (
-                    name != "config.json"
-                    and not _is_weight_file(name)
-                    and not os.path.exists(os.path.join(tmp, name))
-                ):
+                if not is_weight_file(name) and not os.path.exists(os.path.join(tmp, name)):
                     _link_or_copy(os.path.join(directory, name), os.path.join(tmp, name))
         _swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_weights(
+    folder: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    safe_serialization: bool,
+    variant: str | None,
+    max_shard_size: int | str,
+    save_function: Callable[[dict[str, torch.Tensor], str], Any],
+    total_parameters: int,
+) -> None:
+    """Shard `tensors` as Transformers does (huggingface_hub's splitter, Transformers' names and
+    index layout) and write each shard into `folder`."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    single = variant_name(SAFE_SINGLE if safe_serialization else PT_SINGLE, variant)
+    stem, _, suffix = single.rpartition(".")
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern=f"{stem}{{suffix}}.{suffix}", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: tensors[name].detach().contiguous() for name in names}
+        path = os.path.join(folder, filename)
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, path, metadata={"format": "pt"})
+        else:
+            save_function(shard, path)
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": total_parameters, **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        index_name = variant_name(SAFE_INDEX if safe_serialization else PT_INDEX, variant)
+        with open(os.path.join(folder, index_name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
