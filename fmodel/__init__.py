@@ -23,7 +23,9 @@ from .facade import (
 )
 from .forward import ModelOutput, forward
 from .io import LoadReport, load, load_with_report, save
+from .io.gguf import load_gguf
 from .state import ModelState, TieError
+from .tokenizer import Tokenizer
 from .transforms import (
     StackError,
     get_input_embeddings,
@@ -66,6 +68,7 @@ __all__ = [
     "ShapeMismatchError",
     "StackError",
     "TieError",
+    "Tokenizer",
     "UnknownArchitectureError",
     "attention",
     "config_from_dict",
@@ -76,6 +79,7 @@ __all__ = [
     "init_weights",
     "load",
     "load_config",
+    "load_gguf",
     "load_with_report",
     "prune_heads",
     "replace_params",

