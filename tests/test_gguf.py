@@ -267,6 +267,41 @@ def test_tokenizer_from_folder(smollm2_tokenizer, hf_smollm2_tokenizer, tmp_path
     assert tok.apply_chat_template(CHAT) == smollm2_tokenizer.apply_chat_template(CHAT)
 
 
+def _tokenizer_only_gguf(path, **flags) -> str:
+    """A GGUF file holding only a tiny byte-level BPE tokenizer: <s> </s> a b ab <x>."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "a", "b", "ab", "<x>", "Ġ"])
+    w.add_array("tokenizer.ggml.token_type", [3, 3, 1, 1, 1, 4, 1])
+    w.add_array("tokenizer.ggml.merges", ["a b"])
+    w.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eot_token_id", 5)
+    for key, value in flags.items():
+        w.add_bool(f"tokenizer.ggml.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_tokenizer_flags_and_token_types(tmp_path):
+    plain = Tokenizer.from_gguf(_tokenizer_only_gguf(tmp_path / "plain.gguf"))
+    assert plain.encode("ab") == plain.encode("ab", add_special_tokens=False) == [4]
+    both = Tokenizer.from_gguf(
+        _tokenizer_only_gguf(tmp_path / "both.gguf", add_bos_token=True, add_eos_token=True)
+    )
+    assert both.encode("ab") == [0, 4, 1]
+    assert both.encode("ab", add_special_tokens=False) == [4]
+    assert both.decode([0, 4, 1]) == "<s>ab</s>" and both.decode([0, 4, 1], skip_special_tokens=True) == "ab"
+    # a user-defined token (type 4) is matched whole but is not special; eot ends generation too
+    assert both.encode("a<x>b", add_special_tokens=False) == [2, 5, 3]
+    assert both.decode([5], skip_special_tokens=True) == "<x>"
+    assert both.eos_token_ids == (1, 5) and both.chat_template is None
+
+
 @requires_smollm2
 def test_tokenizer_errors(tmp_path, smollm2_tokenizer):
     with pytest.raises(CheckpointError, match=r"no tokenizer\.json"):
@@ -503,6 +538,11 @@ def test_not_a_gguf_file(tmp_path):
     zipped.write_bytes(b"PK\x03\x04 a zip, not a GGUF file")
     with pytest.raises(CheckpointError, match=r"weights\.bin: not a GGUF file"):
         load_gguf(zipped)
+    with pytest.raises(CheckpointError, match=r"absent\.gguf: no such GGUF file"):
+        fmodel.load(tmp_path / "absent.gguf")
+    renamed = tmp_path / "weights"
+    shutil.copy(_write(tmp_path / "ok.gguf", _tiny("llama"), "F32"), renamed)
+    assert fmodel.load(renamed).architecture == "LlamaForCausalLM"  # found by its magic bytes
     with pytest.raises(CheckpointError, match="pass gguf_file="):
         load_gguf(tmp_path)
     with pytest.raises(CheckpointError, match=r"no GGUF file 'absent\.gguf'"):

@@ -263,12 +263,15 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor
 
 
 def _is_gguf(path: str | os.PathLike) -> bool:
-    """A file (not a folder) named *.gguf or starting with the GGUF magic bytes."""
+    """A path named *.gguf (existing or not: the GGUF loader says what is missing), or a file
+    starting with the GGUF magic bytes."""
     path = os.fspath(path)
+    if path.endswith(".gguf"):
+        return True
     if not os.path.isfile(path):
         return False
     with open(path, "rb") as f:
-        return path.endswith(".gguf") or f.read(4) == b"GGUF"
+        return f.read(4) == b"GGUF"
 
 
 def load_with_report(
