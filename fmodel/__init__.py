@@ -5,6 +5,7 @@ A model is data (`ModelState`); loading, saving and every change are pure functi
 """
 
 from . import attention
+from .cache import CacheError, KVCache, init_cache
 from .config import LlamaConfig, MistralConfig, Qwen2Config, config_from_dict, load_config
 from .errors import (
     AttentionUnavailableError,
@@ -22,6 +23,8 @@ from .facade import (
     PreTrainedModel,
 )
 from .forward import ModelOutput, forward
+from .generate import generate
+from .generation_config import GenerationConfig, load_generation_config
 from .io import LoadReport, load, load_with_report, save
 from .io.gguf import load_gguf
 from .state import ModelState, TieError
@@ -55,9 +58,12 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForMaskedLM",
     "AutoModelForSequenceClassification",
+    "CacheError",
     "CheckpointError",
     "ConfigError",
     "FModelError",
+    "GenerationConfig",
+    "KVCache",
     "LlamaConfig",
     "LoadReport",
     "MistralConfig",
@@ -73,12 +79,15 @@ __all__ = [
     "attention",
     "config_from_dict",
     "forward",
+    "generate",
     "get_input_embeddings",
     "get_output_embeddings",
     "init",
+    "init_cache",
     "init_weights",
     "load",
     "load_config",
+    "load_generation_config",
     "load_gguf",
     "load_with_report",
     "prune_heads",

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 from . import attention
+from .cache import KVCache, check_cache
 from .models.skeleton import skeleton
 from .state import ModelState
 
@@ -27,6 +28,8 @@ class ModelOutput:
         pooler_output: [B, hidden] for models with a pooler (BERT), else None.
         hidden_states: (embeddings, after layer 1, ..., final normed) when asked, else None.
         attentions: per layer [B, H, T, S] attention weights when asked, else None.
+        past_key_values: with a `past_key_values=` cache of length L, the `KVCache` of length
+            L + T over the same buffers (see `fmodel.cache` for the contract), else None.
     """
 
     logits: torch.Tensor | None = None
@@ -34,9 +37,10 @@ class ModelOutput:
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    past_key_values: KVCache | None = None
 
 
-def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds) -> None:
+def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None) -> None:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("forward: pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
@@ -52,6 +56,15 @@ def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds) -
                 f"forward: inputs_embeds must be [batch, seq, {hidden}], got {list(inputs_embeds.shape)}"
             )
         shape = tuple(inputs_embeds.shape[:2])
+    if cache is not None:
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else state.dtype
+        check_cache(state, cache, shape[0], shape[1], dtype)
+        shape = (shape[0], cache.length + shape[1])  # the mask covers the cached positions too
+        if attention_mask is not None and tuple(attention_mask.shape) != shape:
+            raise ValueError(
+                f"forward: with a KV cache of length {cache.length}, attention_mask must cover the "
+                f"cached and the new positions: shape {list(shape)}, got {list(attention_mask.shape)}"
+            )
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
         raise ValueError(
             f"forward: attention_mask must have shape {list(shape)} like the inputs, got {list(attention_mask.shape)}"
@@ -79,8 +92,9 @@ def forward(
     Arguments:
         state: the model.
         input_ids: [B, T] token ids (or pass `inputs_embeds` [B, T, hidden]).
-        attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
-        position_ids: [B, T]; default 0..T-1 for every row, as Transformers.
+        attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right); with a
+            cache of length L, [B, L + T] covering the cached positions too (as Transformers).
+        position_ids: [B, T]; default 0..T-1 for every row (L..L+T-1 with a cache), as Transformers.
         output_hidden_states / output_attentions: also return per-layer values. Attention
             weights need an implementation that computes them; when the chosen one does not
             (sdpa, flex, flash), that call runs with "eager".
@@ -95,16 +109,24 @@ def forward(
         **model_inputs: family-specific inputs, e.g. `token_type_ids` [B, T] for BERT
             (passed on when not None), or `head_mask` ([H] or [L, H]; 1 keeps a head) for the
             families that take one (GPT-2, BERT): it runs eager attention for that call.
+            `past_key_values`: a `KVCache` (`fmodel.init_cache`) for causal decoders (Llama
+            family, GPT-2): the inputs continue the cached sequence, their keys/values are
+            written into the cache's buffers above its length (never below: the given cache
+            value stays valid) and the output carries the longer cache.
 
     Returns:
-        ModelOutput with `logits` (heads) or `last_hidden_state` (base models).
+        ModelOutput with `logits` (heads) or `last_hidden_state` (base models), and
+        `past_key_values` when a cache was passed.
+
+    Raises:
+        CacheError: the cache does not fit (full, other batch size or dtype, BERT).
 
     Example:
         >>> out = fmodel.forward(state, input_ids=ids, attention_mask=mask)
         >>> out.logits.shape
         torch.Size([2, 7, 32000])
     """
-    _check_inputs(state, input_ids, attention_mask, inputs_embeds)
+    _check_inputs(state, input_ids, attention_mask, inputs_embeds, model_inputs.get("past_key_values"))
     name = attn_implementation or state.attn_implementation
     if output_attentions and name in _NO_WEIGHTS:
         logger.info("forward: %s does not compute attention weights; using eager for this call", name)

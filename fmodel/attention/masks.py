@@ -4,6 +4,9 @@ The rule (the same as Transformers' `masking_utils`): query at cache position `q
 row `b` may attend key `k` when `padding[b, k]`, `k <= q` (causal), and, with a sliding
 window `w`, `k > q - w`. Masks are built once per forward per distinct window and shared
 by all layers.
+
+With a KV cache the T queries sit at cache positions `L .. L+T-1` (`q_positions`) over
+`S = L + T` keys: the same rule, with the query offset carried by `q_positions`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,19 @@ class MaskInputs:
         t = self.q_positions.shape[0]
         return self.padding_mask is None and self.causal and t == self.kv_len
 
+    def needs_no_mask(self, sliding_window: int | None) -> bool:
+        """True when causal masking aligned to the last key (what a function does with a None
+        mask: `is_causal` when T > 1, nothing when T == 1) is exact: no padding, no window
+        cutting in, and either no cache offset (T == S) or a single query (one decode step,
+        which attends every key)."""
+        t = self.q_positions.shape[0]
+        return (
+            self.padding_mask is None
+            and self.causal
+            and (t == self.kv_len or t == 1)
+            and (sliding_window is None or self.kv_len <= sliding_window)
+        )
+
     def bool_mask(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, T, S] bool, True where attention is allowed."""
         k = torch.arange(self.kv_len, device=self.device)
@@ -80,7 +96,7 @@ def build_mask(kind: str, inputs: MaskInputs, sliding_window: int | None, dtype:
     if kind == "block":
         return _block_mask(inputs, sliding_window)
     if kind == "bool":
-        if sliding_window is None and inputs.is_plain_causal:
+        if inputs.needs_no_mask(sliding_window):
             return None
         if not inputs.causal and inputs.padding_mask is None:
             return None

@@ -14,8 +14,11 @@ Unlike Transformers, a registered function always receives the mask the model bu
 
 - "additive": float [B, 1, T, S], 0 where attention is allowed and the dtype's minimum
   elsewhere (what Transformers' eager attention takes). The default for user functions.
-- "bool": bool [B, 1, T, S], True where allowed; None when plain causal attention over the
-  whole sequence is exact (the function should then use causal masking itself).
+  With a KV cache, S = cache length + T and row t is the query at cache position S - T + t.
+- "bool": bool [B, 1, T, S], True where allowed; None when causal masking aligned to the
+  last key is exact: no padding and no window cutting in, and either T == S (the function
+  then uses `is_causal`) or T == 1 (one decode step over a KV cache: every key is allowed).
+  Transformers' own sdpa function reads None the same way (`is_causal` only when T > 1).
 - "block": a `torch.nn.attention.flex_attention.BlockMask`.
 - "padding": the 2-D [B, S] padding mask (1 = real token) or None, for varlen kernels.
 

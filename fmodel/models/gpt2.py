@@ -13,7 +13,7 @@ float32 as Transformers' `_upcast_and_reordered_attn` does; other implementation
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from ..errors import ConfigError
 from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
+
+if TYPE_CHECKING:
+    from ..cache import KVCache
 
 __all__ = ["GPT2LMHeadModel", "GPT2Model"]
 
@@ -84,7 +87,7 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1D(config.n_embd, inner)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, hidden, mask, attn: AttentionFunction, output_attentions: bool):
+    def forward(self, hidden, mask, attn: AttentionFunction, cache: KVCache | None, output_attentions: bool):
         b, t, _ = hidden.shape
         if self.num_heads == 0:  # every head pruned: only the output bias is left
             return self.resid_dropout(self.c_proj(hidden.new_zeros(b, t, 0))), None
@@ -92,6 +95,8 @@ class GPT2Attention(nn.Module):
         q, k, v = (
             x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v)
         )  # [B, H, T, D]
+        if cache is not None:  # store this step's k/v, attend over everything cached so far
+            k, v = cache.write(self.layer_idx, k, v)  # [B, H, S, D]
         fn = attn.fn
         if self.reorder_and_upcast_attn and attn.name == "eager":
             fn = _upcast_reordered_attention
@@ -128,14 +133,20 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, hidden, mask, attn, output_attentions):
-        attn_out, weights = self.attn(self.ln_1(hidden), mask, attn, output_attentions)
+    def forward(self, hidden, mask, attn, cache, output_attentions):
+        attn_out, weights = self.attn(self.ln_1(hidden), mask, attn, cache, output_attentions)
         hidden = hidden + attn_out
         return hidden + self.mlp(self.ln_2(hidden)), weights
 
 
 class GPT2Model(nn.Module):
-    """Token + learned position embeddings, blocks, final LayerNorm. Returns hidden states [B, T, C]."""
+    """Token + learned position embeddings, blocks, final LayerNorm. Returns hidden states [B, T, C].
+
+    With `past_key_values` (a `KVCache` of length L) the inputs sit at cache positions
+    L .. L+T-1 and `attention_mask` covers all L + T positions, as in `LlamaModel`.
+    """
+
+    supports_cache = True
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -163,33 +174,42 @@ class GPT2Model(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         gradient_checkpointing: bool = False,
+        past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
         b, t = hidden.shape[:2]
-        q_positions = torch.arange(t, device=hidden.device)
+        start = 0 if past_key_values is None else past_key_values.length
+        q_positions = torch.arange(start, start + t, device=hidden.device)  # cache positions
         if position_ids is None:
             position_ids = q_positions[None]  # as Transformers: padding does not shift positions
         hidden = hidden + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
         hidden = self.drop(hidden)
-        mask = build_mask(attn.mask_kind, MaskInputs(attention_mask, q_positions, t, b), None, hidden.dtype)
-        return run_layers(
+        mask_inputs = MaskInputs(attention_mask, q_positions, start + t, b)
+        mask = build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype)
+        out = run_layers(
             self.h,
             hidden,
             mask,
             attn,
+            past_key_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             gradient_checkpointing=gradient_checkpointing,
             final=self.ln_f,
         )
+        if past_key_values is not None:
+            out["past_key_values"] = past_key_values.advance(t)
+        return out
 
 
 class GPT2LMHeadModel(nn.Module):
     """`GPT2Model` plus the (usually tied) LM head. Returns logits [B, T, vocab]."""
+
+    supports_cache = True
 
     def __init__(self, config) -> None:
         super().__init__()

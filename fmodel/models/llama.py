@@ -8,7 +8,7 @@ the model builds the mask each function wants once per call and hands it to ever
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from ..attention import AttentionFunction, MaskInputs, build_mask
 from ._stack import run_layers, with_logits
 from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin
 from .spec import ArchSpec, HeadLayout, register_architecture
+
+if TYPE_CHECKING:
+    from ..cache import KVCache
 
 __all__ = ["LlamaForCausalLM", "LlamaModel"]
 
@@ -99,7 +102,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_out, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_out, hidden, bias=config.o_bias)
 
-    def forward(self, hidden, cos_sin, masks, attn: AttentionFunction, output_attentions: bool):
+    def forward(self, hidden, cos_sin, masks, attn: AttentionFunction, cache: KVCache | None, output_attentions: bool):
         b, t, _ = hidden.shape
         if self.num_heads == 0:  # every head pruned: only the output bias is left
             return self.o_proj(hidden.new_zeros(b, t, 0)), None
@@ -109,6 +112,8 @@ class LlamaAttention(nn.Module):
         )  # [B, H_kv, T, D]
         v = self.v_proj(hidden).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, *cos_sin)
+        if cache is not None:  # store this step's k/v, attend over everything cached so far
+            k, v = cache.write(self.layer_idx, k, v)  # [B, H_kv, S, D]
         out, weights = attn.fn(
             self,
             q,
@@ -144,9 +149,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos_sin, masks, attn, output_attentions):
+    def forward(self, hidden, cos_sin, masks, attn, cache, output_attentions):
         attn_out, weights = self.self_attn(
-            self.input_layernorm(hidden), cos_sin, masks, attn, output_attentions
+            self.input_layernorm(hidden), cos_sin, masks, attn, cache, output_attentions
         )
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -159,7 +164,14 @@ def _padding_idx(config) -> int | None:
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack: embeddings, layers, final norm. Returns hidden states [B, T, hidden]."""
+    """The decoder stack: embeddings, layers, final norm. Returns hidden states [B, T, hidden].
+
+    With `past_key_values` (a `KVCache` of length L) the T inputs are the tokens at cache
+    positions L .. L+T-1, `attention_mask` covers all L + T positions, and the returned
+    `past_key_values` has length L + T (see `fmodel.cache` for what is written where).
+    """
+
+    supports_cache = True
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -181,33 +193,41 @@ class LlamaModel(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         gradient_checkpointing: bool = False,
+        past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
         b, t = hidden.shape[:2]
-        q_positions = torch.arange(t, device=hidden.device)
+        start = 0 if past_key_values is None else past_key_values.length
+        q_positions = torch.arange(start, start + t, device=hidden.device)  # cache positions
         if position_ids is None:
             position_ids = q_positions[None]  # as Transformers: padding does not shift positions
-        mask_inputs = MaskInputs(attention_mask, q_positions, t, b)
+        mask_inputs = MaskInputs(attention_mask, q_positions, start + t, b)
         masks = {w: build_mask(attn.mask_kind, mask_inputs, w, hidden.dtype) for w in self.windows}
         cos_sin = self.rotary_emb(position_ids, hidden.dtype)
 
-        return run_layers(
+        out = run_layers(
             self.layers,
             hidden,
             cos_sin,
             masks,
             attn,
+            past_key_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             gradient_checkpointing=gradient_checkpointing,
             final=self.norm,
         )
+        if past_key_values is not None:
+            out["past_key_values"] = past_key_values.advance(t)
+        return out
 
 
 class LlamaForCausalLM(nn.Module):
     """`LlamaModel` plus the LM head. Returns logits [B, T, vocab]."""
+
+    supports_cache = True
 
     def __init__(self, config) -> None:
         super().__init__()
