@@ -126,6 +126,44 @@ def forward(
         >>> out.logits.shape
         torch.Size([2, 7, 32000])
     """
+    module, args, kwargs = prepare_call(
+        state,
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        attn_implementation=attn_implementation,
+        logits_to_keep=logits_to_keep,
+        training=training,
+        module=module,
+        gradient_checkpointing=gradient_checkpointing,
+        **model_inputs,
+    )
+    out = functional_call(module, state.tensors, args, kwargs, tie_weights=False, strict=False)
+    return to_output(out)
+
+
+def prepare_call(
+    state: ModelState,
+    input_ids: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    attn_implementation: str | None = None,
+    logits_to_keep: int = 0,
+    training: bool = False,
+    module: torch.nn.Module | None = None,
+    gradient_checkpointing: bool = False,
+    **model_inputs: torch.Tensor | None,
+) -> tuple[torch.nn.Module, tuple, dict]:
+    """What `forward` calls: `(module, args, kwargs)` such that running `module(*args, **kwargs)`
+    with the state's tensors in place (`functional_call`, or a module that already holds them)
+    and passing the result to `to_output` is `forward(state, ...)`. Same arguments as `forward`."""
     _check_inputs(state, input_ids, attention_mask, inputs_embeds, model_inputs.get("past_key_values"))
     name = attn_implementation or state.attn_implementation
     if output_attentions and name in _NO_WEIGHTS:
@@ -150,7 +188,11 @@ def forward(
     if gradient_checkpointing:
         kwargs["gradient_checkpointing"] = True
     kwargs.update({k: v for k, v in model_inputs.items() if v is not None})
-    out = functional_call(module, state.tensors, (input_ids,), kwargs, tie_weights=False, strict=False)
+    return module, (input_ids,), kwargs
+
+
+def to_output(out: dict) -> ModelOutput:
+    """The skeleton's output dict as a `ModelOutput`."""
     return ModelOutput(**{k: out.get(k) for k in _OUTPUT_FIELDS})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from .models.skeleton import skeleton
 from .state import ModelState
 
 __all__ = [
+    "current_rss",
     "embedding_names",
     "estimate_tokens",
     "floating_point_ops",
@@ -72,3 +74,21 @@ def floating_point_ops(
     """Training FLOPs of one forward+backward over `inputs`: 6 x tokens x parameters (the
     Kaplan et al. estimate Transformers uses)."""
     return 6 * estimate_tokens(inputs) * num_parameters(state, exclude_embeddings=exclude_embeddings)
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (psutil when installed, else /proc on
+    Linux; elsewhere the peak from `resource`, the closest the standard library offers)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return psutil.Process(os.getpid()).memory_info().rss
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

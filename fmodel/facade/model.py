@@ -20,9 +20,12 @@ from torch import nn
 
 from .. import attention, stats, transforms
 from ..attention import legacy_masks as masks
+from ..errors import AttentionUnavailableError
 from ..forward import forward as functional_forward
+from ..forward import prepare_call, to_output
 from ..io import load_with_report, save
-from ..io.load import default_architecture
+from ..io.legacy_keys import modern_key
+from ..io.load import default_architecture, logger
 from ..models import get_spec
 from ..models.skeleton import _SkipInit
 from ..state import ModelState
@@ -87,7 +90,8 @@ class PreTrainedModel(nn.Module):
         """
         from ..io.load import logger
 
-        device = _device_from_map(device_map)
+        per_module = device_map if isinstance(device_map, dict) else None
+        device = None if per_module is not None else _device_from_map(device_map)
         state, report = load_with_report(
             pretrained_model_name_or_path,
             revision=revision,
@@ -104,7 +108,11 @@ class PreTrainedModel(nn.Module):
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
+        if per_module is not None:
+            state = transforms.place(state, per_module)
         model = cls.from_state(state)
+        if per_module is not None:
+            model._add_device_hooks(per_module)
         if output_loading_info:
             info = {
                 "missing_keys": list(report.missing),
@@ -125,9 +133,13 @@ class PreTrainedModel(nn.Module):
     # -- the state <-> module binding ---------------------------------------------------
 
     def _install(self, state: ModelState) -> None:
+        """Make `state` this module's tree. Tensors that are already parameters here stay the
+        same `nn.Parameter` objects (optimizers keep working for them); hooks registered on a
+        submodule move to the submodule of the same name in the new tree."""
         spec = get_spec(state.architecture)
         with torch.device("meta"), _SkipInit():
             tree = spec.build(state.config)
+        old_modules = dict(self.named_modules()) if "_tree" in self.__dict__ else {}
         for name in list(self._modules):
             delattr(self, name)
         for name, child in tree.named_children():
@@ -145,6 +157,10 @@ class PreTrainedModel(nn.Module):
             _set(self, name, param, parameter=True)
         for name, tensor in state.buffers.items():
             _set(self, name, tensor, parameter=False)
+        for name, module in self.named_modules():
+            old = old_modules.get(name)
+            if old is not None and old is not self:
+                _move_hooks(old, module)
         # plain attributes, not module state
         object.__setattr__(self, "config", state.config)
         object.__setattr__(self, "_ties", dict(state.ties))
@@ -153,6 +169,15 @@ class PreTrainedModel(nn.Module):
         # The skeleton root shares this module's children; forward runs it so hooks fire.
         object.__setattr__(self, "_tree", tree)
         tree.train(self.training)
+
+    def _write_values(self, new: ModelState) -> None:
+        """Copy `new`'s values into this model's parameters in place (same names, shapes and ties
+        as now): for transforms that only redraw values, so parameters keep their identity."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, tensor in new.params.items():
+                if name not in self._ties and tensor is not params[name]:
+                    params[name].copy_(tensor)
 
     @property
     def state(self) -> ModelState:
@@ -185,9 +210,7 @@ class PreTrainedModel(nn.Module):
     ):
         """Transformers-shaped forward: `.logits` / `.last_hidden_state`, `.loss` with `labels`."""
         kwargs.pop("use_cache", None)
-        out = functional_forward(
-            self.state,
-            input_ids,
+        call = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -199,6 +222,12 @@ class PreTrainedModel(nn.Module):
             gradient_checkpointing=self.is_gradient_checkpointing and self.training,
             **kwargs,
         )
+        runner = self.__dict__.get("_runner")
+        if runner is None:
+            out = functional_forward(self.state, input_ids, **call)
+        else:  # a compiled tree (get_compiled_call): it holds this model's parameters itself
+            _, args, tree_kwargs = prepare_call(self.state, input_ids, **call)
+            out = to_output(runner(*args, **tree_kwargs))
         fields = {"loss": None}
         fields.update(
             {
@@ -207,6 +236,7 @@ class PreTrainedModel(nn.Module):
             }
         )
         if labels is not None and out.logits is not None:
+            labels = labels.to(out.logits.device)
             fields["loss"] = _loss(get_spec(self._architecture).output, out.logits, labels)
         result = ModelOutput((k, v) for k, v in fields.items() if v is not None)
         return result if return_dict or return_dict is None else result.to_tuple()
@@ -373,6 +403,258 @@ class PreTrainedModel(nn.Module):
         if handle is not None:
             handle.remove()
 
+    # -- weights: (re)initialisation, position embeddings, legacy names --------------------
+
+    @property
+    def base_model_prefix(self) -> str:
+        return get_spec(self._architecture).prefix
+
+    def init_weights(self) -> None:
+        """As Transformers after `post_init`: every tensor is already initialised (from the
+        checkpoint or the family's init rules), so nothing is redrawn; ties are re-applied.
+        To redraw, use `model.apply(model._init_weights)` or `fmodel.init_weights(state)`."""
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Redraw `module`'s own parameters (not its children's) by the family's init rules, in
+        place, from torch's global RNG (so `torch.manual_seed` makes it reproducible).
+        A tied alias redraws its source."""
+        prefix = next((n for n, m in self.named_modules() if m is module), None)
+        if prefix is None:
+            raise ValueError(f"_init_weights: {type(module).__name__} is not a submodule of this model")
+        names = {
+            self._ties.get(full, full)
+            for leaf, _ in module.named_parameters(recurse=False)
+            for full in [f"{prefix}.{leaf}" if prefix else leaf]
+        }
+        if names:
+            seed = int(torch.randint(0, 2**62, ()).item())
+            self._write_values(transforms.init_weights(self.state, seed=seed, names=sorted(names)))
+
+    def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
+        """Accept `new_num_position_embeddings` positions (see `fmodel.resize_position_embeddings`;
+        Transformers' base class raises for most families, fmodel implements it for all)."""
+        self._apply_transform(transforms.resize_position_embeddings, new_num_position_embeddings)
+
+    def get_position_embeddings(self) -> nn.Embedding:
+        """The learned position embedding module (GPT-2, BERT).
+
+        Raises:
+            ValueError: the family uses rotary positions (no position weights).
+        """
+        name = get_spec(self._architecture).position_embeddings
+        if name is None:
+            raise ValueError(f"{self._architecture} has rotary positions: there is no position embedding")
+        return self.get_submodule(name.rsplit(".", 1)[0])
+
+    def dequantize(self) -> PreTrainedModel:
+        """Undo quantization. Raises ValueError for a model that is not quantized (as Transformers)."""
+        raise ValueError("You need to first quantize your model in order to dequantize it")
+
+    @staticmethod
+    def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
+        return modern_key(key)
+
+    @staticmethod
+    def _fix_state_dict_key_on_save(key: str) -> tuple[str, bool]:
+        return key, False
+
+    def _fix_state_dict_keys_on_save(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {self._fix_state_dict_key_on_save(key)[0]: value for key, value in state_dict.items()}
+
+    @classmethod
+    def _load_pretrained_model(
+        cls,
+        model: PreTrainedModel,
+        state_dict: dict[str, torch.Tensor] | None,
+        checkpoint_files: list[str] | None,
+        pretrained_model_name_or_path: str | None = None,
+        ignore_mismatched_sizes: bool = False,
+        sharded_metadata: dict | None = None,
+        device_map: Any = None,
+        disk_offload_folder: str | None = None,
+        dtype: torch.dtype | None = None,
+        hf_quantizer: Any = None,
+        keep_in_fp32_regex: Any = None,
+        device_mesh: Any = None,
+        key_mapping: dict[str, str] | None = None,
+        weights_only: bool = True,
+    ):
+        """Load `state_dict` (or the tensors of `checkpoint_files`) into `model`, Transformers'
+        way: legacy names fixed, `key_mapping` regexes applied, prefixes added/stripped,
+        missing tensors initialised. Returns (model, missing_keys, unexpected_keys,
+        mismatched_keys, disk_offload_index, error_msgs)."""
+        import re
+
+        from ..io.load import state_from_tensors
+        from ..io.read import read_weight_file
+
+        if hf_quantizer is not None or device_mesh is not None:
+            raise ValueError("_load_pretrained_model: hf_quantizer and device_mesh are Transformers-only")
+        if state_dict is None:
+            state_dict = {}
+            for path in checkpoint_files or ():
+                state_dict.update(read_weight_file(path))
+        tensors = {}
+        for key, tensor in state_dict.items():
+            for pattern, replacement in (key_mapping or {}).items():
+                key = re.sub(pattern, replacement, key)
+            tensors[cls._fix_state_dict_key_on_load(key)[0]] = tensor
+        state, report = state_from_tensors(
+            model.config,
+            tensors,
+            architecture=model._architecture,
+            source=str(pretrained_model_name_or_path or "state_dict"),
+            dtype=dtype,
+            attn_implementation=model._attn_implementation,
+            allow_missing=True,
+            strict=False,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
+        model._install(state)
+        if isinstance(device_map, dict):
+            model._install(transforms.place(model.state, device_map))
+            model._add_device_hooks(device_map)
+        mismatched = [m[0] for m in report.mismatched]
+        return model, list(report.missing), list(report.unexpected), mismatched, None, []
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def _add_device_hooks(self, device_map: dict[str, Any]) -> None:
+        """Move each mapped module's tensor inputs to its device before it runs (what
+        accelerate's dispatch hooks do), so a model split across devices runs as one."""
+        for name, dev in device_map.items():
+            if dev == "disk":
+                continue
+            module = self.get_submodule(name) if name else self
+            target = torch.device(dev)
+
+            def to_device(mod, args, kwargs, target=target):
+                move = lambda x: x.to(target) if isinstance(x, torch.Tensor) else x  # noqa: E731
+                return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+            module.register_forward_pre_hook(to_device, with_kwargs=True)
+
+    # -- memory hooks (Transformers' ModuleUtilsMixin) ---------------------------------------
+
+    @staticmethod
+    def _hook_rss_memory_pre_forward(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        module.mem_rss_pre_forward = stats.current_rss()
+
+    @staticmethod
+    def _hook_rss_memory_post_forward(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        module.mem_rss_post_forward = stats.current_rss()
+        diff = module.mem_rss_post_forward - module.mem_rss_pre_forward
+        module.mem_rss_diff = diff + getattr(module, "mem_rss_diff", 0)
+
+    def add_memory_hooks(self) -> None:
+        """Record each module's resident-memory increase over its forward in `mem_rss_diff`
+        (bytes, accumulated; `reset_memory_hooks_state` zeroes it)."""
+        for module in self.modules():
+            module.register_forward_pre_hook(self._hook_rss_memory_pre_forward)
+            module.register_forward_hook(self._hook_rss_memory_post_forward)
+        self.reset_memory_hooks_state()
+
+    def reset_memory_hooks_state(self) -> None:
+        for module in self.modules():
+            module.mem_rss_diff = 0
+            module.mem_rss_post_forward = 0
+            module.mem_rss_pre_forward = 0
+
+    # -- outputs, module lookup ----------------------------------------------------------------
+
+    @property
+    def can_record_outputs(self) -> dict[str, type]:
+        """Which module classes produce what the forward can return, as Transformers'
+        `_can_record_outputs`: `hidden_states` from each layer, `attentions` from each attention."""
+        layers = next(m for m in self.modules() if isinstance(m, nn.ModuleList))
+        attention_cls = next(type(m) for m in layers.modules() if hasattr(m, "num_key_value_groups"))
+        return {"hidden_states": type(layers[0]), "attentions": attention_cls}
+
+    def retrieve_modules_from_names(
+        self, names: list[str], add_prefix: bool = False, remove_prefix: bool = False
+    ) -> list[nn.Module]:
+        """The modules owning the tensors `names` (Transformers' semantics, prefix handling included)."""
+        module_keys = {".".join(key.split(".")[:-1]) for key in names}
+        module_keys |= {".".join(key.split(".")[:-2]) for key in names if key and key[-1].isdigit()}
+        prefix = self.base_model_prefix
+        found = []
+        for name, module in self.named_modules():
+            if remove_prefix:
+                name = name.removeprefix(f"{prefix}.")
+            elif add_prefix:
+                name = f"{prefix}.{name}" if name else prefix
+            if name in module_keys:
+                found.append(module)
+        return found
+
+    # -- faster paths: bettertransformer, kernels, compiled calls --------------------------
+
+    def to_bettertransformer(self) -> PreTrainedModel:
+        """Switch to torch's fused attention (sdpa), which is what BetterTransformer provided;
+        `reverse_bettertransformer` restores the previous implementation."""
+        if "_pre_bettertransformer" in self.__dict__:
+            raise ValueError("to_bettertransformer: the model is already using BetterTransformer (sdpa)")
+        previous = self._attn_implementation
+        self.set_attn_implementation("sdpa")
+        self.__dict__["_pre_bettertransformer"] = previous
+        return self
+
+    def reverse_bettertransformer(self) -> PreTrainedModel:
+        if "_pre_bettertransformer" not in self.__dict__:
+            raise ValueError("reverse_bettertransformer: to_bettertransformer was not called on this model")
+        self.set_attn_implementation(self.__dict__.pop("_pre_bettertransformer"))
+        return self
+
+    def kernelize(self) -> None:
+        """Use the fastest attention kernel that runs here (flash-attention 3, then 2, on CUDA
+        with the package installed; else sdpa). Warns when that is what the model already uses."""
+        best = next(n for n in _KERNEL_PREFERENCE if _runs_here(n))
+        if best == self._attn_implementation:
+            logger.warning("kernelize: no faster kernel than %r is available here; nothing changed", best)
+        else:
+            self.__dict__.setdefault("_pre_kernelize", self._attn_implementation)
+            self.set_attn_implementation(best)
+        self.__dict__["_use_kernels"] = True
+
+    @property
+    def use_kernels(self) -> bool:
+        return bool(self.__dict__.get("_use_kernels", False))
+
+    @use_kernels.setter
+    def use_kernels(self, value: bool) -> None:
+        if value:
+            if not self.use_kernels:
+                self.kernelize()
+            return
+        previous = self.__dict__.pop("_pre_kernelize", None)
+        if previous is not None:
+            self.set_attn_implementation(previous)
+        self.__dict__["_use_kernels"] = False
+
+    def get_compiled_call(self, compile_config: Any = None):
+        """`self.__call__` with the module tree run through `torch.compile(**compile_config)`
+        (inputs, masks and outputs are handled outside the compiled region); cached until the
+        config or the model's shapes change.
+        `compile_config`: None, a dict of `torch.compile` arguments, or an object with `to_dict()`
+        (Transformers' `CompileConfig`)."""
+        options = _compile_options(compile_config)
+        key = (id(self._tree), options)
+        cached = self.__dict__.get("_compiled_call")
+        if cached is None or cached[0] != key:
+            compiled_tree = torch.compile(self._tree, **options)
+
+            def compiled_call(*args: Any, **kwargs: Any):
+                self.__dict__["_runner"] = compiled_tree
+                try:
+                    return self(*args, **kwargs)
+                finally:
+                    self.__dict__.pop("_runner", None)
+
+            cached = (key, compiled_call)
+            self.__dict__["_compiled_call"] = cached
+        return cached[1]
+
     # -- Transformers' legacy mask helpers (pure functions in attention/legacy_masks.py) -------------
 
     def invert_attention_mask(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -422,14 +704,59 @@ def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool) 
         owner._buffers[leaf] = value
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give `new` the hook dicts of `old` (the same dict objects, so existing handles still
+    remove them), plus attributes hooks recorded on it (e.g. memory-hook counters)."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            setattr(new, attr, hooks)
+    for attr in ("mem_rss_pre_forward", "mem_rss_post_forward", "mem_rss_diff"):
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
+
+
 def _device_from_map(device_map: Any) -> torch.device | None:
     if device_map is None:
         return None
-    if device_map == "auto":
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return torch.device("cuda") if torch.cuda.is_available() else None
     if isinstance(device_map, (str, int, torch.device)):
         return torch.device(device_map)
-    raise ValueError(f"device_map {device_map!r}: fmodel's facade supports None, 'auto' or a single device")
+    raise ValueError(
+        f"device_map {device_map!r}: expected None, 'auto', a device, or a dict of module name -> device"
+    )
+
+
+def _runs_here(name: str) -> bool:
+    try:
+        attention.get(name)
+    except AttentionUnavailableError:
+        return False
+    return True
+
+
+_KERNEL_PREFERENCE = ("flash_attention_3", "flash_attention_2", "sdpa")
+_COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options")
+
+
+def _compile_options(compile_config: Any) -> dict[str, Any]:
+    if compile_config is None:
+        return {}
+    if hasattr(compile_config, "to_dict"):
+        compile_config = compile_config.to_dict()
+    return {k: v for k, v in dict(compile_config).items() if k in _COMPILE_KEYS}
 
 
 def _loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from ..errors import CheckpointError
 from .resolve import CheckpointFiles
 
-__all__ = ["read_tensors"]
+__all__ = ["read_tensors", "read_weight_file"]
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -47,6 +47,12 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), got {type(data).__name__}")
     return data
+
+
+def read_weight_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file: safetensors (memory-mapped) or a pickled state dict
+    (`weights_only=True`), chosen by its extension."""
+    return (_read_safetensors if str(path).endswith(".safetensors") else _read_pickle)(str(path))
 
 
 def read_tensors(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -258,7 +258,9 @@ class BertForSequenceClassification(nn.Module):
 # --------------------------------------------------------------------------- specs
 
 
-def _init_rule(name: str, config) -> str:
+def _init_rule(name: str, config) -> str | tuple:
+    if name.endswith("word_embeddings.weight") and _padding_idx(config) is not None:
+        return ("normal", None, _padding_idx(config))
     if "LayerNorm.weight" in name:
         return "ones"
     if name.endswith("bias"):

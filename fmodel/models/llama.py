@@ -242,7 +242,9 @@ class LlamaForCausalLM(nn.Module):
 # --------------------------------------------------------------------------- specs
 
 
-def _init_rule(name: str, config) -> str:
+def _init_rule(name: str, config) -> str | tuple:
+    if name.endswith("embed_tokens.weight") and _padding_idx(config) is not None:
+        return ("normal", None, _padding_idx(config))
     if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
         return "ones"
     if name.endswith(".bias"):

@@ -2,7 +2,7 @@
 every tensor it does not change with its input."""
 
 from .attn import set_attn_implementation
-from .device import to
+from .device import place, to
 from .embeddings import (
     get_input_embeddings,
     get_output_embeddings,
@@ -23,6 +23,7 @@ __all__ = [
     "get_output_embeddings",
     "init",
     "init_weights",
+    "place",
     "prune_heads",
     "replace_params",
     "resize_position_embeddings",

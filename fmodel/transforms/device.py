@@ -1,6 +1,8 @@
-"""`to`: move a state to a device and/or cast its floating tensors."""
+"""`to`: move a state to a device and/or cast its floating tensors; `place`: per-module devices."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -8,7 +10,7 @@ from ..io.load import resolve_dtype
 from ..state import ModelState
 from ._common import spec_of
 
-__all__ = ["to"]
+__all__ = ["place", "to"]
 
 
 def to(
@@ -50,3 +52,43 @@ def to(
     ):
         return state
     return state.replace(params=params, buffers=buffers)
+
+
+def place(state: ModelState, device_map: Mapping[str, torch.device | str | int]) -> ModelState:
+    """Put each tensor on the device its module is mapped to (Transformers' `device_map` dict).
+
+    `device_map` maps module names (prefixes of tensor names, "" for everything) to a device;
+    the longest matching prefix wins. "disk" leaves a tensor where it is: tensors fmodel loads
+    are memory-mapped from the checkpoint, so they stay on disk until touched. A tied alias
+    follows its source.
+
+    Raises:
+        ValueError: a tensor no entry covers (names the first few), or a device torch rejects.
+    """
+    entries = sorted(device_map.items(), key=lambda kv: len(kv[0]), reverse=True)
+
+    def device_for(name: str):
+        for prefix, dev in entries:
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                return None if dev == "disk" else torch.device(dev)
+        return _UNMAPPED
+
+    names = [*state.params, *state.buffers]
+    unmapped = [n for n in names if n not in state.ties and device_for(n) is _UNMAPPED]
+    if unmapped:
+        raise ValueError(
+            f"device_map does not cover {len(unmapped)} tensor(s), e.g. {unmapped[:5]}; "
+            'add their modules (or "" for the rest)'
+        )
+
+    def move(t: torch.Tensor, name: str) -> torch.Tensor:
+        dev = device_for(name)
+        return t if dev is None or t.device == dev else t.to(dev)
+
+    params = {n: move(t, n) for n, t in state.params.items() if n not in state.ties}
+    params.update({alias: params[src] for alias, src in state.ties.items()})
+    buffers = {n: move(t, n) for n, t in state.buffers.items()}
+    return state.replace(params=params, buffers=buffers)
+
+
+_UNMAPPED = object()
