@@ -156,9 +156,9 @@ def test_round_trip_is_lossless(d):
     config = fmodel.config_from_dict(d)
     assert d == before, "config_from_dict must not modify its input"
     assert type(config) is CLASSES[d["model_type"]]
-    assert config.to_dict() == d
+    assert config.to_diff_dict() == d
     assert json.loads(config.to_json_string()) == d
-    again = fmodel.config_from_dict(config.to_dict())
+    again = fmodel.config_from_dict(config.to_diff_dict())
     assert again == config
     assert hash(again) == hash(config)
 
@@ -172,13 +172,13 @@ def test_rope_spellings_read_the_same_values(d):
         assert config.rope_theta == params["rope_theta"]
         assert config.rope_type == params["rope_type"]
         assert dict(config.rope_scaling) == {k: v for k, v in params.items() if k != "rope_theta"}
-        assert "rope_scaling" not in config.to_dict()
+        assert "rope_scaling" not in config.to_diff_dict()
     else:
         assert config.rope_theta == d.get("rope_theta", 10000.0)
         scaling = d.get("rope_scaling")
         expected_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         assert config.rope_type == expected_type
-        assert "rope_parameters" not in config.to_dict()
+        assert "rope_parameters" not in config.to_diff_dict()
     assert isinstance(config.rope_theta, float)
 
 
@@ -206,7 +206,7 @@ def test_configs_are_frozen(d, data):
         with pytest.raises(TypeError):
             config.rope_scaling["factor"] = 3.0
     assert getattr(config, field) is before
-    assert config.to_dict() == d
+    assert config.to_diff_dict() == d
 
 
 @settings(max_examples=40, deadline=None)
@@ -215,22 +215,22 @@ def test_replace_returns_a_new_config_and_writes_the_change(d, vocab):
     config = fmodel.config_from_dict(d)
     changed = config.replace(vocab_size=vocab)
     assert changed.vocab_size == vocab
-    assert config.to_dict() == d  # unchanged
-    assert changed.to_dict() == {**d, "vocab_size": vocab}
+    assert config.to_diff_dict() == d  # unchanged
+    assert changed.to_diff_dict() == {**d, "vocab_size": vocab}
 
 
 def test_configs_built_in_code_write_only_changed_fields():
     config = fmodel.MistralConfig(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
     )
-    assert config.to_dict() == {
+    assert config.to_diff_dict() == {
         "model_type": "mistral",
         "hidden_size": 64,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "sliding_window": 8,
     }
-    assert fmodel.config_from_dict(config.to_dict()).sliding_window == 8
+    assert fmodel.config_from_dict(config.to_diff_dict()).sliding_window == 8
 
 
 def test_tf5_rope_parameters_without_explicit_default_type_round_trips():
@@ -238,14 +238,14 @@ def test_tf5_rope_parameters_without_explicit_default_type_round_trips():
     config = fmodel.config_from_dict(d)
     assert config.rope_theta == 500000.0
     assert config.rope_type == "default"
-    assert config.to_dict() == d
+    assert config.to_diff_dict() == d
 
 
 def test_tf5_rope_parameters_without_rope_theta_round_trips():
     d = {"model_type": "llama", "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
     config = fmodel.config_from_dict(d)
     assert config.rope_theta == 10000.0
-    assert config.to_dict() == d
+    assert config.to_diff_dict() == d
 
 
 # --------------------------------------------------------------------------- Transformers
@@ -295,7 +295,7 @@ def test_transformers_config_json_round_trips(tmp_path, model_type, kwargs):
     hf_config.save_pretrained(tmp_path)
     on_disk = json.loads((tmp_path / "config.json").read_text())
     config = fmodel.load_config(tmp_path)
-    assert config.to_dict() == on_disk
+    assert config.to_diff_dict() == on_disk
     for key in type(config).modelled_keys():
         if key in on_disk:
             expected = getattr(hf_config, key)
@@ -315,7 +315,7 @@ def test_tf5_fixture_loads_and_round_trips():
     assert config.tie_word_embeddings is True
     assert config.head_size == 16 and config.kv_heads == 2
     assert config.extra["dtype"] == "float32"
-    assert config.to_dict() == on_disk
+    assert config.to_diff_dict() == on_disk
     assert fmodel.load_config(TF5_LLAMA / "config.json") == config
 
 
@@ -331,7 +331,7 @@ def test_tf5_fixture_saves_in_its_own_spelling(tmp_path):
     assert written == {**original, **compat}
     loaded = fmodel.load(tmp_path / "out")
     assert loaded.config == config
-    assert loaded.config.to_dict()["rope_parameters"] == original["rope_parameters"]
+    assert loaded.config.to_diff_dict()["rope_parameters"] == original["rope_parameters"]
 
 
 def test_both_rope_spellings_give_the_same_rotary_frequencies():
@@ -467,5 +467,5 @@ def test_config_written_by_transformers5_round_trips():
     assert config.rope_spelling == "rope_parameters"
     assert (config.rope_type, config.rope_theta, config.rope_scaling["factor"]) == ("llama3", 500000.0, 8.0)
     assert config.extra["dtype"] == "float32"
-    assert config.to_dict() == on_disk
+    assert config.to_diff_dict() == on_disk
     assert config.to_json_string() == json.dumps(on_disk, indent=2, sort_keys=True) + "\n"

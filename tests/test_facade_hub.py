@@ -294,7 +294,7 @@ def test_save_pretrained_push_to_hub_uploads_what_changed(base, tmp_path, hub):
     [commit] = hub.commits
     assert commit.repo_id == "tester/my-model" and commit.summary == "retrain"
     assert "tokenizer.json" not in commit.files
-    assert sorted(commit.files) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(commit.files) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.save_pretrained(target, push_to_hub=True, repo_id="org/other", private=False, create_pr=True)

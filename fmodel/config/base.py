@@ -210,9 +210,18 @@ class BaseConfig:
         except TypeError as exc:  # a converter choked on a value
             raise ConfigError(f"{cls.__name__}: {exc}") from exc
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_diff_dict(self) -> dict[str, Any]:
         """The `config.json` dict: the source's keys (modelled ones with current values), plus
-        every modelled field that differs from its default. JSON-ready (lists, dicts)."""
+        every modelled field that differs from its default. JSON-ready (lists, dicts).
+        Lossless: `config_from_dict(d).to_diff_dict() == d`."""
+        return self._json_dict(full=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, defaults included, plus the source's unknown keys (as Transformers'
+        `PretrainedConfig.to_dict`); JSON-ready. `to_diff_dict` is what config.json holds."""
+        return self._json_dict(full=True)
+
+    def _json_dict(self, *, full: bool) -> dict[str, Any]:
         out: dict[str, Any] = thaw(self.extra)
         for field in attrs.fields(type(self)):
             key = field.name
@@ -220,13 +229,14 @@ class BaseConfig:
                 continue
             value = getattr(self, key)
             default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
-            if key in self.given or freeze(value) != freeze(default):
+            if full or key in self.given or freeze(value) != freeze(default):
                 out[key] = _json_value(value)
         out["model_type"] = self.model_type
         return self._write_json(out)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, use_diff: bool = True) -> str:
+        data = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with `changes` applied (generic names like `hidden_size` accepted); changed

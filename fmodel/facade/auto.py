@@ -43,6 +43,10 @@ class _Auto:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         config = kwargs.get("config")
+        if config is None and (
+            kwargs.get("gguf_file") or os.fspath(pretrained_model_name_or_path).endswith(".gguf")
+        ):
+            return cls._from_gguf(pretrained_model_name_or_path, *args, **kwargs)
         if config is None:
             files = resolve_checkpoint(
                 pretrained_model_name_or_path,
@@ -52,6 +56,17 @@ class _Auto:
             )
             config = load_config(files.config)
         return cls._pick(config).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_gguf(cls, path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """A GGUF file holds a causal LM (its config is in the file, read once while loading)."""
+        if cls.output != "causal_lm":
+            raise ValueError(f"{cls.__name__}: GGUF checkpoints hold causal LMs; use AutoModelForCausalLM")
+        loaded = PreTrainedModel.from_pretrained(path, *args, **kwargs)
+        model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
+        family = FAMILY_CLASSES[model._architecture].from_state(model.state)
+        family.train(model.training)
+        return family if info is None else (family, info)
 
     @classmethod
     def from_config(cls, config, **kwargs: Any) -> PreTrainedModel:

@@ -23,18 +23,20 @@ from ..attention import legacy_masks as masks
 from ..errors import AttentionUnavailableError
 from ..forward import forward as functional_forward
 from ..forward import prepare_call, to_output
-from ..io import load_with_report, save
+from ..io import load_with_report
 from ..io.legacy_keys import modern_key
 from ..io.load import default_architecture, logger
 from ..models import get_spec
 from ..models.skeleton import _SkipInit
 from ..state import ModelState
+from .generation import GenerationMixin
+from .hub import HubMixin
 from .outputs import ModelOutput
 
 __all__ = ["PreTrainedModel"]
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(HubMixin, GenerationMixin, nn.Module):
     """A stateful model with the Transformers `PreTrainedModel` API, backed by a `ModelState`.
 
     Subclasses name their architecture (`LlamaForCausalLM`, ...); `PreTrainedModel` itself
@@ -105,6 +107,8 @@ class PreTrainedModel(nn.Module):
             strict=False,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             config=config,
+            gguf_file=kwargs.pop("gguf_file", None),
+            variant=kwargs.pop("variant", None),
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
@@ -113,6 +117,11 @@ class PreTrainedModel(nn.Module):
         model = cls.from_state(state)
         if per_module is not None:
             model._add_device_hooks(per_module)
+        generation = _saved_generation_config(
+            pretrained_model_name_or_path, revision, cache_dir, local_files_only
+        )
+        if generation is not None:
+            model.__dict__["_generation_config_dict"] = generation
         if output_loading_info:
             info = {
                 "missing_keys": list(report.missing),
@@ -228,26 +237,16 @@ class PreTrainedModel(nn.Module):
         else:  # a compiled tree (get_compiled_call): it holds this model's parameters itself
             _, args, tree_kwargs = prepare_call(self.state, input_ids, **call)
             out = to_output(runner(*args, **tree_kwargs))
+        kind = get_spec(self._architecture).output
         fields = {"loss": None}
-        fields.update(
-            {
-                k: getattr(out, k)
-                for k in ("logits", "last_hidden_state", "pooler_output", "hidden_states", "attentions")
-            }
-        )
+        fields.update({k: getattr(out, k) for k in _OUTPUT_FIELDS[kind]})
         if labels is not None and out.logits is not None:
             labels = labels.to(out.logits.device)
-            fields["loss"] = _loss(get_spec(self._architecture).output, out.logits, labels)
+            fields["loss"] = _loss(kind, out.logits, labels)
         result = ModelOutput((k, v) for k, v in fields.items() if v is not None)
         return result if return_dict or return_dict is None else result.to_tuple()
 
     # -- methods that delegate to pure transforms ---------------------------------------
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB", **kwargs: Any
-    ) -> None:
-        """Write config.json + safetensors atomically (see `fmodel.save`)."""
-        save(self.state, save_directory, max_shard_size=max_shard_size)
 
     def resize_token_embeddings(
         self,
@@ -345,6 +344,25 @@ class PreTrainedModel(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(get_spec(self._architecture).input_embeddings.rsplit(".", 1)[0])
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Use `value.weight` [vocab', hidden] as the input embeddings (the module's Parameter is
+        installed as is). Unlike Transformers, a tied output projection follows the new matrix
+        (fmodel's ties are declared, so they hold; Transformers' lm_head keeps the old one until
+        `tie_weights()`). `config.vocab_size` becomes vocab'."""
+        self._apply_transform(transforms.set_input_embeddings, value.weight)
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        """Use `new_embeddings.weight` as the output projection. On a tied model another matrix
+        unties it while the config still asks for the tie, as replacing Transformers' lm_head
+        does: `tie_weights()` ties it again."""
+        weight = new_embeddings.weight
+        tied = get_spec(self._architecture).output_embeddings in self._ties
+        if tied and weight is self.get_input_embeddings().weight:
+            return
+        state = self.state
+        new = transforms.set_output_embeddings(state, weight, tie=False if tied else None)
+        self._install(new.replace(config=state.config))
 
     def get_output_embeddings(self) -> nn.Module | None:
         name = get_spec(self._architecture).output_embeddings
@@ -702,6 +720,26 @@ def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool) 
         owner._parameters[leaf] = value
     else:
         owner._buffers[leaf] = value
+
+
+# The fields of Transformers' output class for each head (CausalLMOutputWithPast, ...), in order.
+_OUTPUT_FIELDS = {
+    "causal_lm": ("logits", "past_key_values", "hidden_states", "attentions"),
+    "masked_lm": ("logits", "hidden_states", "attentions"),
+    "sequence_classification": ("logits", "hidden_states", "attentions"),
+    "base": ("last_hidden_state", "pooler_output", "past_key_values", "hidden_states", "attentions"),
+}
+
+
+def _saved_generation_config(path, revision, cache_dir, local_files_only) -> dict | None:
+    """The checkpoint's generation_config.json as written (None when it has none)."""
+    from ..generation_config import GENERATION_CONFIG_NAME, _find, _read_json
+
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        return None
+    found = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
+    return None if found is None else _read_json(found)
 
 
 _HOOK_DICTS = (

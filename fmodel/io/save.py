@@ -117,7 +117,7 @@ def weight_file_names(variant: str | None = None) -> Callable[[str], bool]:
 
 
 def _config_dict(state: ModelState) -> dict:
-    data = state.config.to_dict()
+    data = state.config.to_diff_dict()
     params = data.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" not in data and "rope_scaling" not in data:
         # Transformers 5 spelling: also write the Transformers 4 keys, which 4.x reads and 5.x
