@@ -307,3 +307,42 @@ def test_gradient_checkpointing_same_gradients_less_memory(tmp_path, family):
         for name in plain:
             assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
         assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_gradient_checkpointing_reaches_adapters_on_a_frozen_base(tmp_path):
+    """A frozen base with trainable low-rank adapters (hooked onto q/v projections, the way
+    adapter libraries attach them): checkpointed gradients equal plain ones. Transformers'
+    reentrant default gives the adapters no gradient at all here."""
+    make_hf_model("llama").save_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def adapter_grads(lib, checkpointing: bool):
+        model = lib.AutoModelForCausalLM.from_pretrained(tmp_path)
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gen = torch.Generator().manual_seed(0)
+        adapters = []
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                a = torch.nn.Parameter(torch.randn(proj.in_features, 4, generator=gen) * 0.1)
+                b = torch.nn.Parameter(torch.randn(4, proj.out_features, generator=gen) * 0.1)
+                adapters += [a, b]
+                proj.register_forward_hook(lambda m, i, o, a=a, b=b: o + i[0] @ a @ b)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(input_ids=ids, labels=ids).loss
+        if loss.requires_grad:
+            loss.backward()
+        return [p.grad for p in adapters]
+
+    plain = adapter_grads(facade, False)
+    ckpt = adapter_grads(facade, True)
+    assert all(g is not None for g in ckpt)
+    for g, h in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
+    theirs = adapter_grads(transformers, False)
+    for g, h in zip(theirs, plain, strict=True):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)
+    reentrant = adapter_grads(transformers, True)  # Transformers 4.57 default: use_reentrant=True
+    assert all(g is None for g in reentrant)
