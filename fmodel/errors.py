@@ -8,6 +8,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FModelError",
+    "QuantizationError",
+    "QuantizedDtypeError",
     "ShapeMismatchError",
     "UnknownArchitectureError",
 ]
@@ -39,3 +41,13 @@ class UnknownArchitectureError(FModelError, KeyError):
 
 class AttentionUnavailableError(FModelError, RuntimeError):
     """An attention implementation is unknown, or its package / hardware is missing."""
+
+
+class QuantizationError(FModelError, ValueError):
+    """A quantization request fmodel cannot honour: an unknown scheme, a bad group size, a
+    layer that cannot be quantized, or a state that is (or is not) quantized when it must not be."""
+
+
+class QuantizedDtypeError(QuantizationError, TypeError):
+    """A dtype cast of a quantized model (`fmodel.to(state, dtype=...)`, `model.half()`, ...):
+    its integer weights and scales have no meaning in another dtype. Dequantize first."""

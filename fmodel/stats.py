@@ -34,20 +34,45 @@ def num_parameters(
 ) -> int:
     """Number of parameters, each tied tensor once (as Transformers' `num_parameters`).
 
+    A quantized weight counts as the logical [out, in] weight it stores (so quantizing does not
+    change the count); its scales and zero points are not parameters.
+
     Arguments:
         only_trainable: count only tensors with `requires_grad`.
         exclude_embeddings: leave out every embedding matrix.
     """
     skip = embedding_names(state) if exclude_embeddings else set()
+    logical = _quantized_numel(state)
     return sum(
-        t.numel()
+        logical.get(name, t.numel())
         for name, t in state.unique_params().items()
         if name not in skip and (t.requires_grad or not only_trainable)
     )
 
 
+def _quantized_numel(state: ModelState) -> dict[str, int]:
+    """For a quantized state: {name: logical parameter count} of its quantization entries. A
+    quantized weight counts as the [out, in] weight it stands for (a packed int4 tensor as its
+    unpacked values, as Transformers counts 4-bit weights); scales and zero points count 0."""
+    from .models.quant_linear import Int4Linear, Int8Linear, quantization_config
+
+    if quantization_config(state.config) is None:
+        return {}
+    out: dict[str, int] = {}
+    for name, m in skeleton(state.config, state.architecture).named_modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            data = "weight_int8" if isinstance(m, Int8Linear) else "weight_int4"
+            out[f"{name}.{data}"] = m.in_features * m.out_features
+            out[f"{name}.weight_scale"] = 0
+            out[f"{name}.weight_zero"] = 0
+    return out
+
+
 def get_memory_footprint(state: ModelState, *, return_buffers: bool = True) -> int:
-    """Bytes held by the model's distinct tensors (tied tensors once), buffers included by default."""
+    """Bytes held by the model's distinct tensors (tied tensors once), buffers included by default.
+
+    Real bytes as stored: a quantized weight counts its int8 / packed uint8 data and its scales
+    and zero points (the CPU kernels' packed copies, a runtime cache, are not counted)."""
     tensors = state.tensors if return_buffers else dict(state.params)
     seen: set[int] = set()
     total = 0

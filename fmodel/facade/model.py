@@ -20,14 +20,14 @@ from torch import nn
 
 from .. import attention, stats, transforms
 from ..attention import legacy_masks as masks
-from ..errors import AttentionUnavailableError
+from ..errors import AttentionUnavailableError, QuantizedDtypeError
 from ..forward import forward as functional_forward
 from ..forward import prepare_call, to_output
 from ..io import load_with_report
 from ..io.legacy_keys import modern_key
 from ..io.load import default_architecture, logger
 from ..models import get_spec
-from ..models.skeleton import _SkipInit
+from ..models.skeleton import _SkipInit, build_module
 from ..state import ModelState
 from .generation import GenerationMixin
 from .hub import HubMixin
@@ -145,9 +145,8 @@ class PreTrainedModel(HubMixin, GenerationMixin, nn.Module):
         """Make `state` this module's tree. Tensors that are already parameters here stay the
         same `nn.Parameter` objects (optimizers keep working for them); hooks registered on a
         submodule move to the submodule of the same name in the new tree."""
-        spec = get_spec(state.architecture)
         with torch.device("meta"), _SkipInit():
-            tree = spec.build(state.config)
+            tree = build_module(state.config, state.architecture)
         old_modules = dict(self.named_modules()) if "_tree" in self.__dict__ else {}
         for name in list(self._modules):
             delattr(self, name)
@@ -466,8 +465,45 @@ class PreTrainedModel(HubMixin, GenerationMixin, nn.Module):
         return self.get_submodule(name.rsplit(".", 1)[0])
 
     def dequantize(self) -> PreTrainedModel:
-        """Undo quantization. Raises ValueError for a model that is not quantized (as Transformers)."""
-        raise ValueError("You need to first quantize your model in order to dequantize it")
+        """Undo quantization (`fmodel.dequantize`) and return the model. Raises ValueError for a
+        model that is not quantized (as Transformers)."""
+        if not transforms.is_quantized(self.state):
+            raise ValueError("You need to first quantize your model in order to dequantize it")
+        self._apply_transform(transforms.dequantize)
+        return self
+
+    # -- dtype casts: refused for a quantized model (fmodel.to's rule); device moves are fine --
+
+    def _refuse_quantized_cast(self, call: str) -> None:
+        if transforms.is_quantized(self.state):
+            raise QuantizedDtypeError(
+                f"{call}: cannot cast a quantized model to another dtype (its integer weights and "
+                "scales only mean something as they are); move it with .to(device), or call "
+                ".dequantize() first"
+            )
+
+    def half(self) -> PreTrainedModel:
+        self._refuse_quantized_cast("half()")
+        return super().half()
+
+    def float(self) -> PreTrainedModel:
+        self._refuse_quantized_cast("float()")
+        return super().float()
+
+    def bfloat16(self) -> PreTrainedModel:
+        self._refuse_quantized_cast("bfloat16()")
+        return super().bfloat16()
+
+    def double(self) -> PreTrainedModel:
+        self._refuse_quantized_cast("double()")
+        return super().double()
+
+    def to(self, *args: Any, **kwargs: Any) -> PreTrainedModel:
+        """`nn.Module.to`; a dtype argument on a quantized model raises `QuantizedDtypeError`."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        if dtype is not None:
+            self._refuse_quantized_cast(f"to({dtype})")
+        return super().to(*args, **kwargs)
 
     @staticmethod
     def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:

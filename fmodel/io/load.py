@@ -15,9 +15,10 @@ import attrs
 import torch
 
 from ..config import load_config
-from ..errors import CheckpointError, ConfigError, ShapeMismatchError
+from ..errors import CheckpointError, ConfigError, QuantizedDtypeError, ShapeMismatchError
 from ..models import get_spec, specs_for_model_type
 from ..models.init import init_tensor
+from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
 from ..state import ModelState
 from .read import read_tensors
@@ -164,6 +165,11 @@ def state_from_tensors(
             f"but the config has model_type {config.model_type!r}"
         )
     target_dtype = resolve_dtype(dtype)
+    if target_dtype is not None and quantization_config(config) is not None:
+        raise QuantizedDtypeError(
+            f"{source}: the checkpoint is quantized ({quantization_config(config)['scheme']}); load it "
+            f"without dtype= (its scales keep their stored dtype), or dequantize after loading"
+        )
     origin = origin or {}
     module = skeleton(config, architecture)
     param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}

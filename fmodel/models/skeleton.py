@@ -1,4 +1,6 @@
 """Weightless skeleton modules, built on the meta device and cached per (config, class, mode).
+A quantized config (its `quantization_config`, part of the config and so of the key) gets
+quantized linear layers.
 
 The cache never changes a result: a skeleton holds no weights, only structure derived from
 the (frozen, hashable) config. It is kept per thread because `functional_call` swaps
@@ -14,9 +16,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .quant_linear import swap_quantized_linears
 from .spec import get_spec
 
-__all__ = ["expected_shapes", "skeleton"]
+__all__ = ["build_module", "expected_shapes", "skeleton"]
 
 _local = threading.local()
 
@@ -63,7 +66,7 @@ def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
         with torch.device("meta"), _SkipInit(), warnings.catch_warnings():
             # a layer with every head pruned has zero-size projections: fine, say nothing
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-            module = get_spec(architecture).build(config)
+            module = build_module(config, architecture)
         module.train(training)
         for p in module.parameters():
             # an attribute write, not `requires_grad_()`, which torch.func refuses: the first
@@ -71,6 +74,12 @@ def skeleton(config, architecture: str, training: bool = False) -> nn.Module:
             p.requires_grad = False
         cache[key] = module
     return module
+
+
+def build_module(config, architecture: str) -> nn.Module:
+    """`spec.build(config)` with the linear layers a quantized config lists swapped for
+    quantized ones (`fmodel.models.quant_linear`); call under the device it should live on."""
+    return swap_quantized_linears(get_spec(architecture).build(config), config)
 
 
 def expected_shapes(config, architecture: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

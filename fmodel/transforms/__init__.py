@@ -14,17 +14,21 @@ from .embeddings import (
 from .init import init, init_weights
 from .params import replace_params
 from .prune import prune_heads
+from .quantize import dequantize, is_quantized, quantize
 from .stack import StackError, stack_states, unstack_state, vmap_forward
 from .ties import tie_weights, untie_weights
 
 __all__ = [
     "StackError",
+    "dequantize",
     "get_input_embeddings",
     "get_output_embeddings",
     "init",
     "init_weights",
+    "is_quantized",
     "place",
     "prune_heads",
+    "quantize",
     "replace_params",
     "resize_position_embeddings",
     "resize_token_embeddings",

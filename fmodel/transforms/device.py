@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import QuantizedDtypeError
 from ..io.load import resolve_dtype
+from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from ._common import spec_of
 
@@ -22,6 +24,9 @@ def to(
     stay float32 for precision. Ties hold: each tied tensor is converted once and every
     alias points at the result.
 
+    Raises:
+        QuantizedDtypeError: `dtype` is given and the state is quantized (a device move is fine).
+
     Returns:
         `state` itself when nothing would change, else a new state (tensors already on the
         device and dtype are shared).
@@ -30,6 +35,12 @@ def to(
         >>> half = fmodel.to(state, dtype=torch.bfloat16)
     """
     target = resolve_dtype(dtype)
+    if target is not None and quantization_config(state.config) is not None:
+        raise QuantizedDtypeError(
+            f"to: cannot cast a quantized model ({quantization_config(state.config)['scheme']}) to {target}: "
+            "its integer weights and scales only mean something as they are. Move it with "
+            "fmodel.to(state, device=...) (no dtype), or fmodel.dequantize(state, dtype=...) first"
+        )
     device = torch.device(device) if device is not None else None
     computed = set(spec_of(state).computed_buffers(state.config, "meta"))
     converted: dict[int, torch.Tensor] = {}

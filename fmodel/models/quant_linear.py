@@ -1,0 +1,272 @@
+"""Weight-only quantized linear layers, and the module swap that puts them into a skeleton.
+
+Two schemes, each stored as plain tensors (they save, load and move like any other):
+
+- "int8": `weight_int8` [out, in] int8 and `weight_scale` [out] (the model's float dtype),
+  symmetric per output channel. Reference value: `W = weight_int8 * weight_scale[:, None]`.
+- "int4": `weight_int4` [out, ceil(in / 2)] uint8 holding two 4-bit values per byte (column
+  2j in the low nibble, 2j+1 in the high one), `weight_scale` [out, G] (float) and
+  `weight_zero` [out, G] uint8 in 0..15, asymmetric per group of `group_size` input columns
+  (G = ceil(in / group_size); the last group may be shorter). Reference value:
+  `W[o, i] = (q[o, i] - weight_zero[o, i // g]) * weight_scale[o, i // g]`.
+
+The *reference semantics* of a forward is `F.linear(x, W.to(x.dtype), bias)` with W as above,
+computed in float32. On CPU the forward runs faster kernels instead, which differ from the
+reference by rounding only (tests bound the difference):
+
+- int8: fbgemm's dynamic-quantized linear (`torch.ops.quantized.linear_dynamic`, what
+  `torch.ao.quantization.quantize_dynamic` runs). It also quantizes the *activations*, per
+  call, to 7-bit unsigned integers over the whole input's min..max (`reduce_range`, safe on
+  every x86 CPU), accumulates in int32 and rescales in float32. Relative error is of the order
+  of 1/127 of the input's range per product; a large outlier in one row coarsens the others.
+- int4: `torch._weight_int4pack_mm_for_cpu` ("tinygemm") for inputs of at most
+  `INT4_KERNEL_MAX_ROWS` rows (decode steps): activations and scales are rounded to bfloat16
+  (about 3 significant digits). Longer inputs (prefill) dequantize to float32 and matmul,
+  which is then the faster path.
+
+The kernels' packed weights are a runtime cache derived from the stored tensors (built on
+first use, kept per tensor object while it lives, rebuilt if the tensor is written in place);
+they never change the stored tensors and are not part of the state. Gradients: the quantized
+weights are frozen (no gradient reaches them); an input that requires grad runs the reference
+path, so gradients flow to the input (adapters on a quantized base).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = [
+    "INT4_KERNEL_MAX_ROWS",
+    "Int4Linear",
+    "Int8Linear",
+    "dequantize_int4",
+    "dequantize_int8",
+    "pack_int4",
+    "quantization_config",
+    "swap_quantized_linears",
+    "unpack_int4",
+]
+
+QUANT_METHOD = "fmodel"
+INT4_KERNEL_MAX_ROWS = 16  # tinygemm is faster than dequantize+matmul up to about this many rows
+_INT8_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation on CPUs without VNNI
+
+
+def quantization_config(config: Any) -> Mapping[str, Any] | None:
+    """The fmodel `quantization_config` a config carries (in `config.extra`), or None.
+
+    A `quantization_config` of another `quant_method` (bitsandbytes, GPTQ, ...) is not fmodel's:
+    None is returned and the checkpoint loads (or fails to) as an unquantized one."""
+    qc = getattr(config, "extra", {}).get("quantization_config")
+    if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
+        return qc
+    return None
+
+
+# --------------------------------------------------------------------------- reference math
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] integers in 0..15 -> [out, ceil(in / 2)] uint8, column 2j in the low nibble."""
+    if q.shape[-1] % 2:
+        q = F.pad(q, (0, 1))
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: [out, ceil(in / 2)] uint8 -> [out, in] uint8 in 0..15."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :in_features]
+
+
+def dequantize_int8(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference float32 weight [out, in] of an int8 layer."""
+    return weight_int8.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int
+) -> torch.Tensor:
+    """The reference float32 weight [out, in] of an int4 layer."""
+    q = unpack_int4(packed, in_features).to(torch.float32)
+    index = torch.arange(in_features, device=packed.device) // group_size  # group of each column
+    return (q - zero.to(torch.float32)[:, index]) * scale.to(torch.float32)[:, index]
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _frozen_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _fast_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Use a packed kernel: CPU tensors, no gradient wanted for the input, not inside torch.func."""
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return all(t.device.type == "cpu" and type(t) in (torch.Tensor, nn.Parameter) for t in (x, *tensors))
+
+
+class _PackCache:
+    """Packed kernel weights keyed by the stored tensor object; an entry dies with its tensor
+    and is rebuilt when the tensor's version counter shows an in-place write. A failed pack
+    (an unsupported shape) is remembered as None: that tensor always runs the reference path."""
+
+    def __init__(self) -> None:
+        self._entries = WeakIdKeyDictionary()
+
+    def get(self, key: torch.Tensor, versions: tuple[int, ...], build) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != versions:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's deprecation notice for qint8 tensors
+                    packed = build()
+            except (RuntimeError, AttributeError, NotImplementedError):
+                packed = None
+            entry = (versions, packed)
+            self._entries[key] = entry
+        return entry[1]
+
+
+_INT8_PACKS = _PackCache()
+_INT4_PACKS = _PackCache()
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight, symmetric per output channel (see the module docstring
+    for the reference semantics and the CPU kernel)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_int8 = _frozen_param(out_features, in_features, dtype=torch.int8)
+        self.weight_scale = _frozen_param(out_features, dtype=dtype)
+        self.bias = _frozen_param(out_features, dtype=dtype) if bias else None
+
+    def reference_weight(self) -> torch.Tensor:
+        return dequantize_int8(self.weight_int8, self.weight_scale.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale, bias = self.weight_int8, self.weight_scale, self.bias
+        if _fast_ok(x, q, scale) and x.shape[-1] > 0 and self.out_features > 0:
+            packed = _INT8_PACKS.get(q, (q._version, scale._version), lambda: _prepack_int8(q, scale))
+            if packed is not None:
+                y = torch.ops.quantized.linear_dynamic(x.to(torch.float32), packed, _INT8_REDUCE_RANGE)
+                if bias is not None:
+                    y = y + bias.detach().to(torch.float32)
+                return y.to(x.dtype)
+        return _reference_linear(x, self.reference_weight(), bias)
+
+
+def _prepack_int8(q: torch.Tensor, scale: torch.Tensor):
+    qweight = torch._make_per_channel_quantized_tensor(
+        q.detach(),
+        scale.detach().to(torch.float64),
+        torch.zeros(q.shape[0], dtype=torch.int64),
+        0,
+    )
+    return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+class Int4Linear(nn.Module):
+    """`nn.Linear` with a packed 4-bit weight, asymmetric per group of `group_size` input
+    columns (see the module docstring for the reference semantics and the CPU kernel)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = math.ceil(in_features / group_size)
+        self.weight_int4 = _frozen_param(out_features, math.ceil(in_features / 2), dtype=torch.uint8)
+        self.weight_scale = _frozen_param(out_features, groups, dtype=dtype)
+        self.weight_zero = _frozen_param(out_features, groups, dtype=torch.uint8)
+        self.bias = _frozen_param(out_features, dtype=dtype) if bias else None
+
+    def reference_weight(self) -> torch.Tensor:
+        return dequantize_int4(
+            self.weight_int4, self.weight_scale.detach(), self.weight_zero, self.in_features, self.group_size
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale, zero, bias = self.weight_int4, self.weight_scale, self.weight_zero, self.bias
+        rows = x.shape[:-1].numel()
+        if rows <= INT4_KERNEL_MAX_ROWS and _fast_ok(x, q, scale, zero) and rows > 0:
+            versions = (q._version, scale._version, zero._version)
+            packed = _INT4_PACKS.get(q, versions, lambda: self._prepack(q, scale, zero))
+            if packed is not None:
+                weight, scales_zeros, padded_in = packed
+                x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
+                if padded_in != self.in_features:
+                    x2 = F.pad(x2, (0, padded_in - self.in_features))
+                y = torch._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_zeros)
+                y = y.to(torch.float32)
+                if bias is not None:
+                    y = y + bias.detach().to(torch.float32)
+                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _reference_linear(x, self.reference_weight(), bias)
+
+    def _prepack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """tinygemm's layout: int32 [out, in'] values 0..15 (in' = in padded to whole groups) and
+        bfloat16 [G, out, 2] of (scale, offset) with W = (q - 8) * scale + offset."""
+        g = self.group_size
+        padded_in = math.ceil(self.in_features / g) * g
+        values = unpack_int4(q.detach(), self.in_features).to(torch.int32)
+        values = F.pad(values, (0, padded_in - self.in_features))  # x is padded with zeros there
+        weight = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
+        s = scale.detach().to(torch.float32)
+        offset = (8 - zero.to(torch.float32)) * s
+        scales_zeros = torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return weight, scales_zeros, padded_in
+
+
+def _reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = F.linear(x.to(torch.float32), weight, None if bias is None else bias.detach().to(torch.float32))
+    return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- the module swap
+
+
+def swap_quantized_linears(module: nn.Module, config: Any) -> nn.Module:
+    """Replace, in place, the `nn.Linear` submodules a quantized config lists by `Int8Linear` /
+    `Int4Linear` of the same shape and bias (on the current default device: call it where the
+    skeleton is built, under `torch.device("meta")`). A config without an fmodel
+    `quantization_config` leaves `module` as it is. Returns `module`.
+
+    Raises:
+        ValueError: a listed module is missing or is not an `nn.Linear`.
+    """
+    qc = quantization_config(config)
+    if qc is None:
+        return module
+    scheme, group_size = qc["scheme"], int(qc.get("group_size") or 0)
+    dtype = torch.get_default_dtype()
+    for name in qc.get("modules", ()):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        old = getattr(parent, leaf, None)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(
+                f"quantization_config lists {name!r}, which is not an nn.Linear of "
+                f"{type(module).__name__} (found {type(old).__name__})"
+            )
+        bias = old.bias is not None
+        if scheme == "int8":
+            new = Int8Linear(old.in_features, old.out_features, bias, dtype)
+        elif scheme == "int4":
+            new = Int4Linear(old.in_features, old.out_features, bias, dtype, group_size)
+        else:
+            raise ValueError(f"quantization_config: unknown scheme {scheme!r} (expected 'int8' or 'int4')")
+        setattr(parent, leaf, new)
+    return module
