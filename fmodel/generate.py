@@ -92,10 +92,12 @@ def generate(
             the call, means 20 new tokens). `max_new_tokens` wins over `max_length`.
         min_new_tokens / min_length: EOS is suppressed until that many new tokens / tokens.
         do_sample: sample with `torch.multinomial` (using `generator`, default the global RNG).
-        temperature, top_k, top_p: sampling warpers. repetition_penalty: 1.0 = off.
+        temperature, top_k, top_p: sampling warpers (top_k=0 and top_p=1.0 turn theirs off;
+            None takes the generation config's, whose top_k is 50 as in Transformers).
+        repetition_penalty: 1.0 = off.
         eos_token_id: an id or ids; a row stops at its first EOS and is padded after it with
             `pad_token_id` (default: the first EOS id, as Transformers). The call stops once
-            every row has stopped.
+            every row has stopped (checked each step: one host sync per token on a GPU).
         generator: the RNG for sampling.
         streamer: Transformers' protocol: `put(prompt)`, `put(new_tokens [B])` per step, `end()`.
         generation_config: defaults for every argument left None (a `GenerationConfig`, e.g.
