@@ -1,0 +1,131 @@
+"""The `fmodel` command line: `generate`, `inspect` and `convert`.
+
+Run it as `fmodel ...` (the console script) or `python -m fmodel ...`:
+
+    fmodel generate --chat --prompt "What is the capital of France?"
+    fmodel inspect path/to/model.gguf --json
+    fmodel convert model.Q4_1.gguf out/ --dtype bfloat16 --max-shard-size 500MB
+
+Output goes to stdout; logging (quiet by default: warnings only; `-v` info, `-vv` debug) and
+progress bars (tqdm, when installed and stderr is a terminal) go to stderr. Bad input (fmodel's
+errors, missing files, bad arguments) prints one line, `fmodel <command>: error: ...`, and exits
+with status 1 (2 for usage errors); `--traceback` or `-vv` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ..errors import FModelError
+from . import _convert, _generate, _inspect
+from ._load import CLIError
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+logger = logging.getLogger("fmodel")
+
+# Errors that are the user's input, not fmodel's bugs: one line, no traceback.
+_USER_ERRORS = (FModelError, OSError, ValueError, ImportError)
+_LOGGERS = ("fmodel", "huggingface_hub")
+
+
+def _common_options(default: object) -> argparse.ArgumentParser:
+    """-v/-q/--traceback, accepted before and after the command name (`default` is
+    argparse.SUPPRESS for the copy on each command, so it does not reset the top level's)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default if default is argparse.SUPPRESS else 0,
+        help="more logging on stderr: -v info (timings), -vv debug (and tracebacks)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="errors only: no warnings, no progress bars",
+    )
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="show the full traceback of an error",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `fmodel` command."""
+    parser = argparse.ArgumentParser(
+        prog="fmodel",
+        description="fmodel: generate text with, inspect and convert Hugging Face and GGUF checkpoints.",
+        parents=[_common_options(None)],
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"fmodel {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parents = [_common_options(argparse.SUPPRESS)]
+    for module in (_generate, _inspect, _convert):
+        module.add_parser(commands, parents)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and not isinstance(exc, FModelError) and exc.args:
+        text = str(exc.args[0])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def _configure_logging(verbose: int, quiet: bool) -> tuple[logging.Handler, dict[str, int]]:
+    level = logging.ERROR if quiet else logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fmodel: %(message)s"))
+    previous = {name: logging.getLogger(name).level for name in _LOGGERS}
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    # huggingface_hub's retry chatter (offline, no network) only with -v. Imported first: its
+    # logging module sets the level when it is imported.
+    import huggingface_hub.utils.logging  # noqa: F401
+
+    logging.getLogger("huggingface_hub").setLevel(max(level, logging.ERROR) if verbose == 0 else level)
+    return handler, previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `fmodel` command with `argv` (default `sys.argv[1:]`); returns the exit status.
+
+    Example:
+        >>> main(["inspect", "path/to/checkpoint", "--json"])
+        0
+    """
+    args = build_parser().parse_args(argv)
+    handler, previous = _configure_logging(args.verbose, args.quiet)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"fmodel {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
+        return 0
+    except _USER_ERRORS as exc:
+        if args.traceback or args.verbose >= 2:
+            traceback.print_exc(file=sys.stderr)
+        print(f"fmodel {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        logger.removeHandler(handler)
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
