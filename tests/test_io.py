@@ -104,7 +104,9 @@ def test_sharded_round_trip(tmp_path, tie):
     assert_same_params(loaded, state)
     assert loaded.architecture == "LlamaForCausalLM"
     assert loaded.config == fmodel.load_config(folder)
-    written = {k: v for k, v in loaded.config.to_diff_dict().items() if k not in ("architectures", "torch_dtype")}
+    written = {
+        k: v for k, v in loaded.config.to_diff_dict().items() if k not in ("architectures", "torch_dtype")
+    }
     assert written == state.config.to_diff_dict()
     assert report.missing == () and report.unexpected == () and report.mismatched == ()
     if tie:
@@ -782,8 +784,28 @@ def test_save_load_round_trip_property(tmp_path_factory, state, max_shard_size):
     assert dict(loaded.ties) == dict(state.ties)
     for alias, source in loaded.ties.items():
         assert loaded.params[alias] is loaded.params[source]
-    written = {k: v for k, v in loaded.config.to_diff_dict().items() if k not in ("architectures", "torch_dtype")}
+    written = {
+        k: v for k, v in loaded.config.to_diff_dict().items() if k not in ("architectures", "torch_dtype")
+    }
     assert written == state.config.to_diff_dict()
     # Saving what was loaded writes the very same bytes: saves are deterministic.
     fmodel.save(loaded, second, max_shard_size=max_shard_size)
     assert folder_snapshot(second) == folder_snapshot(first)
+
+
+def test_saved_folder_has_a_normal_mode_not_mkdtemp_private(tmp_path):
+    import os
+    import stat
+
+    config = fmodel.LlamaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=20
+    )
+    old = os.umask(0o022)
+    try:
+        fmodel.save(fmodel.init(config), tmp_path / "new")
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o755
+        os.chmod(tmp_path / "new", 0o750)
+        fmodel.save(fmodel.init(config), tmp_path / "new")  # overwriting keeps the folder's mode
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o750
+    finally:
+        os.umask(old)

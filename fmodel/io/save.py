@@ -223,6 +223,7 @@ def save(
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    os.chmod(tmp, _folder_mode(directory))  # mkdtemp makes it private; the result is a normal folder
     try:
         _write_weights(
             tmp,
@@ -322,3 +323,12 @@ def _swap_into_place(tmp: str, directory: str) -> None:
         os.rename(backup, directory)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _folder_mode(directory: str) -> int:
+    """The mode the saved folder gets: an existing folder's own, else a new folder's (umask)."""
+    if os.path.isdir(directory):
+        return os.stat(directory).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
