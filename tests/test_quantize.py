@@ -293,3 +293,14 @@ def test_bad_arguments_are_named():
         fmodel.dequantize(STATE)
     with pytest.raises(fmodel.QuantizationError, match="no linear layer"):
         fmodel.quantize(STATE, "int8", skip=["."])
+
+
+def test_a_state_quantized_under_inference_mode_runs():
+    """Inference tensors have no version counter; the packed-weight cache copes."""
+    with torch.inference_mode():
+        for scheme in ("int8", "int4"):
+            q = fmodel.quantize(STATE, scheme, group_size=32)
+            torch.testing.assert_close(
+                fmodel.forward(q, input_ids=IDS[:1, :3]).logits,
+                logits(fmodel.quantize(STATE, scheme, group_size=32), IDS[:1, :3]),
+            )

@@ -97,9 +97,11 @@ def dequantize_int4(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int, group_size: int
 ) -> torch.Tensor:
     """The reference float32 weight [out, in] of an int4 layer."""
-    q = unpack_int4(packed, in_features).to(torch.float32)
-    index = torch.arange(in_features, device=packed.device) // group_size  # group of each column
-    return (q - zero.to(torch.float32)[:, index]) * scale.to(torch.float32)[:, index]
+    out, groups = scale.shape
+    q = unpack_int4(packed, 2 * packed.shape[-1]).to(torch.float32)
+    q = F.pad(q, (0, groups * group_size - q.shape[-1])).view(out, groups, group_size)  # whole groups
+    w = (q - zero.to(torch.float32)[..., None]) * scale.to(torch.float32)[..., None]
+    return w.reshape(out, groups * group_size)[:, :in_features]
 
 
 # --------------------------------------------------------------------------- modules
@@ -138,6 +140,11 @@ class _PackCache:
         return entry[1]
 
 
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """In-place write counters (inference-mode tensors have none: -1)."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)
+
+
 _INT8_PACKS = _PackCache()
 _INT4_PACKS = _PackCache()
 
@@ -159,7 +166,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, bias = self.weight_int8, self.weight_scale, self.bias
         if _fast_ok(x, q, scale) and x.shape[-1] > 0 and self.out_features > 0:
-            packed = _INT8_PACKS.get(q, (q._version, scale._version), lambda: _prepack_int8(q, scale))
+            packed = _INT8_PACKS.get(q, _versions(q, scale), lambda: _prepack_int8(q, scale))
             if packed is not None:
                 y = torch.ops.quantized.linear_dynamic(x.to(torch.float32), packed, _INT8_REDUCE_RANGE)
                 if bias is not None:
@@ -202,8 +209,7 @@ class Int4Linear(nn.Module):
         q, scale, zero, bias = self.weight_int4, self.weight_scale, self.weight_zero, self.bias
         rows = x.shape[:-1].numel()
         if rows <= INT4_KERNEL_MAX_ROWS and _fast_ok(x, q, scale, zero) and rows > 0:
-            versions = (q._version, scale._version, zero._version)
-            packed = _INT4_PACKS.get(q, versions, lambda: self._prepack(q, scale, zero))
+            packed = _INT4_PACKS.get(q, _versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
             if packed is not None:
                 weight, scales_zeros, padded_in = packed
                 x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
