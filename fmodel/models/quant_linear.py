@@ -6,9 +6,9 @@ Two schemes, each stored as plain tensors (they save, load and move like any oth
   symmetric per output channel. Reference value: `W = weight_int8 * weight_scale[:, None]`.
 - "int4": `weight_int4` [out, ceil(in / 2)] uint8 holding two 4-bit values per byte (column
   2j in the low nibble, 2j+1 in the high one), `weight_scale` [out, G] (float) and
-  `weight_zero` [out, G] uint8 in 0..15, asymmetric per group of `group_size` input columns
+  `weight_zero` [out, G] float (each group's minimum, like llama.cpp's Q4_1), per group of `group_size` input columns
   (G = ceil(in / group_size); the last group may be shorter). Reference value:
-  `W[o, i] = (q[o, i] - weight_zero[o, i // g]) * weight_scale[o, i // g]`.
+  `W[o, i] = q[o, i] * weight_scale[o, i // g] + weight_zero[o, i // g]`.
 
 The *reference semantics* of a forward is `F.linear(x, W.to(x.dtype), bias)` with W as above,
 computed in float32. On CPU the forward runs faster kernels instead, which differ from the
@@ -101,7 +101,7 @@ def dequantize_int4(
     out, groups = scale.shape
     q = unpack_int4(packed, 2 * packed.shape[-1]).to(torch.float32)
     q = F.pad(q, (0, groups * group_size - q.shape[-1])).view(out, groups, group_size)  # whole groups
-    w = (q - zero.to(torch.float32)[..., None]) * scale.to(torch.float32)[..., None]
+    w = q * scale.to(torch.float32)[..., None] + zero.to(torch.float32)[..., None]
     return w.reshape(out, groups * group_size)[:, :in_features]
 
 
@@ -204,7 +204,7 @@ class Int4Linear(nn.Module):
         groups = math.ceil(in_features / group_size)
         self.weight_int4 = _frozen_param(out_features, math.ceil(in_features / 2), dtype=torch.uint8)
         self.weight_scale = _frozen_param(out_features, groups, dtype=dtype)
-        self.weight_zero = _frozen_param(out_features, groups, dtype=torch.uint8)
+        self.weight_zero = _frozen_param(out_features, groups, dtype=dtype)
         self.bias = _frozen_param(out_features, dtype=dtype) if bias else None
 
     def reference_weight(self) -> torch.Tensor:
@@ -238,7 +238,7 @@ class Int4Linear(nn.Module):
         values = F.pad(values, (0, padded_in - self.in_features))  # x is padded with zeros there
         weight = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
         s = scale.detach().to(torch.float32)
-        offset = (8 - zero.to(torch.float32)) * s
+        offset = zero.to(torch.float32) + 8 * s
         scales_zeros = torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return weight, scales_zeros, padded_in
 

@@ -62,8 +62,8 @@ def quantize(
             `weight_int8 = round(W / scale)` in -127..127. Entries `<m>.weight_int8` [out, in]
             int8 and `<m>.weight_scale` [out] replace `<m>.weight`.
         "int4": asymmetric per group of `group_size` input columns (the last group may be
-            shorter): over each group's range [min(W, 0), max(W, 0)], `scale = range / 15`,
-            `zero = round(-min / scale)`, `q = clamp(round(W / scale) + zero, 0, 15)`. Entries
+            shorter): `scale = (max - min) / 15`, `zero = min` (a float offset, as llama.cpp's
+            Q4_1, so both ends of the range are exact), `q = clamp(round((W - min) / scale), 0, 15)`. Entries
             `<m>.weight_int4` [out, ceil(in / 2)] uint8 (two values per byte), `<m>.weight_scale`
             and `<m>.weight_zero` [out, ceil(in / group_size)] replace `<m>.weight`.
     Scales are kept in the weight's dtype, so the state's dtype stays the model's.
@@ -127,7 +127,11 @@ def quantize(
         )
 
     config, ties = state.config, dict(state.ties)
-    untie = [alias for alias, source in ties.items() if alias.rsplit(".", 1)[0] in chosen or source.rsplit(".", 1)[0] in chosen]
+    untie = [
+        alias
+        for alias, source in ties.items()
+        if alias.rsplit(".", 1)[0] in chosen or source.rsplit(".", 1)[0] in chosen
+    ]
     for alias in untie:
         del ties[alias]
     if untie and hasattr(config, "tie_word_embeddings"):
@@ -142,7 +146,9 @@ def quantize(
             added.update({f"{name}.weight_int8": q, f"{name}.weight_scale": scale})
         else:
             packed, scale, zero = _quantize_int4(weight, group_size)
-            added.update({f"{name}.weight_int4": packed, f"{name}.weight_scale": scale, f"{name}.weight_zero": zero})
+            added.update(
+                {f"{name}.weight_int4": packed, f"{name}.weight_scale": scale, f"{name}.weight_zero": zero}
+            )
     qc = {
         "quant_method": QUANT_METHOD,
         "scheme": scheme,
@@ -185,7 +191,9 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
     """
     qc = quantization_config(state.config)
     if qc is None:
-        raise QuantizationError("dequantize: the state is not quantized (its config has no fmodel quantization_config)")
+        raise QuantizationError(
+            "dequantize: the state is not quantized (its config has no fmodel quantization_config)"
+        )
     module = skeleton(state.config, state.architecture)
     restored: dict[str, torch.Tensor] = {}
     removed: set[str] = set()
@@ -234,12 +242,11 @@ def _quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     groups = math.ceil(in_features / group_size)
     w = weight.detach().to(torch.float32)
     w = torch.nn.functional.pad(w, (0, groups * group_size - in_features)).view(out, groups, group_size)
-    low = w.amin(dim=-1).clamp(max=0)  # zero is always representable exactly
-    high = w.amax(dim=-1).clamp(min=0)
-    span = high - low
+    low = w.amin(dim=-1)
+    span = w.amax(dim=-1) - low
     scale = torch.where(span > 0, span / 15, torch.ones_like(span)).to(weight.dtype)
-    s = scale.to(torch.float32)
-    zero = torch.round(-low / s).clamp_(0, 15)
-    q = (torch.round(w / s[..., None]) + zero[..., None]).clamp_(0, 15)
+    minimum = low.to(weight.dtype)  # a float offset (as llama.cpp's Q4_1): min and max are exact
+    s, m = scale.to(torch.float32), minimum.to(torch.float32)
+    q = torch.round((w - m[..., None]) / s[..., None]).clamp_(0, 15)
     q = q.reshape(out, groups * group_size)[:, :in_features]
-    return pack_int4(q), scale, zero.to(torch.uint8)
+    return pack_int4(q), scale, minimum
