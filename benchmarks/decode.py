@@ -150,6 +150,25 @@ def gemv_floor(state: Any) -> Callable[[], Any]:
     return run
 
 
+def read_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth: best of `repeats` sums over a buffer far larger
+    than the caches (GB/s)."""
+    import torch
+
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def weight_bytes(state: Any) -> int:
+    """Bytes a decode step must read: every distinct parameter once."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in state.params.values()}.values())
+
+
 def time_rounds(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """`repeats` rounds; each calls every function once, the order flipping every round."""
     import torch
@@ -186,6 +205,8 @@ def measure(path: Path, dtype_name: str, args: argparse.Namespace) -> dict[str, 
         "tokens_per_s": {name: args.new_tokens / statistics.median(xs) for name, xs in samples.items()},
         "speedup": ratio,
         "gemv_floor_ms": 1e3 * statistics.median(floor),
+        "weight_bytes": weight_bytes(state),
+        "read_bandwidth_gb_s": read_bandwidth_gb_s(),
     }
     if args.profile:
         result["profile"] = profile(calls["fmodel"])
@@ -238,6 +259,12 @@ def report(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> None:
         print(
             f"{r['dtype']}: ms/token fmodel {per_token['fmodel']:.1f}, transformers "
             f"{per_token['transformers']:.1f}; GEMV floor (every weight read once) {r['gemv_floor_ms']:.1f}"
+        )
+        achieved = {n: r["weight_bytes"] * tps / 1e9 for n, tps in r["tokens_per_s"].items()}
+        print(
+            f"  weight reads: fmodel {achieved['fmodel']:.1f} GB/s, transformers {achieved['transformers']:.1f} GB/s "
+            f"({r['weight_bytes'] / 1e6:.0f} MB per token) vs this machine's read bandwidth "
+            f"{r['read_bandwidth_gb_s']:.1f} GB/s"
         )
         spreads = ", ".join(f"{n} {min(x):.2f}-{max(x):.2f} s" for n, x in r["samples_s"].items())
         print(f"  samples (min-max): {spreads}")
