@@ -12,6 +12,7 @@ __all__ = [
     "QuantizedDtypeError",
     "ShapeMismatchError",
     "UnknownArchitectureError",
+    "UnsupportedOptionError",
 ]
 
 
@@ -51,3 +52,8 @@ class QuantizationError(FModelError, ValueError):
 class QuantizedDtypeError(QuantizationError, TypeError):
     """A dtype cast of a quantized model (`fmodel.to(state, dtype=...)`, `model.half()`, ...):
     its integer weights and scales have no meaning in another dtype. Dequantize first."""
+
+
+class UnsupportedOptionError(FModelError, ValueError):
+    """An option fmodel deliberately does not offer (e.g. beam search); the message names it and
+    the supported value."""

@@ -488,9 +488,9 @@ def test_facade_generate_matches_transformers(saved):
     ours.generation_config = ours.generation_config.replace(max_new_tokens=3)
     assert ours.generate(ids).shape[1] == ids.shape[1] + 3
     assert ours.generate(ids, top_k=None, do_sample=True, max_new_tokens=2).shape[1] == ids.shape[1] + 2
-    with pytest.raises(NotImplementedError, match="beam search"):
+    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="beam search"):
         ours.generate(ids, num_beams=2)
-    with pytest.raises(NotImplementedError, match="return_dict_in_generate"):
+    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="return_dict_in_generate"):
         ours.generate(ids, return_dict_in_generate=True)
     with pytest.raises(TypeError, match=r"unexpected arguments.*typo"):
         ours.generate(ids, typo=3)

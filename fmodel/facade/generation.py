@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedOptionError
 from ..generate import generate as functional_generate
 from ..generation_config import GenerationConfig
 
@@ -103,7 +104,7 @@ class GenerationMixin:
             LongTensor [B, P + N]: the prompts followed by the new tokens.
 
         Raises:
-            NotImplementedError: num_beams > 1 or another feature fmodel does not implement.
+            UnsupportedOptionError: num_beams > 1, or an option at a value fmodel does not offer.
             TypeError: an argument `generate` does not know.
         """
         if input_ids is None:
@@ -115,8 +116,8 @@ class GenerationMixin:
             if name in kwargs:
                 value = kwargs.pop(name)
                 if value != neutral and not (neutral is None and not value):
-                    raise NotImplementedError(
-                        f"generate: {name}={value!r} is not implemented by fmodel (only {neutral!r})"
+                    raise UnsupportedOptionError(
+                        f"generate: {name}={value!r} is not supported by fmodel (only {neutral!r})"
                     )
         unknown = set(kwargs) - _CONFIG_KWARGS
         if unknown:
@@ -124,8 +125,8 @@ class GenerationMixin:
                 f"generate: unexpected arguments {sorted(unknown)}; fmodel takes {sorted(_CONFIG_KWARGS)}"
             )
         if kwargs.get("num_beams", 1) != 1:
-            raise NotImplementedError(
-                f"generate: beam search is not implemented (num_beams={kwargs['num_beams']}); use num_beams=1"
+            raise UnsupportedOptionError(
+                f"generate: beam search is not supported (num_beams={kwargs['num_beams']}); use num_beams=1"
             )
         config = generation_config if generation_config is not None else self.generation_config
         if not isinstance(config, GenerationConfig):
