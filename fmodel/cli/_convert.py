@@ -23,7 +23,7 @@ import tempfile
 from typing import Any, TextIO
 
 from ..io.generation_config import generation_config_from_model_config
-from ..io.save import save
+from ..io.save import folder_mode, save, swap_into_place
 from ..state import ModelState
 from ..tokenizer import Tokenizer
 from ..transforms import quantize
@@ -163,24 +163,6 @@ def _check_destination(dst: str, force: bool) -> None:
         raise CLIError(f"{dst}: exists and is not empty; choose a new folder or pass --force to replace it")
 
 
-def _move_into_place(staging: str, dst: str) -> None:
-    """Rename `staging` to `dst`; an existing `dst` is set aside and removed only afterwards."""
-    if os.path.isdir(dst) and not os.listdir(dst):
-        os.rmdir(dst)
-    if not os.path.exists(dst):
-        os.rename(staging, dst)
-        return
-    backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rmdir(backup)
-    os.rename(dst, backup)
-    try:
-        os.rename(staging, dst)
-    except BaseException:
-        os.rename(backup, dst)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def _shard_size(text: str) -> int | str:
     """`--max-shard-size` as `fmodel.save` takes it: bytes, or a number with a decimal unit."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]b)?\s*", text, flags=re.I)
@@ -215,12 +197,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         tokenizer_names, generation = _stage_tokenizer(loaded, staging)
         # fmodel.save keeps the files already in `staging` and swaps its own output in atomically.
         save(state, staging, max_shard_size=shard_size, generation_config=generation)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; DST gets a normal folder's mode
+        os.chmod(staging, folder_mode(dst))  # mkdtemp made it private; DST gets a normal folder's mode
         names = sorted(os.listdir(staging))
         total = sum(os.path.getsize(os.path.join(staging, n)) for n in names)
-        _move_into_place(staging, dst)
+        if os.path.isdir(dst) and not os.listdir(dst):
+            os.rmdir(dst)
+        swap_into_place(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -223,7 +223,7 @@ def save(
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    os.chmod(tmp, _folder_mode(directory))  # mkdtemp makes it private; the result is a normal folder
+    os.chmod(tmp, folder_mode(directory))  # mkdtemp makes it private; the result is a normal folder
     try:
         _write_weights(
             tmp,
@@ -245,7 +245,7 @@ def save(
             for name in os.listdir(directory):
                 if not is_weight_file(name) and not os.path.exists(os.path.join(tmp, name)):
                     _link_or_copy(os.path.join(directory, name), os.path.join(tmp, name))
-        _swap_into_place(tmp, directory)
+        swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -308,7 +308,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _swap_into_place(tmp: str, directory: str) -> None:
+def swap_into_place(tmp: str, directory: str) -> None:
     """Rename `tmp` to `directory`. An existing `directory` is first renamed aside and removed
     only after the new one is in place; if the second rename fails it is put back."""
     if not os.path.exists(directory):
@@ -325,7 +325,7 @@ def _swap_into_place(tmp: str, directory: str) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _folder_mode(directory: str) -> int:
+def folder_mode(directory: str) -> int:
     """The mode the saved folder gets: an existing folder's own, else a new folder's (umask)."""
     if os.path.isdir(directory):
         return os.stat(directory).st_mode & 0o7777
