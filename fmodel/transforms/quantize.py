@@ -157,11 +157,13 @@ def quantize(
         "skipped_modules": skipped,
     }
     config = config.replace(extra=config.extra | {"quantization_config": qc})
+    added_by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in added.items():
+        added_by_module.setdefault(k.rsplit(".", 1)[0], {})[k] = v
     params = {}
-    for n, t in state.params.items():
+    for n, t in state.params.items():  # each layer's new entries take its weight's place
         if n in removed:
-            prefix = n.rsplit(".", 1)[0]
-            params.update({k: v for k, v in added.items() if k.rsplit(".", 1)[0] == prefix})
+            params.update(added_by_module.get(n.rsplit(".", 1)[0], {}))
         else:
             params[n] = t
     return state.replace(config=config, params=params, ties=ties)
