@@ -140,8 +140,9 @@ def has_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def build_random_checkpoint(path: Path, seed: int = 0) -> None:
-    """Write a random-weight float32 Llama checkpoint with Transformers' `save_pretrained`.
+def build_random_checkpoint(path: Path, seed: int = 0, model_config: dict[str, Any] | None = None) -> None:
+    """Write a random-weight float32 Llama checkpoint (`model_config`, default this benchmark's
+    MODEL_CONFIG) with Transformers' `save_pretrained`; ties follow the config.
 
     The model is built on the meta device, materialised uninitialised, and filled like
     Transformers' init (normal(0, 0.02) matrices, unit norms) without its slower init pass.
@@ -150,7 +151,7 @@ def build_random_checkpoint(path: Path, seed: int = 0) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**MODEL_CONFIG, dtype="float32")
+    config = LlamaConfig(**(MODEL_CONFIG if model_config is None else model_config), dtype="float32")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
@@ -161,6 +162,7 @@ def build_random_checkpoint(path: Path, seed: int = 0) -> None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, config.initializer_range, generator=generator)
+    model.tie_weights()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
     try:

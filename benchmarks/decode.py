@@ -36,10 +36,8 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,31 +66,10 @@ NOISY_SPREAD = 1.5
 
 
 def build_random_checkpoint(path: Path, seed: int = 0) -> None:
-    """A random float32 SmolLM2-135M-shaped Llama, written by Transformers (temp folder + rename)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random float32 SmolLM2-135M-shaped Llama, written by Transformers (compare.py's builder)."""
+    from compare import build_random_checkpoint as build
 
-    config = LlamaConfig(**MODEL_CONFIG, dtype="float32")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, config.initializer_range, generator=generator)
-    model.tie_weights()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tmp.chmod(0o755)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build(path, seed, MODEL_CONFIG)
 
 
 def ensure_checkpoint(path: Path | None) -> Path:
