@@ -68,7 +68,7 @@ def kernel_table(group: int) -> None:
               "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
     gen = torch.Generator().manual_seed(0)
     print(f"\nkernels: ms per call, best of repeats, 1 thread (int4 group {group})")
-    header = ["fp32", "bf16", "i8 dyn", "i8pack_mm", "i8 deq+mm", "i4 tinygemm", "i4 deq+mm", "i4 deq bf16"]
+    header = ["fp32", "bf16", "i8 fmodel", "i8pack f32x", "i8 deq+mm", "i4 fmodel", "i4 deq+mm", "i4 deq bf16"]
     for rows in (1, 128):
         print(f"\n{rows} token(s):\n{'shape':<20}" + "".join(f"{h:>13}" for h in header))
         for label, (out, inp) in shapes.items():
@@ -110,10 +110,10 @@ def _candidates(w: torch.Tensor, x: torch.Tensor, group: int) -> dict[str, float
         return {
             "fp32": best_ms(lambda: F.linear(x, w)),
             "bf16": best_ms(lambda: F.linear(xb, wb)),
-            "i8 dyn": best_ms(lambda: call(l8, state8, (x,))),
-            "i8pack_mm": best_ms(lambda: torch._weight_int8pack_mm(x, q8, scale)),
+            "i8 fmodel": best_ms(lambda: call(l8, state8, (x,))),  # int8pack_mm, bf16 x (<= 16 rows)
+            "i8pack f32x": best_ms(lambda: torch._weight_int8pack_mm(x, q8, scale)),
             "i8 deq+mm": best_ms(lambda: F.linear(x, q8.float() * scale[:, None])),
-            "i4 tinygemm": best_ms(lambda: [call(l4, state4, (x4,)) for _ in range(reps)]),
+            "i4 fmodel": best_ms(lambda: [call(l4, state4, (x4,)) for _ in range(reps)]),
             "i4 deq+mm": best_ms(lambda: F.linear(x, deq4(torch.float32))),
             "i4 deq bf16": best_ms(lambda: F.linear(xb, deq4(torch.bfloat16))),
         }

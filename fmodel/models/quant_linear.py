@@ -14,14 +14,14 @@ The *reference semantics* of a forward is `F.linear(x, W.to(x.dtype), bias)` wit
 computed in float32. On CPU the forward runs faster kernels instead, which differ from the
 reference by rounding only (tests bound the difference):
 
-- int8: by default the reference (exact weight-only). Opt-in (`INT8_DYNAMIC_ACTIVATIONS`):
-  fbgemm's dynamic-quantized linear (`torch.ops.quantized.linear_dynamic`, what
-  `torch.ao.quantization.quantize_dynamic` runs). It also quantizes the *activations*, per
-  call, to 7-bit unsigned integers over the whole input's min..max (`reduce_range`, safe on
-  every x86 CPU), accumulates in int32 and rescales in float32. Relative error is of the order
-  of 1/127 of the input's range per product; a large outlier in one row coarsens the others.
+- int8: `torch._weight_int8pack_mm` for inputs of at most `KERNEL_MAX_ROWS` rows (decode
+  steps): weight-only, the activations rounded to bfloat16 and the product returned in
+  bfloat16 (accumulated in float32), then scaled per channel in float32. Longer inputs
+  (prefill) dequantize to float32 and matmul, the faster path there. (fbgemm's dynamic int8
+  linear, which also quantizes the activations, was slower on this project's machines and
+  broke SmolLM2-135M: top-1 agreement with float32 0.22, because of activation outliers.)
 - int4: `torch._weight_int4pack_mm_for_cpu` ("tinygemm") for inputs of at most
-  `INT4_KERNEL_MAX_ROWS` rows (decode steps): activations and scales are rounded to bfloat16
+  `KERNEL_MAX_ROWS` rows (decode steps): activations and scales are rounded to bfloat16
   (about 3 significant digits). Longer inputs (prefill) dequantize to float32 and matmul,
   which is then the faster path.
 
@@ -34,8 +34,8 @@ path, so gradients flow to the input (adapters on a quantized base).
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "INT4_KERNEL_MAX_ROWS",
+    "KERNEL_MAX_ROWS",
     "Int4Linear",
     "Int8Linear",
     "dequantize_int4",
@@ -57,8 +57,9 @@ __all__ = [
 ]
 
 QUANT_METHOD = "fmodel"
-INT4_KERNEL_MAX_ROWS = 16  # tinygemm is faster than dequantize+matmul up to about this many rows
-_INT8_REDUCE_RANGE = True  # 7-bit activations: no int16 saturation on CPUs without VNNI
+# The weight-only kernels beat dequantize + float32 matmul up to about this many rows (measured
+# on 2 AMD EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
+KERNEL_MAX_ROWS = 16
 
 
 def quantization_config(config: Any) -> Mapping[str, Any] | None:
@@ -131,9 +132,7 @@ class _PackCache:
         entry = self._entries.get(key)
         if entry is None or entry[0] != versions:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch's deprecation notice for qint8 tensors
-                    packed = build()
+                packed = build()
             except (RuntimeError, AttributeError, NotImplementedError):
                 packed = None
             entry = (versions, packed)
@@ -146,14 +145,13 @@ def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(-1 if t.is_inference() else t._version for t in tensors)
 
 
-# fbgemm's dynamic int8 linear is 2-4x faster than the reference, but its per-call 7-bit
-# activation quantization breaks trained models with activation outliers: on SmolLM2-135M
-# top-1 agreement with float32 fell to 0.22 (weight-only int8: 0.91). Off until a per-token /
-# outlier-aware activation path exists; set True to trade accuracy for speed.
-INT8_DYNAMIC_ACTIVATIONS = False
-
-_INT8_PACKS = _PackCache()
 _INT4_PACKS = _PackCache()
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_scales(n: int) -> torch.Tensor:
+    """bfloat16 ones [n] (read-only use), shared by every int8 layer with n outputs."""
+    return torch.ones(n, dtype=torch.bfloat16)
 
 
 class Int8Linear(nn.Module):
@@ -172,24 +170,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, bias = self.weight_int8, self.weight_scale, self.bias
-        if INT8_DYNAMIC_ACTIVATIONS and _fast_ok(x, q, scale) and x.shape[-1] > 0 and self.out_features > 0:
-            packed = _INT8_PACKS.get(q, _versions(q, scale), lambda: _prepack_int8(q, scale))
-            if packed is not None:
-                y = torch.ops.quantized.linear_dynamic(x.to(torch.float32), packed, _INT8_REDUCE_RANGE)
-                if bias is not None:
-                    y = y + bias.detach().to(torch.float32)
-                return y.to(x.dtype)
+        rows = x.shape[:-1].numel()
+        if 0 < rows <= KERNEL_MAX_ROWS and _fast_ok(x, q, scale) and self.out_features > 0:
+            # unit scales in the kernel: the stored float scales are applied after it, unrounded
+            x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2, q.detach(), _unit_scales(self.out_features)).to(torch.float32)
+            y = y * scale.detach().to(torch.float32)
+            if bias is not None:
+                y = y + bias.detach().to(torch.float32)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return _reference_linear(x, self.reference_weight(), bias)
-
-
-def _prepack_int8(q: torch.Tensor, scale: torch.Tensor):
-    qweight = torch._make_per_channel_quantized_tensor(
-        q.detach(),
-        scale.detach().to(torch.float64),
-        torch.zeros(q.shape[0], dtype=torch.int64),
-        0,
-    )
-    return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 class Int4Linear(nn.Module):
@@ -215,7 +205,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zero, bias = self.weight_int4, self.weight_scale, self.weight_zero, self.bias
         rows = x.shape[:-1].numel()
-        if rows <= INT4_KERNEL_MAX_ROWS and _fast_ok(x, q, scale, zero) and rows > 0:
+        if 0 < rows <= KERNEL_MAX_ROWS and _fast_ok(x, q, scale, zero):
             packed = _INT4_PACKS.get(q, _versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
             if packed is not None:
                 weight, scales_zeros, padded_in = packed
