@@ -96,6 +96,7 @@ RSS_WEIGHT_FACTOR = 1.05  # peak RSS <= torch baseline + 1.05 x weight bytes
 PREFILL_SPEEDUP = 1.10  # fmodel prefill >= 1.1 x faster than Transformers
 MAX_OVERHEAD = 0.05  # functional_call <= 5% slower than a direct call
 
+DECODE_VARIANTS = ("float32", "bfloat16", "int8", "int8+lm_head", "int4", "int4+lm_head")  # decode.py's
 CHILD_MARKER = "@@compare-result@@ "
 LIBRARIES = ("fmodel", "transformers")
 MIB = 1024 * 1024
@@ -411,7 +412,11 @@ class SpeedResult:
 
     prefill: Timings
     one_token: Timings
+    decode_step: Timings  # one token over a KV cache of PREFILL_TOKENS positions
     max_abs_logit_diff: float  # fmodel vs Transformers, prefill logits
+    bind_s: float  # one functional_call binding of every tensor (what generate pays once per call)
+    compiled: Timings | None = None  # 1-token forward: compiled facade call, eager facade, Transformers
+    compile_s: float | None = None  # the compiled call's first run (tracing + code generation)
 
 
 def _forward_calls(
@@ -449,6 +454,99 @@ def _forward_calls(
     }
 
 
+def _decode_step_calls(
+    state: ModelState, hf_model: nn.Module, direct: nn.Module
+) -> dict[str, Callable[[], object]]:
+    """One greedy decode step (1 token, logits of it only) over a KV cache already holding
+    PREFILL_TOKENS positions: `fmodel.forward` (one functional_call per step, what a hand-written
+    loop pays), the bare functional_call, the direct call and Transformers with its own cache.
+    Each call writes the same cache slot (the given cache value stays valid: `fmodel.cache`)."""
+    import torch
+    from torch.func import functional_call
+
+    import fmodel
+    from fmodel import attention
+    from fmodel.models.skeleton import skeleton
+
+    prompt = _token_ids(state.config.vocab_size, PREFILL_TOKENS, seed=1)
+    step = _token_ids(state.config.vocab_size, 1, seed=2)
+    with torch.inference_mode():
+        empty = fmodel.init_cache(state, 1, PREFILL_TOKENS + 1)
+        cache = fmodel.forward(state, prompt, past_key_values=empty, logits_to_keep=1).past_key_values
+        hf_cache = hf_model(prompt, use_cache=True).past_key_values
+    skel = skeleton(state.config, state.architecture)
+    kwargs = {
+        "attention_mask": None,
+        "position_ids": None,
+        "inputs_embeds": None,
+        "attn": attention.get(state.attn_implementation),
+        "output_hidden_states": False,
+        "output_attentions": False,
+        "past_key_values": cache,
+        "logits_to_keep": 1,
+    }
+    hf_length = hf_cache.get_seq_length()
+
+    def transformers_step() -> torch.Tensor:
+        hf_cache.crop(hf_length)  # back to the prompt: every call is the same step
+        return hf_model(step, past_key_values=hf_cache, use_cache=True, logits_to_keep=1).logits
+
+    return {
+        "fmodel": lambda: fmodel.forward(state, step, past_key_values=cache, logits_to_keep=1).logits,
+        "functional_call": lambda: functional_call(
+            skel, state.tensors, (step,), kwargs, tie_weights=False, strict=False
+        )["logits"],
+        "direct": lambda: direct(step, **kwargs)["logits"],
+        "transformers": transformers_step,
+    }
+
+
+def bind_seconds(state: ModelState, repeats: int = 20) -> float:
+    """Median time of one functional_call that binds every tensor of `state` to the skeleton and
+    runs nothing: what `fmodel.generate` pays once per call (not per token)."""
+    from torch.func import functional_call
+
+    from fmodel.generate import _Bound
+    from fmodel.models.skeleton import skeleton
+
+    bound = _Bound(skeleton(state.config, state.architecture))
+    tensors = {f"model.{name}": t for name, t in state.tensors.items()}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        functional_call(bound, tensors, (lambda module: None,), tie_weights=False, strict=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_compiled(state: ModelState, hf_model: nn.Module, repeats: int) -> tuple[Timings, float]:
+    """The facade's `get_compiled_call()` (torch.compile of its module tree) on a 1-token
+    forward, against the eager facade and Transformers; and the compiled call's first run."""
+    import torch
+
+    from fmodel.facade import FAMILY_CLASSES  # LlamaForCausalLM, ...: the facade class of the state
+
+    model = FAMILY_CLASSES[state.architecture].from_state(state).eval()
+    compiled = model.get_compiled_call()
+    ids = _token_ids(state.config.vocab_size, 1, seed=3)
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(ids, attention_mask=mask, use_cache=False)
+    compile_s = time.perf_counter() - start
+    calls = {
+        "compiled": lambda: compiled(ids, attention_mask=mask, use_cache=False).logits,
+        "eager": lambda: model(ids, attention_mask=mask, use_cache=False).logits,
+        "transformers": lambda: hf_model(ids, attention_mask=mask, use_cache=False).logits,
+    }
+    with torch.inference_mode():
+        outs = {name: call() for name, call in calls.items()}
+    diff = float((outs["compiled"] - outs["eager"]).abs().max())
+    if diff > 1e-3:
+        raise RuntimeError(f"the compiled call's logits differ from the eager ones by {diff}")
+    return time_interleaved(calls, repeats, warmup=2), compile_s
+
+
 def _check_same_logits(calls: dict[str, Callable[[], object]]) -> float:
     """Max |fmodel - Transformers| of the logits; raises if the direct call differs from fmodel."""
     import torch
@@ -461,8 +559,9 @@ def _check_same_logits(calls: dict[str, Callable[[], object]]) -> float:
     return float((logits["fmodel"] - logits["transformers"]).abs().max())
 
 
-def measure_speed(path: Path, repeats: int) -> SpeedResult:
-    """Prefill (128 tokens) and 1-token forwards, all variants in this process, interleaved."""
+def measure_speed(path: Path, repeats: int, compiled: bool = True) -> SpeedResult:
+    """Prefill (128 tokens), 1-token forwards and decode steps, all variants in this process,
+    interleaved; with `compiled`, the facade's compiled 1-token call too."""
     from transformers import AutoModelForCausalLM
 
     import fmodel
@@ -476,7 +575,13 @@ def measure_speed(path: Path, repeats: int) -> SpeedResult:
     one_token = time_interleaved(
         _forward_calls(state, hf_model, direct, 1), repeats * ONE_TOKEN_ROUNDS, warmup=5
     )
-    return SpeedResult(prefill, one_token, diff)
+    step_calls = _decode_step_calls(state, hf_model, direct)
+    _check_same_logits(step_calls)
+    decode_step = time_interleaved(step_calls, repeats * ONE_TOKEN_ROUNDS, warmup=5)
+    result = SpeedResult(prefill, one_token, decode_step, diff, bind_seconds(state))
+    if compiled:
+        result.compiled, result.compile_s = measure_compiled(state, hf_model, repeats * ONE_TOKEN_ROUNDS)
+    return result
 
 
 # --------------------------------------------------------------------------- report
@@ -578,10 +683,16 @@ def speed_rows(speed: SpeedResult) -> list[Row]:
     ]
 
 
-def overhead_rows(speed: SpeedResult) -> list[Row]:
-    """fmodel.forward (with target) and bare functional_call versus the direct call."""
+def overhead_rows(speed: SpeedResult, decode: Any = None) -> list[Row]:
+    """fmodel.forward (with target) and bare functional_call versus the direct call; a decode
+    step; and generate's once-per-call binding spread over its tokens."""
     rows = []
-    for label, timings in ((f"prefill {PREFILL_TOKENS} tokens", speed.prefill), ("1-token", speed.one_token)):
+    labelled = (
+        (f"prefill {PREFILL_TOKENS} tokens", speed.prefill),
+        ("1-token", speed.one_token),
+        (f"decode step (cache {PREFILL_TOKENS})", speed.decode_step),
+    )
+    for label, timings in labelled:
         for name, what in (("fmodel", "fmodel.forward"), ("functional_call", "  bare functional_call")):
             over = timings.ratio(name, "direct") - 1.0
             has_target = name == "fmodel"
@@ -595,6 +706,79 @@ def overhead_rows(speed: SpeedResult) -> list[Row]:
                     over <= MAX_OVERHEAD if has_target else None,
                 )
             )
+    step = speed.decode_step.median("direct")
+    tokens = decode.results[0].new_tokens if decode is not None and decode.results else 128
+    per_token = speed.bind_s / tokens
+    rows.append(
+        Row(
+            f"fmodel.generate: 1 binding per call / {tokens} tokens",
+            f"{per_token * 1e6:.0f} us",
+            _ms(step),
+            f"{per_token / step * 100:+.1f}%",
+            f"<= {MAX_OVERHEAD * 100:.0f}%",
+            per_token / step <= MAX_OVERHEAD,
+        )
+    )
+    rows.append(Row(f"  the binding itself ({speed.bind_s * 1e3:.2f} ms per generate call)", "", ""))
+    return rows
+
+
+def compiled_rows(speed: SpeedResult) -> list[Row]:
+    """The facade's compiled 1-token call versus Transformers' eager one (and fmodel eager)."""
+    if speed.compiled is None:
+        return []
+    t = speed.compiled
+    return [
+        Row(
+            "get_compiled_call, 1-token forward",
+            _ms(t.median("compiled")),
+            _ms(t.median("transformers")),
+            f"{t.ratio('compiled', 'transformers'):.3f}x",
+        ),
+        Row(
+            "  eager facade, 1-token forward",
+            _ms(t.median("eager")),
+            _ms(t.median("transformers")),
+            f"{t.ratio('eager', 'transformers'):.3f}x",
+        ),
+        Row("  compile time (first call)", _s(speed.compile_s or 0.0), ""),
+    ]
+
+
+def decode_rows(report: Any) -> list[Row]:
+    """Greedy decode tokens/s per variant against its Transformers reference (decode.py),
+    with the ceiling the machine's read bandwidth allows."""
+    from decode import ceiling
+
+    rows = []
+    bw = report.bandwidth_gb_s
+    for r in report.results:
+        v = r.variant
+        rows.append(
+            Row(
+                f"decode {v.label} (vs {v.reference}), tok/s",
+                f"{r.tokens_per_s:.1f}",
+                f"{r.reference_tokens_per_s:.1f}",
+                f"{r.speedup:.2f}x",
+                "" if v.target is None else f">= {v.target:.1f}x",
+                None if v.target is None else r.speedup >= v.target,
+            )
+        )
+        rows.append(
+            Row(
+                f"  weight reads {r.step_bytes / 1e6:.0f} MB/token; bandwidth ceiling",
+                f"{r.step_bytes * r.tokens_per_s / 1e9:.1f} GB/s",
+                f"{bw:.1f} GB/s",
+                f"{ceiling(r, bw) / r.reference_tokens_per_s:.2f}x",
+            )
+        )
+        rows.append(
+            Row(
+                "  greedy tokens equal to the reference's, leading",
+                f"{r.same_leading_tokens}/{r.new_tokens}",
+                "",
+            )
+        )
     return rows
 
 
@@ -639,8 +823,10 @@ def machine_info(threads: int, repeats: int, path: Path) -> dict[str, Any]:
 
 
 def json_payload(
-    info: dict[str, Any], weights: int, load: LoadResult, speed: SpeedResult, rows: Sequence[Row]
+    info: dict[str, Any], weights: int, load: LoadResult, speed: SpeedResult, rows: Sequence[Row], decode: Any
 ) -> dict[str, Any]:
+    from decode import json_results
+
     return {
         "machine": info,
         "weight_bytes": weights,
@@ -655,6 +841,12 @@ def json_payload(
             "samples_s": speed.prefill.samples,
         },
         "one_token": {"median_s": speed.one_token.summary(), "samples_s": speed.one_token.samples},
+        "decode_step": {"median_s": speed.decode_step.summary(), "samples_s": speed.decode_step.samples},
+        "generate_bind_s": speed.bind_s,
+        "compiled_one_token": None
+        if speed.compiled is None
+        else {"median_s": speed.compiled.summary(), "compile_s": speed.compile_s},
+        "decode": None if decode is None else json_results(decode),
         "max_abs_logit_diff": speed.max_abs_logit_diff,
         "table": [
             dict(zip(("metric", "fmodel", "reference", "ratio", "target", "result"), r.cells(), strict=True))
@@ -676,22 +868,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--load-runs", type=int, default=3, help="recorded load subprocesses per library")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    parser.add_argument(
+        "--decode-variants",
+        default=",".join(DECODE_VARIANTS),
+        help="decode.py variants to time ('' = no decode section)",
+    )
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens per decode run")
+    parser.add_argument("--decode-repeats", type=int, default=3, help="timed decode rounds")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled-call measurement")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers to OUT")
     parser.add_argument("--_child", choices=LIBRARIES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def print_report(info: dict[str, Any], load: LoadResult, speed: SpeedResult, weights: int) -> list[Row]:
+def print_report(
+    info: dict[str, Any], load: LoadResult, speed: SpeedResult, weights: int, decode: Any = None
+) -> list[Row]:
     """Print the tables; return their rows."""
-    versus_hf = [*load_rows(load, weights), *speed_rows(speed)]
-    overhead = overhead_rows(speed)
+    versus_hf = [*load_rows(load, weights), *speed_rows(speed), *compiled_rows(speed)]
+    overhead = overhead_rows(speed, decode)
     print()
-    print("fmodel vs Hugging Face Transformers (ratio = fmodel / transformers)")
+    print("fmodel vs Hugging Face Transformers (ratio = fmodel / transformers: time, or memory)")
     print(format_table(versus_hf, "transformers"))
+    rows = [*versus_hf]
+    if decode is not None:
+        decoding = decode_rows(decode)
+        print()
+        print(
+            f"greedy decode, batch 1, {decode.results[0].new_tokens} new tokens (ratio = fmodel tok/s / "
+            "reference tok/s; ceiling = the ratio the read bandwidth would allow at zero overhead)"
+        )
+        print(format_table(decoding, "transformers"))
+        rows += decoding
     print()
     print("functional_call overhead vs the same skeleton with its tensors installed, called directly")
     print(format_table(overhead, "direct call"))
-    rows = [*versus_hf, *overhead]
+    rows += overhead
     targets = [r.passed for r in rows if r.passed is not None]
     print(f"\n{sum(targets)}/{len(targets)} targets met")
     print_noise(info, speed)
@@ -702,7 +914,11 @@ def print_noise(info: dict[str, Any], speed: SpeedResult) -> None:
     """The spread of the timings and the machine's load: how far to trust the numbers."""
     load_now = os.getloadavg()[0]
     print(f"load average (1 min): {info['load_average_1m']:.2f} at the start, {load_now:.2f} now")
-    for label, timings in (("prefill", speed.prefill), ("1-token", speed.one_token)):
+    for label, timings in (
+        ("prefill", speed.prefill),
+        ("1-token", speed.one_token),
+        ("decode step", speed.decode_step),
+    ):
         spreads = ", ".join(
             f"{name} {min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f} ms" for name, xs in timings.samples.items()
         )
@@ -744,10 +960,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"forward timings: {args.repeats} prefill / {args.repeats * ONE_TOKEN_ROUNDS} 1-token rounds ...",
         flush=True,
     )
-    speed = measure_speed(path, args.repeats)
-    rows = print_report(info, load, speed, weights)
+    speed = measure_speed(path, args.repeats, compiled=not args.no_compile)
+    decode = None
+    if args.decode_variants:
+        from decode import measure_decode
+
+        labels = args.decode_variants.split(",")
+        print(
+            f"greedy decode: {args.decode_repeats} rounds of {args.new_tokens} new tokens, {labels} ...",
+            flush=True,
+        )
+        decode = measure_decode(path, labels, new_tokens=args.new_tokens, repeats=args.decode_repeats)
+    rows = print_report(info, load, speed, weights, decode)
     if args.json:
-        args.json.write_text(json.dumps(json_payload(info, weights, load, speed, rows), indent=2) + "\n")
+        payload = json_payload(info, weights, load, speed, rows, decode)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

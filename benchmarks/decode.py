@@ -1,33 +1,43 @@
-"""Greedy decode speed: `fmodel.generate` versus Transformers' `generate` on one checkpoint.
+"""Greedy decode speed: `fmodel.generate` (float32, bfloat16, int8, int4) versus Transformers.
 
 Usage:
     python benchmarks/decode.py [--checkpoint PATH] [--new-tokens N] [--prompt-tokens N]
-                                [--repeats N] [--dtypes float32,bfloat16] [--threads N]
-                                [--profile] [--json OUT]
+                                [--repeats N] [--variants float32,bfloat16,int8,...]
+                                [--threads N] [--profile] [--json OUT]
 
 Without --checkpoint, a random-weight Llama shaped like SmolLM2-135M (30 layers, hidden 576,
 9 heads, 3 key/value heads, intermediate 1536, vocab 49152, tied embeddings) is written once
-by Transformers' `save_pretrained` (float32) under `benchmarks/.cache/` (gitignored).
+by Transformers' `save_pretrained` (float32) under `benchmarks/.cache/` (gitignored). The
+reference workload is the real SmolLM2-135M-Instruct (`../shared/tools/make-reference-checkpoint`).
+
+Variants (fmodel state -> the Transformers model it is compared with):
+    float32        fmodel float32               vs Transformers float32
+    bfloat16       fmodel bfloat16              vs Transformers bfloat16
+    int8           quantize(int8), layers       vs Transformers float32
+    int8+lm_head   quantize(int8, include_lm_head=True)
+    int4           quantize(int4, group 32), layers
+    int4+lm_head   quantize(int4, group 32, include_lm_head=True)
 
 What is measured: batch 1, a random prompt of `--prompt-tokens` (16), `--new-tokens` (128)
 greedy new tokens, "sdpa" attention in both, no EOS (both run the full length), under
 `torch.inference_mode`. tokens/s = new tokens / wall time of the whole call (prefill
-included). Both models are loaded in `dtype` in this process; their outputs are compared
-token for token first (float32 must agree; bfloat16 may drift, the count is shown). Then
-`--repeats` rounds, each running both libraries back to back, the order flipping every round;
-the table shows medians and the median over rounds of the per-round ratio (steadier than a
-ratio of medians when others' work comes and goes).
+included). Every variant and every Transformers model runs once per round, back to back, the
+order flipping every round; a variant's ratio is the median over rounds of its speed over its
+reference's speed in the same round (steadier than a ratio of medians when others' work comes
+and goes). Outputs are compared token for token with the reference first (float32 must
+agree; other variants may drift, the count is shown).
 
-For context it also times the "GEMV floor": one matrix-vector product with every 2-D weight
-of the model (a decode step's unavoidable weight reads) — on a CPU, memory bandwidth bounds
-decode speed by it. `--profile` prints torch.profiler's top operators of fmodel's decode loop.
+Memory-bandwidth bound: a decode step reads every weight once (the input embedding table is
+not read, only one row of it, unless it is tied to the LM head). `weight bytes / step time`
+is the achieved read rate; the machine's read bandwidth, measured as the faster of a large
+sum and a large matrix-vector product, bounds it: `bandwidth / bytes per token` is the most
+tokens/s any library can reach with those weights, printed as a ceiling beside each target.
 
-Target (issue 6): fmodel >= 2.5x Transformers' tokens/s in float32.
+Targets (issue 6): float32 and bfloat16 >= 2.5x Transformers in the same dtype; int8 >= 6x
+Transformers' float32; int4 reported.
 
 Threads: both libraries run with the same `torch.set_num_threads`. On a small machine shared
-with other work, `--threads 1` gives steadier numbers: with every core busy, each parallel
-region of a decode step (GEMVs, the sdpa kernel) can wait a scheduler slice for its helper
-thread, and both libraries then slow down several-fold, erratically.
+with other work, `--threads 1` gives steadier numbers.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +71,43 @@ MODEL_CONFIG: dict[str, Any] = {
     "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5,
 }
-TARGET = 2.5  # fmodel tokens/s >= 2.5 x Transformers', float32
 ATTN = "sdpa"
 NOISY_SPREAD = 1.5
+INT4_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An fmodel configuration and the Transformers dtype it is compared with."""
+
+    label: str
+    dtype: str  # fmodel's float dtype
+    scheme: str | None = None  # fmodel.quantize scheme
+    include_lm_head: bool = False
+    reference: str = "float32"  # Transformers' dtype
+    target: float | None = None  # fmodel tokens/s >= target x the reference's
+
+    def build(self, base: Any) -> Any:
+        import fmodel
+
+        if self.scheme is None:
+            return base
+        group = {"group_size": INT4_GROUP} if self.scheme == "int4" else {}
+        return fmodel.quantize(base, self.scheme, include_lm_head=self.include_lm_head, **group)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.label: v
+    for v in (
+        Variant("float32", "float32", target=2.5),
+        Variant("bfloat16", "bfloat16", reference="bfloat16", target=2.5),
+        Variant("int8", "float32", "int8", target=6.0),
+        Variant("int8+lm_head", "float32", "int8", include_lm_head=True, target=6.0),
+        Variant("int4", "float32", "int4"),
+        Variant("int4+lm_head", "float32", "int4", include_lm_head=True),
+    )
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
 
 
 def build_random_checkpoint(path: Path, seed: int = 0) -> None:
@@ -83,67 +128,149 @@ def ensure_checkpoint(path: Path | None) -> Path:
     return DEFAULT_CHECKPOINT
 
 
-# --------------------------------------------------------------------------- the two calls
+# --------------------------------------------------------------------------- measurements
 
 
-def make_calls(
-    path: Path, dtype_name: str, prompt: int, new: int
-) -> tuple[dict[str, Callable[[], Any]], Any]:
-    """{"fmodel": call, "transformers": call} generating `new` greedy tokens, and the state."""
+def step_bytes(state: Any) -> int:
+    """Bytes a decode step reads from the weights: every distinct tensor once, except an input
+    embedding table that is not also the LM head (a step reads one row of it)."""
+    from fmodel.models import get_spec
+
+    spec = get_spec(state.architecture)
+    embedding = state.params.get(spec.input_embeddings) if spec.input_embeddings else None
+    head = state.params.get(spec.output_embeddings) if spec.output_embeddings else None
+    distinct = {id(t): t for t in (*state.params.values(), *state.buffers.values())}
+    if embedding is not None and embedding is not head:
+        distinct.pop(id(embedding), None)
+    return sum(t.numel() * t.element_size() for t in distinct.values())
+
+
+def read_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth (GB/s): the best of `repeats` passes over a float32
+    buffer far larger than the caches, as a sum and as a matrix-vector product (the faster wins:
+    each alone can be compute-bound on some CPUs)."""
+    import torch
+
+    cols = 4096
+    matrix = torch.ones(megabytes * 2**20 // (4 * cols), cols)
+    vector = torch.ones(1, cols)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for run in (matrix.sum, lambda: torch.nn.functional.linear(vector, matrix)):
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+    return matrix.numel() * 4 / best / 1e9
+
+
+@dataclass
+class DecodeResult:
+    """One variant against its reference, measured in the same rounds."""
+
+    variant: Variant
+    new_tokens: int
+    samples_s: list[float]
+    reference_samples_s: list[float]
+    same_leading_tokens: int  # greedy tokens equal to the reference's before the first difference
+    agreement: float  # fraction of greedy tokens equal to the reference's
+    step_bytes: int
+    memory_bytes: int  # fmodel.stats.get_memory_footprint of the state
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / statistics.median(self.samples_s)
+
+    @property
+    def reference_tokens_per_s(self) -> float:
+        return self.new_tokens / statistics.median(self.reference_samples_s)
+
+    @property
+    def speedup(self) -> float:
+        pairs = zip(self.samples_s, self.reference_samples_s, strict=True)
+        return statistics.median(theirs / ours for ours, theirs in pairs)
+
+
+@dataclass
+class DecodeReport:
+    results: list[DecodeResult]
+    bandwidth_gb_s: float
+    profile: dict[str, str] = field(default_factory=dict)
+
+
+def measure_decode(
+    path: Path,
+    labels: Sequence[str] = DEFAULT_VARIANTS,
+    *,
+    prompt_tokens: int = 16,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    profile: bool = False,
+) -> DecodeReport:
+    """Load each variant and each reference Transformers model once, check their greedy tokens,
+    then time `repeats` interleaved rounds (see the module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import fmodel
 
-    dtype = getattr(torch, dtype_name)
-    state = fmodel.load(path, dtype=dtype, attn_implementation=ATTN)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN).eval()
-    ids = torch.randint(0, state.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    variants = [VARIANTS[label] for label in labels]
+    bases = {
+        dtype: fmodel.load(path, dtype=dtype, attn_implementation=ATTN)
+        for dtype in {v.dtype for v in variants}
+    }
+    states = {v.label: v.build(bases[v.dtype]) for v in variants}
+    refs = {
+        dtype: AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=ATTN
+        ).eval()
+        for dtype in sorted({v.reference for v in variants})
+    }
+    vocab = next(iter(bases.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    no_eos = fmodel.GenerationConfig()  # no token ids: no EOS, both run the full length
+    no_eos = fmodel.GenerationConfig()  # no token ids: no EOS, every run makes `new_tokens`
 
-    def ours() -> Any:
-        return fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=new, generation_config=no_eos)
-
-    def theirs() -> Any:
-        return hf.generate(
-            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+    def ours(state: Any) -> Callable[[], Any]:
+        return lambda: fmodel.generate(
+            state, ids, attention_mask=mask, max_new_tokens=new_tokens, generation_config=no_eos
         )
 
-    return {"fmodel": ours, "transformers": theirs}, state
+    def theirs(model: Any) -> Callable[[], Any]:
+        return lambda: model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
 
-
-def gemv_floor(state: Any) -> Callable[[], Any]:
-    """One vector-matrix product per 2-D weight of the state (each distinct tensor once)."""
-    import torch
-
-    weights = {id(t): t for t in state.params.values() if t.dim() == 2}.values()
-    vectors = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-
-    def run() -> None:
-        for w in weights:
-            torch.nn.functional.linear(vectors[w.shape[1]], w)
-
-    return run
-
-
-def read_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
-    """This machine's memory read bandwidth: best of `repeats` sums over a buffer far larger
-    than the caches (GB/s)."""
-    import torch
-
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9
-
-
-def weight_bytes(state: Any) -> int:
-    """Bytes a decode step must read: every distinct parameter once."""
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in state.params.values()}.values())
+    calls = {label: ours(state) for label, state in states.items()}
+    calls |= {f"transformers {dtype}": theirs(model) for dtype, model in refs.items()}
+    with torch.inference_mode():
+        outputs = {name: call()[0, prompt_tokens:] for name, call in calls.items()}  # also the warm-up
+    samples = time_rounds(calls, repeats)
+    results = []
+    for v in variants:
+        ref = f"transformers {v.reference}"
+        same = outputs[v.label] == outputs[ref]
+        results.append(
+            DecodeResult(
+                variant=v,
+                new_tokens=new_tokens,
+                samples_s=samples[v.label],
+                reference_samples_s=samples[ref],
+                same_leading_tokens=int(same.int().cumprod(0).sum()),
+                agreement=float(same.float().mean()),
+                step_bytes=step_bytes(states[v.label]),
+                memory_bytes=fmodel.stats.get_memory_footprint(states[v.label]),
+            )
+        )
+    report = DecodeReport(results, read_bandwidth_gb_s())
+    if profile:
+        report.profile = {label: profile_call(calls[label]) for label in states}
+    return report
 
 
 def time_rounds(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -161,36 +288,7 @@ def time_rounds(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
     return samples
 
 
-def measure(path: Path, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    calls, state = make_calls(path, dtype_name, args.prompt_tokens, args.new_tokens)
-    with torch.inference_mode():
-        outs = {name: call() for name, call in calls.items()}  # also the warm-up
-    p = args.prompt_tokens
-    same = int((outs["fmodel"][0, p:] == outs["transformers"][0, p:]).cumprod(0).sum())
-    samples = time_rounds(calls, args.repeats)
-    floor = time_rounds({"floor": gemv_floor(state)}, max(5, args.repeats))["floor"]
-    ratio = statistics.median(
-        b / a for a, b in zip(samples["fmodel"], samples["transformers"], strict=True)
-    )  # = fmodel tokens/s over Transformers'
-    result = {
-        "dtype": dtype_name,
-        "new_tokens": args.new_tokens,
-        "same_leading_tokens": same,
-        "samples_s": samples,
-        "tokens_per_s": {name: args.new_tokens / statistics.median(xs) for name, xs in samples.items()},
-        "speedup": ratio,
-        "gemv_floor_ms": 1e3 * statistics.median(floor),
-        "weight_bytes": weight_bytes(state),
-        "read_bandwidth_gb_s": read_bandwidth_gb_s(),
-    }
-    if args.profile:
-        result["profile"] = profile(calls["fmodel"])
-    return result
-
-
-def profile(call: Callable[[], Any]) -> str:
+def profile_call(call: Callable[[], Any]) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -202,56 +300,104 @@ def profile(call: Callable[[], Any]) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def report(info: dict[str, Any], results: Sequence[dict[str, Any]]) -> None:
-    header = ("dtype", "fmodel tok/s", "transformers tok/s", "speedup", "target", "result", "same tokens")
+def ceiling(result: DecodeResult, bandwidth_gb_s: float) -> float:
+    """The most tokens/s the machine's read bandwidth allows with this variant's weights."""
+    return bandwidth_gb_s * 1e9 / result.step_bytes
+
+
+def report_lines(report: DecodeReport) -> list[str]:
+    """The decode table with targets, ceilings and achieved read rates."""
+    header = (
+        "variant",
+        "vs",
+        "fmodel tok/s",
+        "ref tok/s",
+        "speedup",
+        "target",
+        "result",
+        "ceiling",
+        "GB/s",
+        "MB",
+        "same",
+    )
     rows = [header]
-    for r in results:
-        target = f">= {TARGET:.1f}x" if r["dtype"] == "float32" else ""
-        passed = "" if not target else ("PASS" if r["speedup"] >= TARGET else "MISS")
+    bw = report.bandwidth_gb_s
+    for r in report.results:
+        v = r.variant
+        passed = "" if v.target is None else ("PASS" if r.speedup >= v.target else "MISS")
         rows.append(
             (
-                r["dtype"],
-                f"{r['tokens_per_s']['fmodel']:.1f}",
-                f"{r['tokens_per_s']['transformers']:.1f}",
-                f"{r['speedup']:.2f}x",
-                target,
+                v.label,
+                f"tf {v.reference}",
+                f"{r.tokens_per_s:.1f}",
+                f"{r.reference_tokens_per_s:.1f}",
+                f"{r.speedup:.2f}x",
+                "" if v.target is None else f">= {v.target:.1f}x",
                 passed,
-                f"{r['same_leading_tokens']}/{r['new_tokens']}",
+                f"{ceiling(r, bw) / r.reference_tokens_per_s:.2f}x",
+                f"{r.step_bytes * r.tokens_per_s / 1e9:.1f}",
+                f"{r.memory_bytes / 1e6:.0f}",
+                f"{r.same_leading_tokens}/{r.new_tokens}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"ceiling = the speedup the read bandwidth ({bw:.1f} GB/s) would allow at zero overhead "
+        "(bandwidth / weight bytes per token, over the reference's measured tok/s); GB/s = fmodel's "
+        "achieved weight reads; MB = the state's footprint; same = greedy tokens equal to the "
+        "reference's before the first difference"
+    )
+    return lines
+
+
+def print_report(info: dict[str, Any], report: DecodeReport) -> None:
     print()
-    print(f"greedy decode, batch 1, {results[0]['new_tokens']} new tokens (speedup = fmodel / transformers)")
-    for i, row in enumerate(rows):
+    print(f"greedy decode, batch 1, {report.results[0].new_tokens} new tokens (speedup = fmodel / reference)")
+    print("\n".join(report_lines(report)))
+    for r in report.results:
+        spread = f"{min(r.samples_s):.2f}-{max(r.samples_s):.2f} s"
         print(
-            "  ".join(
-                c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+            f"  {r.variant.label}: samples {spread}, {1e3 / r.tokens_per_s:.1f} ms/token, agreement {r.agreement:.2f}"
         )
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print()
-    for r in results:
-        per_token = {name: 1e3 / tps for name, tps in r["tokens_per_s"].items()}
-        print(
-            f"{r['dtype']}: ms/token fmodel {per_token['fmodel']:.1f}, transformers "
-            f"{per_token['transformers']:.1f}; GEMV floor (every weight read once) {r['gemv_floor_ms']:.1f}"
-        )
-        achieved = {n: r["weight_bytes"] * tps / 1e9 for n, tps in r["tokens_per_s"].items()}
-        print(
-            f"  weight reads: fmodel {achieved['fmodel']:.1f} GB/s, transformers {achieved['transformers']:.1f} GB/s "
-            f"({r['weight_bytes'] / 1e6:.0f} MB per token) vs this machine's read bandwidth "
-            f"{r['read_bandwidth_gb_s']:.1f} GB/s"
-        )
-        spreads = ", ".join(f"{n} {min(x):.2f}-{max(x):.2f} s" for n, x in r["samples_s"].items())
-        print(f"  samples (min-max): {spreads}")
-        if "profile" in r:
-            print(r["profile"])
+    for label, table in report.profile.items():
+        print(f"\nprofile of {label}:\n{table}")
     load_now = os.getloadavg()[0]
     print(f"load average (1 min): {info['load_average_1m']:.2f} at the start, {load_now:.2f} now")
-    spread = max(max(x) / min(x) for r in results for x in r["samples_s"].values())
+    samples = [xs for r in report.results for xs in (r.samples_s, r.reference_samples_s)]
+    spread = max(max(x) / min(x) for x in samples)
     if spread > NOISY_SPREAD or info["load_average_1m"] > max(1, (info["cpus"] or 1) - info["threads"]) + 0.5:
         print(f"warning: other work was running (samples vary up to {spread:.1f}x); ratios are less reliable")
+
+
+def json_results(report: DecodeReport) -> dict[str, Any]:
+    return {
+        "read_bandwidth_gb_s": report.bandwidth_gb_s,
+        "variants": [
+            {
+                "variant": r.variant.label,
+                "reference": f"transformers {r.variant.reference}",
+                "target": r.variant.target,
+                "tokens_per_s": r.tokens_per_s,
+                "reference_tokens_per_s": r.reference_tokens_per_s,
+                "speedup": r.speedup,
+                "ceiling_tokens_per_s": ceiling(r, report.bandwidth_gb_s),
+                "step_bytes": r.step_bytes,
+                "memory_bytes": r.memory_bytes,
+                "same_leading_tokens": r.same_leading_tokens,
+                "agreement": r.agreement,
+                "samples_s": r.samples_s,
+                "reference_samples_s": r.reference_samples_s,
+            }
+            for r in report.results
+        ],
+    }
 
 
 def machine_info(threads: int, path: Path) -> dict[str, Any]:
@@ -285,12 +431,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per dtype")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
-    parser.add_argument("--profile", action="store_true", help="print fmodel's top operators")
+    parser.add_argument("--profile", action="store_true", help="print fmodel's top operators per variant")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers to OUT")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,15 +457,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = ensure_checkpoint(args.checkpoint)
     info = machine_info(threads, path)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    results = []
-    for dtype_name in args.dtypes.split(","):
-        print(
-            f"{dtype_name}: {args.repeats} rounds of {args.new_tokens} new tokens per library ...", flush=True
-        )
-        results.append(measure(path, dtype_name, args))
-    report(info, results)
+    labels = args.variants.split(",")
+    print(f"decode: {args.repeats} rounds of {args.new_tokens} new tokens, variants {labels} ...", flush=True)
+    report = measure_decode(
+        path,
+        labels,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        profile=args.profile,
+    )
+    print_report(info, report)
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": info, **json_results(report)}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
