@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from ._stack import run_layers, with_logits
-from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin
+from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin, rotary_tables
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # the same operations without the two casts (per layer per step)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -62,13 +64,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", torch.empty(config.head_size // 2), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope.rotary_tables` for `position_ids` [B, T]: cos and signed sin [B, 1, T, D]."""
         inv_freq, scaling = self.inv_freq, self.attention_scaling
         if self.config.rope_type == "dynamic":
             # Pure replacement of Transformers' stateful cache: scale for this call's length.
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, seq_len)[0].to(position_ids.device)
-        return rotary_cos_sin(inv_freq, position_ids, scaling, dtype)
+        return rotary_tables(*rotary_cos_sin(inv_freq, position_ids, scaling, dtype))
 
 
 class LlamaAttention(nn.Module):

@@ -113,11 +113,15 @@ def _frozen_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 def _fast_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Use a packed kernel: CPU tensors, no gradient wanted for the input, not inside torch.func."""
-    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+    """Use a packed kernel: CPU tensors, no gradient wanted for the input, not inside torch.func.
+    (Called per layer per decode step: written for speed.)"""
+    if not x.is_cpu or type(x) not in _PLAIN_TENSORS or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    return all(t.device.type == "cpu" and type(t) in (torch.Tensor, nn.Parameter) for t in (x, *tensors))
+    return all(t.is_cpu and type(t) in _PLAIN_TENSORS for t in tensors)
 
 
 class _PackCache:
@@ -171,14 +175,20 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, bias = self.weight_int8, self.weight_scale, self.bias
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and _fast_ok(x, q, scale) and self.out_features > 0:
-            # unit scales in the kernel: the stored float scales are applied after it, unrounded
+        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and _fast_ok(x, q, scale):
+            # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
+            # bfloat16 product times float32 scales promotes to float32 in the one multiply.
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(x2, q.detach(), _unit_scales(self.out_features)).to(torch.float32)
-            y = y * scale.detach().to(torch.float32)
-            if bias is not None:
-                y = y + bias.detach().to(torch.float32)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = torch._weight_int8pack_mm(x2, q, _unit_scales(self.out_features))
+            scale = scale.detach()
+            if bias is None and scale.dtype == torch.float32:
+                y = y * scale
+            else:
+                y = y.to(torch.float32) * scale.to(torch.float32)
+                if bias is not None:
+                    y = y + bias.detach().to(torch.float32)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         return _reference_linear(x, self.reference_weight(), bias)
 
 
@@ -213,9 +223,8 @@ class Int4Linear(nn.Module):
                 if padded_in != self.in_features:
                     x2 = F.pad(x2, (0, padded_in - self.in_features))
                 y = torch._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_zeros)
-                y = y.to(torch.float32)
                 if bias is not None:
-                    y = y + bias.detach().to(torch.float32)
+                    y = y.to(torch.float32) + bias.detach().to(torch.float32)
                 return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return _reference_linear(x, self.reference_weight(), bias)
 
