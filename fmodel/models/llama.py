@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from ._stack import run_layers, with_logits
+from .linear import Linear
 from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin, rotary_tables
 from .spec import ArchSpec, HeadLayout, register_architecture
 
@@ -100,10 +101,10 @@ class LlamaAttention(nn.Module):
             self.num_heads * self.head_dim,
             self.num_key_value_heads * self.head_dim,
         )
-        self.q_proj = nn.Linear(hidden, q_out, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_out, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_out, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_out, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, q_out, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, kv_out, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, kv_out, bias=config.qkv_bias)
+        self.o_proj = Linear(q_out, hidden, bias=config.o_bias)
 
     def forward(self, hidden, cos_sin, masks, attn: AttentionFunction, cache: KVCache | None, output_attentions: bool):
         b, t, _ = hidden.shape
@@ -135,9 +136,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         bias = config.mlp_has_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, *args: Any, logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
         return with_logits(self.model(*args, **kwargs), self.lm_head, logits_to_keep)

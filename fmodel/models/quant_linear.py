@@ -42,7 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, versions
 
 __all__ = [
     "KERNEL_MAX_ROWS",
@@ -57,9 +58,6 @@ __all__ = [
 ]
 
 QUANT_METHOD = "fmodel"
-# The weight-only kernels beat dequantize + float32 matmul up to about this many rows (measured
-# on 2 AMD EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
-KERNEL_MAX_ROWS = 16
 
 
 def quantization_config(config: Any) -> Mapping[str, Any] | None:
@@ -113,43 +111,7 @@ def _frozen_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-
-
-def _fast_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Use a packed kernel: CPU tensors, no gradient wanted for the input, not inside torch.func.
-    (Called per layer per decode step: written for speed.)"""
-    if not x.is_cpu or type(x) not in _PLAIN_TENSORS or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    return all(t.is_cpu and type(t) in _PLAIN_TENSORS for t in tensors)
-
-
-class _PackCache:
-    """Packed kernel weights keyed by the stored tensor object; an entry dies with its tensor
-    and is rebuilt when the tensor's version counter shows an in-place write. A failed pack
-    (an unsupported shape) is remembered as None: that tensor always runs the reference path."""
-
-    def __init__(self) -> None:
-        self._entries = WeakIdKeyDictionary()
-
-    def get(self, key: torch.Tensor, versions: tuple[int, ...], build) -> Any:
-        entry = self._entries.get(key)
-        if entry is None or entry[0] != versions:
-            try:
-                packed = build()
-            except (RuntimeError, AttributeError, NotImplementedError):
-                packed = None
-            entry = (versions, packed)
-            self._entries[key] = entry
-        return entry[1]
-
-
-def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """In-place write counters (inference-mode tensors have none: -1)."""
-    return tuple(-1 if t.is_inference() else t._version for t in tensors)
-
-
-_INT4_PACKS = _PackCache()
+_INT4_PACKS = PackCache()
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,7 +137,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, bias = self.weight_int8, self.weight_scale, self.bias
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and _fast_ok(x, q, scale):
+        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and fast_path_ok(x, q, scale):
             # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
             # bfloat16 product times float32 scales promotes to float32 in the one multiply.
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
@@ -215,8 +177,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zero, bias = self.weight_int4, self.weight_scale, self.weight_zero, self.bias
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and _fast_ok(x, q, scale, zero):
-            packed = _INT4_PACKS.get(q, _versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
+        if 0 < rows <= KERNEL_MAX_ROWS and fast_path_ok(x, q, scale, zero):
+            packed = _INT4_PACKS.get(q, versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
             if packed is not None:
                 weight, scales_zeros, padded_in = packed
                 x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)

@@ -1,0 +1,64 @@
+"""What the CPU fast paths share: when a packed kernel may run, and the cache of packed weights.
+
+A packed weight is a runtime form derived from a stored tensor (a oneDNN-blocked bfloat16
+matrix, tinygemm's int4 layout): built on first use, kept per tensor object while that tensor
+lives, rebuilt if the tensor is written in place. It is never part of a state, never saved,
+and the stored tensor is never changed. Each cache entry costs about the stored tensor's bytes
+again; the entries die with their tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "versions"]
+
+# The weight-only kernels beat the plain matmul up to about this many rows (measured on this
+# project's 2-core machines: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
+KERNEL_MAX_ROWS = 16
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def fast_path_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """A packed kernel may run: CPU tensors of plain types (not fake, not functorch-wrapped),
+    and no gradient wanted for the input. Callers check their weights' own `requires_grad`.
+    (Called per layer per decode step: written for speed.)"""
+    if not x.is_cpu or type(x) not in _PLAIN_TENSORS or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return all(t.is_cpu and type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+class PackCache:
+    """Packed kernel weights keyed by the stored tensor object; an entry dies with its tensor
+    and is rebuilt when the tensors' version counters show an in-place write. A failed pack
+    (an unsupported shape) is remembered as None: that tensor always runs the plain path."""
+
+    def __init__(self) -> None:
+        self._entries = WeakIdKeyDictionary()
+
+    def get(self, key: torch.Tensor, stamp: tuple[int, ...], build: Callable[[], Any]) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            try:
+                packed = build()
+            except (RuntimeError, AttributeError, NotImplementedError):
+                packed = None
+            entry = (stamp, packed)
+            self._entries[key] = entry
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def versions(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """In-place write counters (inference-mode tensors have none: -1)."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)

@@ -1,0 +1,118 @@
+"""fmodel.models.linear.Linear: nn.Linear with a packed-weight CPU path for bfloat16 decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fmodel
+from fmodel.models import linear as linear_module
+from fmodel.models.cpu_kernels import KERNEL_MAX_ROWS
+from fmodel.models.linear import Linear
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _layer(in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    layer = Linear(in_features, out_features, bias=bias).to(dtype)
+    layer.requires_grad_(False)
+    return layer
+
+
+@needs_onednn
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 2 * KERNEL_MAX_ROWS),
+    in_features=st.integers(1, 70),
+    out_features=st.integers(1, 70),
+    bias=st.booleans(),
+    three_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bfloat16_forward_is_f_linear_bit_for_bit(rows, in_features, out_features, bias, three_d, seed):
+    layer = _layer(in_features, out_features, bias, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    if three_d:
+        x = x[None]
+    with torch.inference_mode():
+        got = layer(x)
+    assert torch.equal(got, F.linear(x, layer.weight, layer.bias))
+    assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:-1], out_features)
+
+
+@needs_onednn
+def test_decode_rows_use_a_packed_weight_and_longer_inputs_do_not():
+    layer = _layer(32, 24, bias=True)
+    packs = linear_module._BF16_PACKS
+    before = len(packs)
+    with torch.inference_mode():
+        layer(torch.randn(KERNEL_MAX_ROWS + 1, 32).bfloat16())
+        assert len(packs) == before  # prefill-sized: plain F.linear, nothing packed
+        layer(torch.randn(1, 32).bfloat16())
+    assert len(packs) == before + 1
+    del layer  # the packed copy dies with its weight
+    assert len(packs) == before
+
+
+@needs_onednn
+def test_in_place_write_to_the_weight_repacks():
+    layer = _layer(16, 8, bias=False)
+    x = torch.randn(1, 16).bfloat16()
+    with torch.no_grad():
+        first = layer(x)
+        layer.weight.mul_(2)
+        second = layer(x)
+    assert torch.equal(second, F.linear(x, layer.weight))
+    assert not torch.equal(first, second)
+
+
+def test_gradients_reach_a_trainable_bfloat16_weight():
+    layer = Linear(16, 8).bfloat16()
+    reference = nn.Linear(16, 8).bfloat16()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 16).bfloat16()
+    layer(x).float().sum().backward()
+    reference(x).float().sum().backward()
+    assert layer.weight.grad is not None and torch.equal(layer.weight.grad, reference.weight.grad)
+    assert torch.equal(layer.bias.grad, reference.bias.grad)
+
+
+def test_float32_and_vmap_run_plain_f_linear():
+    layer = _layer(16, 8, bias=True, dtype=torch.float32)
+    x = torch.randn(3, 1, 16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    bf16 = _layer(16, 8, bias=True)
+    xs = torch.randn(3, 1, 16).bfloat16()
+    batched = torch.func.vmap(bf16)(xs)  # inside vmap the input is functorch-wrapped: plain path
+    assert torch.equal(batched, torch.func.vmap(lambda x: F.linear(x, bf16.weight, bf16.bias))(xs))
+
+
+def test_is_an_nn_linear_with_its_names():
+    layer = Linear(4, 3)
+    assert isinstance(layer, nn.Linear)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+@needs_onednn
+def test_bfloat16_generate_is_pure_and_equals_the_plain_path(monkeypatch):
+    config = fmodel.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    state = fmodel.to(fmodel.init(config, architecture="LlamaForCausalLM", seed=3), dtype=torch.bfloat16)
+    stamps = {name: (t.data_ptr(), t._version, t.clone()) for name, t in state.params.items()}
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    no_eos = fmodel.GenerationConfig()
+    fast = fmodel.generate(state, ids, max_new_tokens=12, generation_config=no_eos)
+    monkeypatch.setattr(linear_module, "_HAS_ONEDNN", False)  # every call through F.linear
+    plain = fmodel.generate(state, ids, max_new_tokens=12, generation_config=no_eos)
+    assert torch.equal(fast, plain)
+    for name, t in state.params.items():
+        ptr, version, copy = stamps[name]
+        assert t.data_ptr() == ptr and t._version == version and torch.equal(t, copy), name
