@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "versions"]
 
 # The weight-only kernels beat the plain matmul up to about this many rows (measured on this
-# project's 2-core machines: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
+# 2 AMD EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
 KERNEL_MAX_ROWS = 16
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
