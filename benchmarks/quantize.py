@@ -18,7 +18,12 @@ difference. On random weights the logits are close to flat, so greedy agreement 
 measure there; a trained checkpoint (`--checkpoint`) is the realistic one.
 
 `--kernels` also times one linear layer per candidate kernel (ms per call, best of repeats,
-one thread) on the model's shapes, at 1 and 128 tokens.
+one thread) on the model's shapes, at 1 and 128 tokens: float32 and bfloat16 matmuls, fmodel's
+int8/int4 layers, `_weight_int8pack_mm` with float32 activations, dequantize + matmul (eager,
+and compiled by inductor, which compiles once per shape: it takes a minute or two). torchao
+0.18's CPU paths were tried too and left out: its int8 weight-only linear ran 3x slower than
+float32 (178 vs 59 us, 1536x576, 1 row) and its int4 weight-only config needs the `mslk`
+package, which has no CPU build here.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def kernel_table(group: int) -> None:
               "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
     gen = torch.Generator().manual_seed(0)
     print(f"\nkernels: ms per call, best of repeats, 1 thread (int4 group {group})")
-    header = ["fp32", "bf16", "i8 fmodel", "i8pack f32x", "i8 deq+mm", "i4 fmodel", "i4 deq+mm", "i4 deq bf16"]
+    header = ["fp32", "bf16", "i8 fmodel", "i8pack f32x", "i8 deq+mm", "i8 compiled", "i4 fmodel", "i4 deq+mm", "i4 deq bf16"]
     for rows in (1, 128):
         print(f"\n{rows} token(s):\n{'shape':<20}" + "".join(f"{h:>13}" for h in header))
         for label, (out, inp) in shapes.items():
@@ -77,6 +82,14 @@ def kernel_table(group: int) -> None:
             ms = _candidates(w, x, group)
             print(f"{label:<20}" + "".join(f"{ms[h]:>13.3f}" for h in header), flush=True)
     torch.set_num_threads(threads)
+
+
+def _dequant_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, q.to(x.dtype) * scale[:, None])
+
+
+# torch.compile of dequantize + matmul: inductor may fuse the dequantization into its own GEMM.
+_COMPILED_DEQUANT_MM = torch.compile(_dequant_mm, dynamic=False)
 
 
 def _candidates(w: torch.Tensor, x: torch.Tensor, group: int) -> dict[str, float]:
@@ -113,6 +126,7 @@ def _candidates(w: torch.Tensor, x: torch.Tensor, group: int) -> dict[str, float
             "i8 fmodel": best_ms(lambda: call(l8, state8, (x,))),  # int8pack_mm, bf16 x (<= 16 rows)
             "i8pack f32x": best_ms(lambda: torch._weight_int8pack_mm(x, q8, scale)),
             "i8 deq+mm": best_ms(lambda: F.linear(x, q8.float() * scale[:, None])),
+            "i8 compiled": best_ms(lambda: _COMPILED_DEQUANT_MM(x, q8, scale)),  # inductor, per shape
             "i4 fmodel": best_ms(lambda: [call(l4, state4, (x4,)) for _ in range(reps)]),
             "i4 deq+mm": best_ms(lambda: F.linear(x, deq4(torch.float32))),
             "i4 deq bf16": best_ms(lambda: F.linear(xb, deq4(torch.bfloat16))),
