@@ -449,37 +449,38 @@ class SpeedResult:
     compile_s: float | None = None  # the compiled call's first run (tracing + code generation)
 
 
+def _fmodel_calls(
+    state: ModelState, direct: nn.Module, ids: torch.Tensor, **inputs: Any
+) -> dict[str, Callable[[], object]]:
+    """`fmodel.forward(state, ids, **inputs)`, the bare functional_call of what it hands the
+    skeleton (`fmodel.forward.prepare_call`), and the direct module called with the same."""
+    from torch.func import functional_call
+
+    import fmodel
+    from fmodel.forward import prepare_call
+
+    module, args, kwargs = prepare_call(state, ids, **inputs)
+
+    def bare_functional_call() -> torch.Tensor:
+        return functional_call(module, state.tensors, args, kwargs, tie_weights=False, strict=False)["logits"]
+
+    return {
+        "fmodel": lambda: fmodel.forward(state, ids, **inputs).logits,
+        "functional_call": bare_functional_call,
+        "direct": lambda: direct(*args, **kwargs)["logits"],
+    }
+
+
 def _forward_calls(
     state: ModelState, hf_model: nn.Module, direct: nn.Module, length: int
 ) -> dict[str, Callable[[], object]]:
     """The four ways to get the logits of `length` random tokens (batch 1, all-ones mask)."""
     import torch
-    from torch.func import functional_call
-
-    import fmodel
-    from fmodel import attention
-    from fmodel.models.skeleton import skeleton
 
     ids = _token_ids(state.config.vocab_size, length, seed=length)
     mask = torch.ones_like(ids)
-    skel = skeleton(state.config, state.architecture)
-    # What fmodel.forward hands the skeleton, so the three fmodel variants do the same work.
-    kwargs = {
-        "attention_mask": mask,
-        "position_ids": None,
-        "inputs_embeds": None,
-        "attn": attention.get(state.attn_implementation),
-        "output_hidden_states": False,
-        "output_attentions": False,
-    }
-
-    def bare_functional_call() -> torch.Tensor:
-        return functional_call(skel, state.tensors, (ids,), kwargs, tie_weights=False, strict=False)["logits"]
-
     return {
-        "fmodel": lambda: fmodel.forward(state, ids, attention_mask=mask).logits,
-        "functional_call": bare_functional_call,
-        "direct": lambda: direct(ids, **kwargs)["logits"],
+        **_fmodel_calls(state, direct, ids, attention_mask=mask),
         "transformers": lambda: hf_model(ids, attention_mask=mask, use_cache=False).logits,
     }
 
@@ -492,11 +493,8 @@ def _decode_step_calls(
     loop pays), the bare functional_call, the direct call and Transformers with its own cache.
     Each call writes the same cache slot (the given cache value stays valid: `fmodel.cache`)."""
     import torch
-    from torch.func import functional_call
 
     import fmodel
-    from fmodel import attention
-    from fmodel.models.skeleton import skeleton
 
     prompt = _token_ids(state.config.vocab_size, PREFILL_TOKENS, seed=1)
     step = _token_ids(state.config.vocab_size, 1, seed=2)
@@ -504,17 +502,6 @@ def _decode_step_calls(
         empty = fmodel.init_cache(state, 1, PREFILL_TOKENS + 1)
         cache = fmodel.forward(state, prompt, past_key_values=empty, logits_to_keep=1).past_key_values
         hf_cache = hf_model(prompt, use_cache=True).past_key_values
-    skel = skeleton(state.config, state.architecture)
-    kwargs = {
-        "attention_mask": None,
-        "position_ids": None,
-        "inputs_embeds": None,
-        "attn": attention.get(state.attn_implementation),
-        "output_hidden_states": False,
-        "output_attentions": False,
-        "past_key_values": cache,
-        "logits_to_keep": 1,
-    }
     hf_length = hf_cache.get_seq_length()
 
     def transformers_step() -> torch.Tensor:
@@ -522,11 +509,7 @@ def _decode_step_calls(
         return hf_model(step, past_key_values=hf_cache, use_cache=True, logits_to_keep=1).logits
 
     return {
-        "fmodel": lambda: fmodel.forward(state, step, past_key_values=cache, logits_to_keep=1).logits,
-        "functional_call": lambda: functional_call(
-            skel, state.tensors, (step,), kwargs, tie_weights=False, strict=False
-        )["logits"],
-        "direct": lambda: direct(step, **kwargs)["logits"],
+        **_fmodel_calls(state, direct, step, past_key_values=cache, logits_to_keep=1),
         "transformers": transformers_step,
     }
 
