@@ -26,9 +26,12 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def fast_path_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """A packed kernel may run: CPU tensors of plain types (not fake, not functorch-wrapped),
-    and no gradient wanted for the input. Callers check their weights' own `requires_grad`.
-    (Called per layer per decode step: written for speed.)"""
+    """A packed kernel may run: not while torch.compile traces (the runtime cache is not
+    traceable), CPU tensors of plain types (not fake, not functorch-wrapped), and no gradient
+    wanted for the input. Callers check their weights' own `requires_grad`. (Called per layer
+    per decode step: written for speed.)"""
+    if torch.compiler.is_compiling():
+        return False
     if not x.is_cpu or type(x) not in _PLAIN_TENSORS or (x.requires_grad and torch.is_grad_enabled()):
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
