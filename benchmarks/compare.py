@@ -517,17 +517,14 @@ def _decode_step_calls(
 def bind_seconds(state: ModelState, repeats: int = 20) -> float:
     """Median time of one functional_call that binds every tensor of `state` to the skeleton and
     runs nothing: what `fmodel.generate` pays once per call (not per token)."""
-    from torch.func import functional_call
-
-    from fmodel.generate import _Bound
+    from fmodel.forward import run_bound
     from fmodel.models.skeleton import skeleton
 
-    bound = _Bound(skeleton(state.config, state.architecture))
-    tensors = {f"model.{name}": t for name, t in state.tensors.items()}
+    module = skeleton(state.config, state.architecture)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        functional_call(bound, tensors, (lambda module: None,), tie_weights=False, strict=False)
+        run_bound(state, module, lambda bound: None)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -24,7 +24,7 @@ from .facade import (
     AutoModelForSequenceClassification,
     PreTrainedModel,
 )
-from .forward import ModelOutput, forward
+from .forward import ModelOutput, bind_forward, forward
 from .generate import generate
 from .generation_config import GenerationConfig, load_generation_config
 from .io import LoadReport, load, load_with_report, save
@@ -83,6 +83,7 @@ __all__ = [
     "Tokenizer",
     "UnknownArchitectureError",
     "attention",
+    "bind_forward",
     "config_from_dict",
     "dequantize",
     "forward",

@@ -16,16 +16,16 @@ sampling (so a seeded global RNG gives Transformers' samples).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from . import attention
 from .cache import init_cache
 from .errors import FModelError
+from .forward import run_bound
 from .generation_config import GenerationConfig
 from .logits_process import needs_processing, process_logits
 from .models import get_spec
@@ -44,18 +44,6 @@ class Streamer(Protocol):
     def put(self, value: torch.Tensor) -> None: ...
 
     def end(self) -> None: ...
-
-
-class _Bound(nn.Module):
-    """Runs `fn(model)` inside one `functional_call`, so the state's tensors are bound to the
-    skeleton once for a whole decode loop (and unbound after it, whatever happens)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
-        return fn(self.model)
 
 
 def generate(
@@ -298,8 +286,7 @@ def _decode(
 
     if module is None:
         module = skeleton(state.config, state.architecture)
-    bound = {f"model.{name}": t for name, t in state.tensors.items()}
-    length = functional_call(_Bound(module), bound, (loop,), tie_weights=False, strict=False)
+    length = run_bound(state, module, loop)
     if streamer is not None:
         streamer.end()
     return tokens[:, :length]
