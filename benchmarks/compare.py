@@ -93,6 +93,7 @@ MODEL_CONFIG: dict[str, Any] = {  # SmolLM2-135M's shape, for the random fallbac
 }
 LOAD_TOKENS = 16
 PREFILL_TOKENS = 128
+BOUND_STEPS = 8  # decode steps per fmodel.bind_forward binding in the overhead table
 ONE_TOKEN_ROUNDS = 10  # 1-token rounds per prefill round: they are cheap and their overhead is small
 NOISY_SPREAD = 1.5  # max/min of one variant's samples above this: the timings are unsteady
 ATTN = "sdpa"
@@ -445,6 +446,7 @@ class SpeedResult:
     decode_step: Timings  # one token over a KV cache of PREFILL_TOKENS positions
     max_abs_logit_diff: float  # fmodel vs Transformers, prefill logits
     bind_s: float  # one functional_call binding of every tensor (what generate pays once per call)
+    bound_steps: Timings  # BOUND_STEPS decode steps: one bind_forward binding vs direct calls
     compiled: Timings | None = None  # 1-token forward: compiled facade call, eager facade, Transformers
     compile_s: float | None = None  # the compiled call's first run (tracing + code generation)
 
@@ -485,13 +487,11 @@ def _forward_calls(
     }
 
 
-def _decode_step_calls(
-    state: ModelState, hf_model: nn.Module, direct: nn.Module
-) -> dict[str, Callable[[], object]]:
-    """One greedy decode step (1 token, logits of it only) over a KV cache already holding
-    PREFILL_TOKENS positions: `fmodel.forward` (one functional_call per step, what a hand-written
-    loop pays), the bare functional_call, the direct call and Transformers with its own cache.
-    Each call writes the same cache slot (the given cache value stays valid: `fmodel.cache`)."""
+def _decode_step_inputs(
+    state: ModelState, hf_model: nn.Module
+) -> tuple[torch.Tensor, Any, Callable[[], object]]:
+    """A 1-token step, fmodel's KV cache holding PREFILL_TOKENS positions, and Transformers'
+    same step over its own cache (cropped back before every call, so each call is the same)."""
     import torch
 
     import fmodel
@@ -505,12 +505,48 @@ def _decode_step_calls(
     hf_length = hf_cache.get_seq_length()
 
     def transformers_step() -> torch.Tensor:
-        hf_cache.crop(hf_length)  # back to the prompt: every call is the same step
+        hf_cache.crop(hf_length)
         return hf_model(step, past_key_values=hf_cache, use_cache=True, logits_to_keep=1).logits
 
+    return step, cache, transformers_step
+
+
+def _decode_step_calls(
+    state: ModelState,
+    direct: nn.Module,
+    step: torch.Tensor,
+    cache: Any,
+    transformers_step: Callable[[], object],
+) -> dict[str, Callable[[], object]]:
+    """One greedy decode step (1 token, logits of it only) over the cache: `fmodel.forward` (one
+    functional_call per step, what a hand-written loop pays), the bare functional_call, the
+    direct call and Transformers. Each call writes the same cache slot (the given cache value
+    stays valid: `fmodel.cache`)."""
     return {
         **_fmodel_calls(state, direct, step, past_key_values=cache, logits_to_keep=1),
         "transformers": transformers_step,
+    }
+
+
+def _bound_step_calls(
+    state: ModelState, direct: nn.Module, step: torch.Tensor, cache: Any
+) -> dict[str, Callable[[], object]]:
+    """BOUND_STEPS such decode steps under one `fmodel.bind_forward` binding, versus as many
+    direct calls."""
+    import fmodel
+    from fmodel.forward import prepare_call
+
+    inputs = {"past_key_values": cache, "logits_to_keep": 1}
+    _, args, kwargs = prepare_call(state, step, **inputs)
+
+    def bound() -> object:
+        return fmodel.bind_forward(
+            state, lambda forward: [forward(step, **inputs).logits for _ in range(BOUND_STEPS)]
+        )
+
+    return {
+        "bind_forward": bound,
+        "direct": lambda: [direct(*args, **kwargs)["logits"] for _ in range(BOUND_STEPS)],
     }
 
 
@@ -585,10 +621,12 @@ def measure_speed(path: Path, repeats: int, compiled: bool = True) -> SpeedResul
     one_token = time_interleaved(
         _forward_calls(state, hf_model, direct, 1), repeats * ONE_TOKEN_ROUNDS, warmup=5
     )
-    step_calls = _decode_step_calls(state, hf_model, direct)
+    step, cache, transformers_step = _decode_step_inputs(state, hf_model)
+    step_calls = _decode_step_calls(state, direct, step, cache, transformers_step)
     _check_same_logits(step_calls)
     decode_step = time_interleaved(step_calls, repeats * ONE_TOKEN_ROUNDS, warmup=5)
-    result = SpeedResult(prefill, one_token, decode_step, diff, bind_seconds(state))
+    bound_steps = time_interleaved(_bound_step_calls(state, direct, step, cache), repeats * 2, warmup=1)
+    result = SpeedResult(prefill, one_token, decode_step, diff, bind_seconds(state), bound_steps)
     if compiled:
         result.compiled, result.compile_s = measure_compiled(state, hf_model, repeats * ONE_TOKEN_ROUNDS)
     return result
@@ -730,6 +768,17 @@ def overhead_rows(speed: SpeedResult, decode: Any = None) -> list[Row]:
         )
     )
     rows.append(Row(f"  the binding itself ({speed.bind_s * 1e3:.2f} ms per generate call)", "", ""))
+    over = speed.bound_steps.ratio("bind_forward", "direct") - 1.0
+    rows.append(
+        Row(
+            f"fmodel.bind_forward: {BOUND_STEPS} decode steps per binding",
+            _ms(speed.bound_steps.median("bind_forward") / BOUND_STEPS),
+            _ms(speed.bound_steps.median("direct") / BOUND_STEPS),
+            f"{over * 100:+.1f}%",
+            f"<= {MAX_OVERHEAD * 100:.0f}%",
+            over <= MAX_OVERHEAD,
+        )
+    )
     return rows
 
 
