@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fmodel.models.rope import apply_rotary, rotary_cos_sin, rotary_tables, rotate_half
+from fmodel.models.rope import apply_rotary, rotary_cos_sin, rotary_tables, rotate_half, rotate_with_tables
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,12 +34,14 @@ def test_apply_rotary_is_transformers_formula_bit_for_bit(
     positions = torch.arange(start, start + length)[None].expand(batch, length)
     cos, sin = rotary_cos_sin(inv_freq, positions, scaling, dtype)  # [B, T, D]
 
-    q_rot, k_rot = apply_rotary(q, k, *rotary_tables(cos, sin))
+    q_rot, k_rot = rotate_with_tables(q, k, *rotary_tables(cos, sin))
 
     c, s = cos[:, None], sin[:, None]  # Transformers' apply_rotary_pos_emb
     assert torch.equal(q_rot, q * c + rotate_half(q) * s)
     assert torch.equal(k_rot, k * c + rotate_half(k) * s)
     assert q_rot.dtype == dtype and k_rot.shape == k.shape
+    q_plain, k_plain = apply_rotary(q, k, cos, sin)  # the [B, T, D] form keeps its meaning
+    assert torch.equal(q_plain, q_rot) and torch.equal(k_plain, k_rot)
 
 
 def test_rotary_tables_leave_their_inputs_alone():

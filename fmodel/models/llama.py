@@ -17,7 +17,7 @@ from torch import nn
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from ._stack import run_layers, with_logits
 from .linear import Linear
-from .rope import apply_rotary, rope_inv_freq, rotary_cos_sin, rotary_tables
+from .rope import rope_inv_freq, rotary_cos_sin, rotary_tables, rotate_with_tables
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class LlamaAttention(nn.Module):
             self.k_proj(hidden).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         )  # [B, H_kv, T, D]
         v = self.v_proj(hidden).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, *cos_sin)
+        q, k = rotate_with_tables(q, k, *cos_sin)
         if cache is not None:  # store this step's k/v, attend over everything cached so far
             k, v = cache.write(self.layer_idx, k, v)  # [B, H_kv, S, D]
         out, weights = attn.fn(

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["apply_rotary", "rope_inv_freq", "rotary_cos_sin", "rotary_tables", "rotate_half"]
+__all__ = ["apply_rotary", "rope_inv_freq", "rotary_cos_sin", "rotary_tables", "rotate_half", "rotate_with_tables"]
 
 
 def _default(config, dim: int) -> torch.Tensor:
@@ -106,8 +106,8 @@ def rotary_cos_sin(
 
 
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `apply_rotary` takes, from `rotary_cos_sin`'s [B, T, D]: cos [B, 1, T, D] and the
-    signed sin [B, 1, T, D] (first half negated), computed once per forward for every layer."""
+    """What `rotate_with_tables` takes, from `rotary_cos_sin`'s [B, T, D]: cos [B, 1, T, D] and
+    the signed sin [B, 1, T, D] (first half negated), computed once per forward for every layer."""
     half = sin.shape[-1] // 2
     signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     return cos[:, None], signed[:, None]
@@ -118,10 +118,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
+def rotate_with_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
     """Rotate q [B, H, T, D] and k [B, H_kv, T, D] by the `rotary_tables` cos / signed sin
     [B, 1, T, D]: `x * cos + rotate_half(x) * sin`, as Transformers, bit for bit, in fewer
     operations per layer: `rotate_half(x) * sin == roll(x, D/2) * signed_sin` exactly, since
     negating a factor only flips the product's sign."""
     half = q.shape[-1] // 2
     return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q [B, H, T, D] and k [B, H_kv, T, D] by `rotary_cos_sin`'s cos/sin [B, T, D]
+    (Transformers' `apply_rotary_pos_emb`). The models build the tables once per forward and
+    call `rotate_with_tables` per layer."""
+    return rotate_with_tables(q, k, *rotary_tables(cos, sin))
