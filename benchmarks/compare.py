@@ -731,7 +731,7 @@ def speed_rows(speed: SpeedResult) -> list[Row]:
     ]
 
 
-def overhead_rows(speed: SpeedResult, decode: Any = None) -> list[Row]:
+def overhead_rows(speed: SpeedResult, new_tokens: int) -> list[Row]:
     """fmodel.forward (with target) and bare functional_call versus the direct call; a decode
     step; and generate's once-per-call binding spread over its tokens."""
     rows = []
@@ -755,11 +755,10 @@ def overhead_rows(speed: SpeedResult, decode: Any = None) -> list[Row]:
                 )
             )
     step = speed.decode_step.median("direct")
-    tokens = decode.results[0].new_tokens if decode is not None and decode.results else 128
-    per_token = speed.bind_s / tokens
+    per_token = speed.bind_s / new_tokens
     rows.append(
         Row(
-            f"fmodel.generate: 1 binding per call / {tokens} tokens",
+            f"fmodel.generate: 1 binding per call / {new_tokens} tokens",
             f"{per_token * 1e6:.0f} us",
             _ms(step),
             f"{per_token / step * 100:+.1f}%",
@@ -941,11 +940,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def print_report(
-    info: dict[str, Any], load: LoadResult, speed: SpeedResult, weights: int, decode: Any = None
+    info: dict[str, Any],
+    load: LoadResult,
+    speed: SpeedResult,
+    weights: int,
+    new_tokens: int,
+    decode: Any = None,
 ) -> list[Row]:
     """Print the tables; return their rows."""
     versus_hf = [*load_rows(load, weights), *speed_rows(speed), *compiled_rows(speed)]
-    overhead = overhead_rows(speed, decode)
+    overhead = overhead_rows(speed, new_tokens)
     print()
     print("fmodel vs Hugging Face Transformers (ratio = fmodel / transformers: time, or memory)")
     print(format_table(versus_hf, "transformers"))
@@ -1030,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         decode = measure_decode(path, labels, new_tokens=args.new_tokens, repeats=args.decode_repeats)
-    rows = print_report(info, load, speed, weights, decode)
+    rows = print_report(info, load, speed, weights, args.new_tokens, decode)
     if args.json:
         payload = json_payload(info, weights, load, speed, rows, decode)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -18,8 +18,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "versions"]
 
-# The weight-only kernels beat the plain matmul up to about this many rows (measured on this
-# 2 AMD EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128).
+# The weight-only kernels beat the plain matmul up to about this many rows (measured on 2 AMD
+# EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128). Decode steps are 1 row.
 KERNEL_MAX_ROWS = 16
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
