@@ -1,0 +1,196 @@
+"""`LoadingMixin`: the facade's constructors: `from_pretrained`, `_from_config`, `from_state` and
+Transformers' `_load_pretrained_model`, each a pure load (`fmodel.io`) whose result is installed."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import transforms
+from ..io import load_with_report
+from ..io.legacy_keys import modern_key
+from ..io.load import default_architecture, logger, state_from_tensors
+from ..io.read import read_weight_file
+from ..state import ModelState
+
+if TYPE_CHECKING:
+    from .model import PreTrainedModel
+
+__all__ = ["LoadingMixin"]
+
+
+class LoadingMixin:
+    """Transformers' loading classmethods; the host class provides `_install` and `architecture`."""
+
+    @classmethod
+    def _architecture_for(cls, config) -> str:
+        return cls.architecture or default_architecture(config)
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> PreTrainedModel:
+        """Wrap a state (its tensors become this model's parameters, shared, not copied)."""
+        return cls(state.config, state=state)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config=None,
+        cache_dir: str | os.PathLike | None = None,
+        torch_dtype: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        attn_implementation: str | None = None,
+        output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
+        **kwargs: Any,
+    ):
+        """Load a checkpoint (folder or hub id) like Transformers' `from_pretrained`; eval mode.
+
+        `dtype` (or the older `torch_dtype`): None keeps the stored dtype, "auto" too;
+        `device_map`: None, "cpu", "auto" (the first GPU if any, else CPU) or a device.
+        Missing tensors are initialised and reported, as Transformers does.
+        """
+
+        per_module = device_map if isinstance(device_map, dict) else None
+        device = None if per_module is not None else _device_from_map(device_map)
+        state, report = load_with_report(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device=device,
+            architecture=cls._architecture_for_checkpoint(config),
+            attn_implementation=attn_implementation or "sdpa",
+            allow_missing=True,
+            strict=False,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            config=config,
+            gguf_file=kwargs.pop("gguf_file", None),
+            variant=kwargs.pop("variant", None),
+        )
+        if report.unexpected:
+            logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
+        if per_module is not None:
+            state = transforms.place(state, per_module)
+        model = cls.from_state(state)
+        if per_module is not None:
+            model._add_device_hooks(per_module)
+        generation = _saved_generation_config(
+            pretrained_model_name_or_path, revision, cache_dir, local_files_only
+        )
+        if generation is not None:
+            model.__dict__["_generation_config_dict"] = generation
+        if output_loading_info:
+            info = {
+                "missing_keys": list(report.missing),
+                "unexpected_keys": list(report.unexpected),
+                "mismatched_keys": [m[0] for m in report.mismatched],
+                "error_msgs": [],
+            }
+            return model, info
+        return model
+
+    @classmethod
+    def _architecture_for_checkpoint(cls, config) -> str | None:
+        return cls.architecture
+
+    def post_init(self) -> None:
+        """Kept for API compatibility: weights are initialised by `fmodel.init` at construction."""
+
+    @staticmethod
+    def _fix_state_dict_key_on_load(key: str) -> tuple[str, bool]:
+        return modern_key(key)
+
+    @staticmethod
+    def _fix_state_dict_key_on_save(key: str) -> tuple[str, bool]:
+        return key, False
+
+    def _fix_state_dict_keys_on_save(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {self._fix_state_dict_key_on_save(key)[0]: value for key, value in state_dict.items()}
+
+    @classmethod
+    def _load_pretrained_model(
+        cls,
+        model: PreTrainedModel,
+        state_dict: dict[str, torch.Tensor] | None,
+        checkpoint_files: list[str] | None,
+        pretrained_model_name_or_path: str | None = None,
+        ignore_mismatched_sizes: bool = False,
+        sharded_metadata: dict | None = None,
+        device_map: Any = None,
+        disk_offload_folder: str | None = None,
+        dtype: torch.dtype | None = None,
+        hf_quantizer: Any = None,
+        keep_in_fp32_regex: Any = None,
+        device_mesh: Any = None,
+        key_mapping: dict[str, str] | None = None,
+        weights_only: bool = True,
+    ):
+        """Load `state_dict` (or the tensors of `checkpoint_files`) into `model`, Transformers'
+        way: legacy names fixed, `key_mapping` regexes applied, prefixes added/stripped,
+        missing tensors initialised. Returns (model, missing_keys, unexpected_keys,
+        mismatched_keys, disk_offload_index, error_msgs)."""
+
+        if hf_quantizer is not None or device_mesh is not None:
+            raise ValueError("_load_pretrained_model: hf_quantizer and device_mesh are Transformers-only")
+        if state_dict is None:
+            state_dict = {}
+            for path in checkpoint_files or ():
+                state_dict.update(read_weight_file(path))
+        tensors = {}
+        for key, tensor in state_dict.items():
+            for pattern, replacement in (key_mapping or {}).items():
+                key = re.sub(pattern, replacement, key)
+            tensors[cls._fix_state_dict_key_on_load(key)[0]] = tensor
+        state, report = state_from_tensors(
+            model.config,
+            tensors,
+            architecture=model._architecture,
+            source=str(pretrained_model_name_or_path or "state_dict"),
+            dtype=dtype,
+            attn_implementation=model._attn_implementation,
+            allow_missing=True,
+            strict=False,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
+        model._install(state)
+        if isinstance(device_map, dict):
+            model._install(transforms.place(model.state, device_map))
+            model._add_device_hooks(device_map)
+        mismatched = [m[0] for m in report.mismatched]
+        return model, list(report.missing), list(report.unexpected), mismatched, None, []
+
+
+def _saved_generation_config(path, revision, cache_dir, local_files_only) -> dict | None:
+    """The checkpoint's generation_config.json as written (None when it has none)."""
+    from ..generation_config import GENERATION_CONFIG_NAME, _find, _read_json
+
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        return None
+    found = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
+    return None if found is None else _read_json(found)
+
+
+def _device_from_map(device_map: Any) -> torch.device | None:
+    if device_map is None:
+        return None
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if isinstance(device_map, (str, int, torch.device)):
+        return torch.device(device_map)
+    raise ValueError(
+        f"device_map {device_map!r}: expected None, 'auto', a device, or a dict of module name -> device"
+    )
