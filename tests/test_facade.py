@@ -73,7 +73,7 @@ def test_surgery_methods_match_transformers_on_gpt2(tmp_path):
         embedding = model.resize_token_embeddings(101, pad_to_multiple_of=8, mean_resizing=False)
         assert embedding.weight.shape == (104, 64)
         model.prune_heads({0: [1, 2]})
-    assert ours.config.pruned_heads == {0: (1, 2)} and hf.config.pruned_heads == {0: [1, 2]}
+    assert ours.config.pruned_heads == hf.config.pruned_heads == {0: [1, 2]}
     assert ours.num_parameters() == hf.num_parameters()
     assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight

@@ -24,6 +24,7 @@ def _family_class(name: str) -> type[PreTrainedModel]:
 
 
 FAMILY_CLASSES: dict[str, type[PreTrainedModel]] = {name: _family_class(name) for name in ARCHITECTURES}
+globals().update(FAMILY_CLASSES)  # importable by name (pickle finds a class by module and name)
 
 
 class _Auto:
@@ -70,7 +71,7 @@ class _Auto:
 
     @classmethod
     def from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
-        return cls._pick(config)(config)
+        return cls._pick(config)._from_config(config, **kwargs)
 
 
 class AutoModel(_Auto):

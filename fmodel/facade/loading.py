@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import transforms
+from ..config import load_config
 from ..io import load_with_report
 from ..io.legacy_keys import modern_key
 from ..io.load import default_architecture, logger, state_from_tensors
 from ..io.read import read_weight_file
+from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
+from .config_view import DetachedConfig, as_fmodel_config
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -36,7 +39,20 @@ class LoadingMixin:
 
     @classmethod
     def _from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
-        return cls(config)
+        """A model with fresh weights from `config` (any config `PreTrainedModel` takes), as
+        Transformers' `_from_config`: `dtype`/`torch_dtype` and `attn_implementation` are taken;
+        any other keyword is an error, as in Transformers' model constructors."""
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        attn = kwargs.pop("attn_implementation", None)
+        kwargs.pop("trust_remote_code", None)
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        model = cls(config)
+        if attn is not None:
+            model.set_attn_implementation(attn)
+        if dtype is not None and dtype != "auto":
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model
 
     @classmethod
     def from_pretrained(
@@ -62,6 +78,30 @@ class LoadingMixin:
         Missing tensors are initialised and reported, as Transformers does.
         """
 
+        gguf_file = kwargs.pop("gguf_file", None)
+        variant = kwargs.pop("variant", None)
+        for name in _IGNORED_LOAD_KWARGS:
+            kwargs.pop(name, None)
+        source = os.fspath(pretrained_model_name_or_path)
+        is_gguf = gguf_file is not None or source.endswith(".gguf")
+        if config is not None:
+            config = as_fmodel_config(config)
+        elif kwargs and not is_gguf:
+            files = resolve_checkpoint(
+                source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant
+            )
+            config = load_config(files.config)
+        if kwargs:  # config attributes (num_labels, id2label, ...), as Transformers' config kwargs
+            view = DetachedConfig(config) if config is not None else None
+            unused = {k: v for k, v in kwargs.items() if view is None or not hasattr(view, k)}
+            if unused:
+                raise TypeError(
+                    f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(unused))!r} "
+                    "(it is neither a from_pretrained option nor a config attribute)"
+                )
+            for key, value in kwargs.items():
+                setattr(view, key, value)
+            config = view.frozen()
         per_module = device_map if isinstance(device_map, dict) else None
         device = None if per_module is not None else _device_from_map(device_map)
         state, report = load_with_report(
@@ -77,14 +117,16 @@ class LoadingMixin:
             strict=False,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             config=config,
-            gguf_file=kwargs.pop("gguf_file", None),
-            variant=kwargs.pop("variant", None),
+            gguf_file=gguf_file,
+            variant=variant,
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
         if per_module is not None:
             state = transforms.place(state, per_module)
         model = cls.from_state(state)
+        model.config.name_or_path = source
+        model.config._commit_hash = _commit_hash(source, revision, cache_dir)
         if per_module is not None:
             model._add_device_hooks(per_module)
         generation = _saved_generation_config(
@@ -155,7 +197,7 @@ class LoadingMixin:
                 key = re.sub(pattern, replacement, key)
             tensors[cls._fix_state_dict_key_on_load(key)[0]] = tensor
         state, report = state_from_tensors(
-            model.config,
+            model._frozen_config,
             tensors,
             architecture=model._architecture,
             source=str(pretrained_model_name_or_path or "state_dict"),
@@ -194,3 +236,45 @@ def _device_from_map(device_map: Any) -> torch.device | None:
     raise ValueError(
         f"device_map {device_map!r}: expected None, 'auto', a device, or a dict of module name -> device"
     )
+
+
+# Transformers' from_pretrained options with nothing to do here (fmodel never runs checkpoint
+# code, reads safetensors first and loads lazily anyway).
+_IGNORED_LOAD_KWARGS = (
+    "trust_remote_code",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "force_download",
+    "resume_download",
+    "proxies",
+    "token",
+    "use_auth_token",
+    "_fast_init",
+    "offload_folder",
+    "offload_state_dict",
+    "offload_buffers",
+    "weights_only",
+    "from_auto_class",
+    "_from_pipeline",
+    "adapter_kwargs",
+    "key_mapping",
+    "subfolder",
+    "mirror",
+    "user_agent",
+    "max_memory",
+    "tp_plan",
+    "tp_size",
+    "device_mesh",
+)
+
+
+def _commit_hash(source: str, revision: str | None, cache_dir) -> str | None:
+    """The hub snapshot's commit for a repo id (the snapshot folder's name), else None."""
+    if os.path.isdir(source):
+        return None
+    try:
+        files = resolve_checkpoint(source, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception:
+        return None
+    folder = os.path.basename(os.path.normpath(files.folder))
+    return folder if len(folder) == 40 else None

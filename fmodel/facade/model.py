@@ -14,23 +14,25 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import transforms
-from ..forward import forward as functional_forward
+from .. import losses, transforms
+from ..cache import KVCache, init_cache
+from ..errors import ConfigError
 from ..forward import prepare_call, to_output
 from ..models import get_spec
-from ..models.skeleton import _SkipInit, build_module
+from ..models.skeleton import _SkipInit, build_module, expected_shapes, skeleton
 from ..state import ModelState
 from .attention_choice import AttentionMixin
+from .config_view import ConfigView, as_fmodel_config, view_class
 from .counting import CountingMixin
 from .devices import DeviceMixin
 from .generation import GenerationMixin
 from .hub import HubMixin
+from .interop import interop_class
 from .loading import LoadingMixin
 from .mask_helpers import MaskHelpersMixin
-from .outputs import ModelOutput
+from .outputs import output_class
 from .surgery import SurgeryMixin
 from .training import TrainingMixin
 
@@ -56,22 +58,144 @@ class PreTrainedModel(
     """
 
     architecture: ClassVar[str | None] = None
+    # Transformers' base-class attributes that clients read (values as Transformers 4.57's
+    # classes for fmodel's families; the family-specific ones are properties below).
+    main_input_name: ClassVar[str] = "input_ids"
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    is_parallelizable: ClassVar[bool] = False
+    _supports_sdpa: ClassVar[bool] = True
+    _supports_flash_attn: ClassVar[bool] = True
+    _supports_flex_attn: ClassVar[bool] = True
+    _supports_attention_backend: ClassVar[bool] = True
+    _can_compile_fullgraph: ClassVar[bool] = True
+    _is_stateful: ClassVar[bool] = False
+    _keep_in_fp32_modules: ClassVar[list[str] | None] = None
+    _keep_in_fp32_modules_strict: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_load_missing: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str] | None] = None
+    _skip_keys_device_placement: ClassVar[Any] = None
+    _checkpoint_conversion_mapping: ClassVar[dict[str, str]] = {}
+    _tp_plan: ClassVar[Any] = None
+    _pp_plan: ClassVar[Any] = None
+    _tp_size: ClassVar[Any] = None
+    _hf_peft_config_loaded: ClassVar[bool] = False
 
-    def __init__(self, config, *, state: ModelState | None = None) -> None:
-        super().__init__()
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # With Transformers installed, an instance of a subclass that is also a
+        # `transformers.PreTrainedModel` (see interop.py for why).
+        return super().__new__(interop_class(cls))
+
+    def __reduce_ex__(self, protocol: int):
+        # pickle by the fmodel class (the interop subclass is rebuilt by `__new__`)
+        fn, args, *rest = super().__reduce_ex__(protocol)
+        base = getattr(type(self), "_fmodel_class", None)
+        if base is not None and args and args[0] is type(self):
+            return (_new_instance, (base, *args[1:]), *rest)
+        return (fn, args, *rest)
+
+    def __init__(self, config: Any = None, *inputs: Any, state: ModelState | None = None) -> None:
+        """A model from `config` (fmodel's, a `ConfigView`, a Transformers config or a dict) with
+        fresh weights, or wrapping `state` (then `config` may be None)."""
+        nn.Module.__init__(self)
+        if inputs:
+            raise TypeError(f"{type(self).__name__}() takes one config, got {len(inputs)} more arguments")
         if state is None:
-            state = transforms.init(config, architecture=self._architecture_for(config))
+            if config is None:
+                raise TypeError(f"{type(self).__name__}() needs a config (or state=)")
+            frozen = as_fmodel_config(config)
+            state = transforms.init(frozen, architecture=self._architecture_for(frozen))
+        runtime = dict(config._runtime) if isinstance(config, ConfigView) else {}
+        self.__dict__["_config_view"] = view_class(state.config)(self, **runtime)
+        self.__dict__["warnings_issued"] = {}
         self._install(state)
         self.eval()
 
-    # -- construction ------------------------------------------------------------------
+    # -- the config view ------------------------------------------------------------------
+
+    @property
+    def config(self) -> ConfigView:
+        """The model's config, mutable as Transformers' (`model.config.pad_token_id = 0`): a
+        view of `self.state.config`; each write installs a new state (see `ConfigView`)."""
+        return self.__dict__["_config_view"]
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        self._replace_config(as_fmodel_config(value))
+
+    @property
+    def name_or_path(self) -> str:
+        return self.config.name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value: str) -> None:
+        self.config.name_or_path = value
+
+    def _replace_config(self, new) -> None:
+        """Make `new` (a frozen config) this model's config. When no module of the tree depends
+        on what changed, the tree (and any adapter or hook in it) is kept; otherwise the state
+        is re-installed with the new config, which must fit its tensors."""
+        old = self._frozen_config
+        if new == old:
+            return
+        if _structure(new, self._architecture) == _structure(old, self._architecture):
+            for module in self._tree.modules():
+                if module.__dict__.get("config") is old:
+                    module.__dict__["config"] = new
+            object.__setattr__(self, "_frozen_config", new)
+            return
+        state = self.state
+        expected = expected_shapes(new, self._architecture)
+        wrong = [
+            f"{name}: {list(t.shape)} -> {list(expected[name][0])}"
+            for name, t in state.tensors.items()
+            if name in expected and tuple(t.shape) != expected[name][0]
+        ]
+        if wrong or set(expected) - set(state.tensors):
+            missing = sorted(set(expected) - set(state.tensors))[:3]
+            raise ConfigError(
+                f"{type(self).__name__}.config: this change needs tensors of other shapes "
+                f"({'; '.join(wrong[:3]) or 'new tensors: ' + ', '.join(missing)}); change the model "
+                "with its transform instead (resize_token_embeddings, prune_heads, ...) or build a new "
+                "model from the changed config"
+            )
+        self._install(transforms.tie_weights(state.replace(config=new)))
+
+    # -- Transformers' per-family class attributes, derived from the spec ------------------------
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        layers = next((m for m in self._tree.modules() if isinstance(m, nn.ModuleList)), None)
+        return [] if layers is None or not len(layers) else [type(layers[0]).__name__]
+
+    @property
+    def _tied_weights_keys(self) -> list[str] | None:
+        return sorted(self._ties) or None
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether `forward` uses Trainer's `num_items_in_batch` (as Transformers' class: the
+        causal LMs do, BERT's heads do not)."""
+        return self._frozen_config.model_type != "bert"
+
+    @property
+    def loss_type(self) -> str | None:
+        return _LOSS_TYPES.get(get_spec(self._architecture).output)
+
+    @property
+    def loss_function(self):
+        """Transformers' loss function for this head (`transformers.loss.LOSS_MAPPING`'s contract),
+        computed by `fmodel.losses`."""
+        return _LOSS_FUNCTIONS[get_spec(self._architecture).output]
 
     # -- the state <-> module binding ---------------------------------------------------
 
     def _install(self, state: ModelState) -> None:
         """Make `state` this module's tree. Tensors that are already parameters here stay the
         same `nn.Parameter` objects (optimizers keep working for them); hooks registered on a
-        submodule move to the submodule of the same name in the new tree."""
+        submodule move to the submodule of the same name in the new tree. Parameters go in
+        through `register_parameter`, so what patches it (accelerate's `init_empty_weights`)
+        sees them."""
         with torch.device("meta"), _SkipInit():
             tree = build_module(state.config, state.architecture)
         old_modules = dict(self.named_modules()) if "_tree" in self.__dict__ else {}
@@ -88,8 +212,10 @@ class PreTrainedModel(
                     if isinstance(tensor, nn.Parameter)
                     else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
                 )
-                installed[id(tensor)] = param
-            _set(self, name, param, parameter=True)
+                _set(self, name, param, parameter=True)
+                installed[id(tensor)] = _get(self, name)
+            else:
+                _set(self, name, param, parameter=True, register=False)
         for name, tensor in state.buffers.items():
             _set(self, name, tensor, parameter=False)
         for name, module in self.named_modules():
@@ -97,7 +223,7 @@ class PreTrainedModel(
             if old is not None and old is not self:
                 _move_hooks(old, module)
         # plain attributes, not module state
-        object.__setattr__(self, "config", state.config)
+        object.__setattr__(self, "_frozen_config", state.config)
         object.__setattr__(self, "_ties", dict(state.ties))
         object.__setattr__(self, "_attn_implementation", state.attn_implementation)
         object.__setattr__(self, "_architecture", state.architecture)
@@ -116,17 +242,32 @@ class PreTrainedModel(
 
     @property
     def state(self) -> ModelState:
-        """The current model as an immutable `ModelState` sharing this module's tensors."""
+        """The current model as an immutable `ModelState` sharing this module's tensors.
+
+        A declared tie whose two parameters are no longer one tensor (a `functional_call` with
+        `tie_weights=False`, or a loader that replaced one side) is left out: the state then
+        runs untied, as the module does; `tie_weights()` ties it again to the source."""
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(self.named_buffers(remove_duplicate=False))
-        return ModelState(
-            self.config, self._architecture, params, buffers, self._ties, self._attn_implementation
-        )
+        ties = {a: s for a, s in self._ties.items() if params.get(a) is params.get(s)}
+        return ModelState(self._frozen_config, self._architecture, params, buffers, ties, self._attn_implementation)
 
     def _apply_transform(self, transform, *args: Any, **kwargs: Any) -> ModelState:
         new = transform(self.state, *args, **kwargs)
         self._install(new)
         return new
+
+    def _call_info(self) -> _CallInfo:
+        """What `prepare_call` reads of a state, without building one (cheap, and traceable by
+        torch.compile: no attrs converters in the way)."""
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return _CallInfo(
+            self._frozen_config,
+            self._architecture,
+            self._attn_implementation,
+            torch.float32 if param is None else param.dtype,
+            torch.device("cpu") if param is None else param.device,
+        )
 
     # -- forward -----------------------------------------------------------------------
 
@@ -135,16 +276,43 @@ class PreTrainedModel(
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        use_cache: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ):
-        """Transformers-shaped forward: `.logits` / `.last_hidden_state`, `.loss` with `labels`."""
-        kwargs.pop("use_cache", None)
+        """Transformers' forward for the family: its output class (`.logits` / `.last_hidden_state`,
+        `.loss` with `labels`, Transformers' loss and `num_items_in_batch` normalisation).
+
+        `use_cache=True` (or a `past_key_values` cache) returns `past_key_values`: an fmodel
+        `KVCache`, grown as needed when passed back. The module tree runs with its own
+        parameters (so hooks, adapters and `torch.func.functional_call` act as on any module).
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("cache_position", None)  # positions follow from the cache length
+        kwargs.pop("return_legacy_cache", None)
+        spec = get_spec(self._architecture)
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        return_dict = config.use_return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            use_cache = False  # fmodel allocates a cache only when asked (Transformers: config.use_cache)
+        if self.is_gradient_checkpointing and self.training:
+            use_cache = False
+        if getattr(self._tree, "supports_cache", False):
+            if use_cache and past_key_values is None:
+                batch, length = _batch_and_length(input_ids, inputs_embeds)
+                past_key_values = init_cache(self.state, batch, max(length, 1))
+            if past_key_values is not None:
+                past_key_values = _with_room(past_key_values, _batch_and_length(input_ids, inputs_embeds)[1])
+                kwargs["past_key_values"] = past_key_values
         call = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -157,20 +325,31 @@ class PreTrainedModel(
             gradient_checkpointing=self.is_gradient_checkpointing and self.training,
             **kwargs,
         )
-        runner = self.__dict__.get("_runner")
+        module, args, tree_kwargs = prepare_call(self._call_info(), input_ids, **call)
+        runner = self.__dict__.get("_runner")  # a compiled tree (get_compiled_call)
         if runner is None:
-            out = functional_forward(self.state, input_ids, **call)
-        else:  # a compiled tree (get_compiled_call): it holds this model's parameters itself
-            _, args, tree_kwargs = prepare_call(self.state, input_ids, **call)
-            out = to_output(runner(*args, **tree_kwargs))
-        kind = get_spec(self._architecture).output
-        fields = {"loss": None}
-        fields.update({k: getattr(out, k) for k in _OUTPUT_FIELDS[kind]})
+            runner = module
+        out = to_output(runner(*args, **tree_kwargs))
+        fields = {k: getattr(out, k) for k in _OUTPUT_FIELDS[spec.output]}
         if labels is not None and out.logits is not None:
-            labels = labels.to(out.logits.device)
-            fields["loss"] = _loss(kind, out.logits, labels)
-        result = ModelOutput((k, v) for k, v in fields.items() if v is not None)
-        return result if return_dict or return_dict is None else result.to_tuple()
+            fields["loss"] = self._loss(spec.output, out.logits, labels, num_items_in_batch, kwargs)
+        cls = output_class(spec.model_type, spec.output)
+        result = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+        return result if return_dict else result.to_tuple()
+
+    def _loss(self, head: str, logits, labels, num_items_in_batch, kwargs) -> torch.Tensor:
+        if head == "causal_lm":
+            return losses.causal_lm_loss(
+                logits, labels, num_items_in_batch=num_items_in_batch, shift_labels=kwargs.get("shift_labels")
+            )
+        if head == "masked_lm":  # BERT computes a plain mean (no num_items_in_batch)
+            return losses.masked_lm_loss(logits, labels)
+        num_labels = logits.shape[-1]
+        if self.config.problem_type is None:  # inferred once and recorded, as Transformers
+            self.config.problem_type = losses.sequence_classification_problem(num_labels, labels)
+        return losses.sequence_classification_loss(
+            logits, labels, num_labels=num_labels, problem_type=self.config.problem_type
+        )
 
     # -- small API surface ----------------------------------------------------------------
 
@@ -231,13 +410,111 @@ class PreTrainedModel(
         return self if spec.is_base else getattr(self, spec.prefix)
 
 
-def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool) -> None:
+def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool, register: bool = True) -> None:
     owner_name, _, leaf = dotted.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
     if parameter:
-        owner._parameters[leaf] = value
+        if register:
+            owner._parameters.pop(leaf, None)
+            owner.register_parameter(leaf, value)  # what init_empty_weights patches
+        else:  # a tied alias: the very Parameter its source got
+            owner._parameters[leaf] = value
     else:
         owner._buffers[leaf] = value
+
+
+def _new_instance(cls: type, *args: Any) -> Any:
+    return cls.__new__(cls, *args)
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Parameter:
+    owner_name, _, leaf = dotted.rpartition(".")
+    return (root.get_submodule(owner_name) if owner_name else root)._parameters[leaf]
+
+
+class _CallInfo:
+    """The part of a `ModelState` that `fmodel.forward.prepare_call` reads."""
+
+    __slots__ = ("architecture", "attn_implementation", "config", "device", "dtype")
+
+    def __init__(self, config, architecture: str, attn_implementation: str, dtype, device) -> None:
+        self.config = config
+        self.architecture = architecture
+        self.attn_implementation = attn_implementation
+        self.dtype = dtype
+        self.device = device
+
+
+def _structure(config, architecture: str) -> tuple:
+    """What a skeleton built from `config` is made of, apart from the config object itself: each
+    module's name, class, plain attributes and tensor shapes. Equal for two configs when no
+    module depends on how they differ."""
+    out = []
+    for name, module in skeleton(config, architecture).named_modules():
+        plain = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(module).items()
+                if k != "config" and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+            )
+        )
+        shapes = tuple((k, tuple(t.shape)) for k, t in module.named_parameters(recurse=False))
+        out.append((name, type(module).__name__, plain, shapes))
+    return tuple(out)
+
+
+def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:
+    ref = input_ids if input_ids is not None else inputs_embeds
+    return ref.shape[0], ref.shape[1]
+
+
+def _with_room(cache: KVCache, new_tokens: int) -> KVCache:
+    """`cache`, or a copy with larger buffers when `new_tokens` more would not fit (the facade's
+    caches grow as Transformers' DynamicCache does; fmodel.forward's are fixed-size)."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(
+            f"past_key_values: expected an fmodel KVCache (from a previous call with use_cache=True "
+            f"or fmodel.init_cache), got {type(cache).__name__}"
+        )
+    need = cache.length + new_tokens
+    if need <= cache.max_length:
+        return cache
+    size = max(need, 2 * cache.max_length)
+
+    def grown(buf: torch.Tensor) -> torch.Tensor:
+        out = buf.new_zeros(*buf.shape[:2], size, buf.shape[3])
+        out[:, :, : cache.length] = buf[:, :, : cache.length]
+        return out
+
+    return KVCache(tuple(map(grown, cache.keys)), tuple(map(grown, cache.values)), cache.length)
+
+
+def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    return losses.causal_lm_loss(
+        logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels
+    )
+
+
+def _masked_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    return losses.masked_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+
+
+def _sequence_classification_loss(labels, pooled_logits, config, **kwargs):
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        config.problem_type = losses.sequence_classification_problem(num_labels, labels)
+    return losses.sequence_classification_loss(
+        pooled_logits, labels, num_labels=num_labels, problem_type=config.problem_type, **kwargs
+    )
+
+
+_LOSS_TYPES = {"causal_lm": "ForCausalLM", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
+_LOSS_FUNCTIONS = {
+    "causal_lm": _causal_lm_loss,
+    "masked_lm": _masked_lm_loss,
+    "sequence_classification": _sequence_classification_loss,
+    "base": _causal_lm_loss,  # Transformers' fallback for a class without a loss type
+}
 
 
 # The fields of Transformers' output class for each head (CausalLMOutputWithPast, ...), in order.
@@ -270,13 +547,3 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
     for attr in ("mem_rss_pre_forward", "mem_rss_post_forward", "mem_rss_diff"):
         if attr in old.__dict__:
             new.__dict__[attr] = old.__dict__[attr]
-
-
-def _loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if kind == "causal_lm":  # predict token t+1 from position t; -100 is ignored
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    if kind == "sequence_classification" and logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
-    )

@@ -321,6 +321,7 @@ def load_with_report(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         variant=variant,
+        require_config=config is None,
     )
     config = config if config is not None else load_config(files.config)
     tensors, origin = read_tensors(files)

@@ -42,7 +42,7 @@ class CheckpointFiles:
 
     Attributes:
         source: what the user passed (folder or repo id), for error messages.
-        config: path of config.json.
+        config: path of config.json (None when the caller brought its own config).
         weights: weight files, in shard order.
         index: path of the shard index, if sharded.
         format: "safetensors" or "pickle".
@@ -50,7 +50,7 @@ class CheckpointFiles:
     """
 
     source: str
-    config: str
+    config: str | None
     weights: tuple[str, ...]
     index: str | None
     format: str
@@ -71,10 +71,12 @@ def _shards_from_index(index_path: str) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def _local(folder: str, variant: str | None = None) -> CheckpointFiles:
+def _local(folder: str, variant: str | None = None, require_config: bool = True) -> CheckpointFiles:
     config = os.path.join(folder, CONFIG)
     if not os.path.isfile(config):
-        raise CheckpointError(f"{folder}: no {CONFIG} in this folder")
+        if require_config:
+            raise CheckpointError(f"{folder}: no {CONFIG} in this folder")
+        config = None
     candidates = _candidates(variant)
     for index_name, single, fmt in candidates:
         index = os.path.join(folder, index_name)
@@ -95,7 +97,9 @@ def _expected(candidates: tuple[tuple[str, str, str], ...]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _hub(repo_id: str, revision, cache_dir, local_files_only, variant: str | None = None) -> CheckpointFiles:
+def _hub(
+    repo_id: str, revision, cache_dir, local_files_only, variant: str | None = None, require_config: bool = True
+) -> CheckpointFiles:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -119,10 +123,10 @@ def _hub(repo_id: str, revision, cache_dir, local_files_only, variant: str | Non
         raise CheckpointError(
             f"{repo_id}: could not resolve on the hub ({type(exc).__name__}: {exc})"
         ) from None
-    if config is None:
+    if config is None and require_config:
         offline = " (offline: it is not in the local cache)" if local_files_only else ""
         raise CheckpointError(f"{repo_id}: no {CONFIG} found{offline}")
-    folder = os.path.dirname(config)
+    folder = None if config is None else os.path.dirname(config)
     candidates = _candidates(variant)
     for index_name, single, fmt in candidates:
         index = fetch(index_name)
@@ -135,10 +139,10 @@ def _hub(repo_id: str, revision, cache_dir, local_files_only, variant: str | Non
                         f"{repo_id}: shard {name} listed in {index_name} could not be fetched"
                     )
                 shards.append(path)
-            return CheckpointFiles(repo_id, config, tuple(shards), index, fmt, folder)
+            return CheckpointFiles(repo_id, config, tuple(shards), index, fmt, folder or os.path.dirname(index))
         path = fetch(single)
         if path is not None:
-            return CheckpointFiles(repo_id, config, (path,), None, fmt, folder)
+            return CheckpointFiles(repo_id, config, (path,), None, fmt, folder or os.path.dirname(path))
     raise CheckpointError(f"{repo_id}: no weights found; expected {_expected(candidates)}")
 
 
@@ -149,8 +153,12 @@ def resolve_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     variant: str | None = None,
+    require_config: bool = True,
 ) -> CheckpointFiles:
     """Locate config and weights. A path that exists is a local folder; otherwise a hub id.
+
+    `require_config=False` (the caller has a config): a missing config.json is no error and
+    `config` is None.
 
     Offline use: pass `local_files_only=True` or set `HF_HUB_OFFLINE=1`; cached files are used.
     `variant` ("fp16", ...) picks Transformers' variant files (model.fp16.safetensors, ...)
@@ -161,11 +169,16 @@ def resolve_checkpoint(
     """
     source = os.fspath(path_or_repo_id)
     if os.path.isdir(source):
-        return _local(source, variant)
+        return _local(source, variant, require_config)
     if os.path.exists(source):
         raise CheckpointError(f"{source}: expected a checkpoint folder (config.json + weights), got a file")
     if source.count("/") > 1 or source.startswith((".", "/", "~")):
         raise CheckpointError(f"{source}: no such folder (and not a valid hub repo id 'org/name')")
     return _hub(
-        source, revision, None if cache_dir is None else os.fspath(cache_dir), local_files_only, variant
+        source,
+        revision,
+        None if cache_dir is None else os.fspath(cache_dir),
+        local_files_only,
+        variant,
+        require_config,
     )

@@ -1,0 +1,392 @@
+"""`ConfigView`: a facade model's `config`, mutable and shaped as Transformers' `PretrainedConfig`.
+
+The model's state keeps a frozen fmodel config; the view reads it and turns each write into a
+new frozen config that the model installs (`PreTrainedModel._replace_config`): a write that
+changes no module's structure (`pad_token_id`, `use_cache`, `problem_type`, a new key) keeps the
+module tree (adapters and hooks stay); one that changes numerics (`rms_norm_eps`,
+`rope_theta`) rebuilds it; one whose tensors no longer fit (`hidden_size`) raises a
+`ConfigError` naming the transform that does it (`resize_token_embeddings`, ...).
+
+Attributes that are not part of config.json (`_commit_hash`, `name_or_path`) live on the view.
+Transformers' base-config attributes a checkpoint did not write read as Transformers' defaults
+(`output_hidden_states=False`, `task_specific_params=None`, ...). The view's class is named
+after the family's config (`LlamaConfig`), as clients look classes up by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, ClassVar
+
+import attrs
+
+from .._frozen import freeze, thaw
+from ..config import config_from_dict
+
+__all__ = ["ConfigView", "as_fmodel_config", "view_class"]
+
+# Transformers' PretrainedConfig attributes and their defaults (4.57, `PretrainedConfig.__init__`
+# and the generation defaults it still sets on every config).
+HF_DEFAULTS: dict[str, Any] = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "torchscript": False,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "is_decoder": False,
+    "cross_attention_hidden_size": None,
+    "add_cross_attention": False,
+    "tie_encoder_decoder": False,
+    "finetuning_task": None,
+    "task_specific_params": None,
+    "problem_type": None,
+    "tokenizer_class": None,
+    "prefix": None,
+    "sep_token_id": None,
+    "decoder_start_token_id": None,
+    "tf_legacy_loss": False,
+    "use_bfloat16": False,
+    "transformers_version": None,
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "base_model_tp_plan": None,
+    "base_model_pp_plan": None,
+    "base_model_ep_plan": None,
+}
+# Attributes of the view itself, never written to config.json (as Transformers removes them).
+_RUNTIME = {"_commit_hash": None, "_name_or_path": "", "_output_attentions": None}
+_RUNTIME_DEFAULT_KEYS = frozenset({"use_cache"})
+
+
+class ConfigView:
+    """A facade model's config with Transformers' `PretrainedConfig` API (see the module docstring).
+
+    Reads: the frozen config's fields (Transformers' spellings), the checkpoint's other keys,
+    then Transformers' defaults. Writes install a new frozen config in the model.
+    """
+
+    model_type: str = ""
+    attribute_map: ClassVar[dict[str, str]] = {}
+    sub_configs: ClassVar[dict[str, Any]] = {}
+    base_config_key: str = ""
+    is_composition: bool = False
+    has_no_defaults_at_init: bool = False
+
+    def __init__(self, owner: Any, **runtime: Any) -> None:
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_runtime", {**_RUNTIME, **runtime})
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def _frozen(self):
+        return self._owner._frozen_config
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_owner", "_runtime"):
+            raise AttributeError(name)
+        runtime = self.__dict__["_runtime"]
+        if name in runtime:
+            return runtime[name]
+        frozen = self._frozen
+        if name in frozen.extra:
+            return thaw(frozen.extra[name])
+        try:
+            return thaw(getattr(frozen, name))
+        except AttributeError:
+            pass
+        if name in HF_DEFAULTS:
+            return copy.deepcopy(HF_DEFAULTS[name])
+        if name == "use_cache" and type(frozen).__name__ not in ("BertConfig",):
+            return True
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __eq__(self, other: object) -> bool:
+        return hasattr(other, "to_dict") and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, as Transformers' configs
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    @property
+    def name_or_path(self) -> str:
+        return self._runtime["_name_or_path"]
+
+    @name_or_path.setter
+    def name_or_path(self, value: Any) -> None:
+        self._runtime["_name_or_path"] = str(value)
+
+    @property
+    def use_return_dict(self) -> bool:
+        return bool(self.return_dict) and not self.torchscript
+
+    @property
+    def num_labels(self) -> int:
+        id2label = self.id2label
+        return len(id2label) if id2label else 2
+
+    @num_labels.setter
+    def num_labels(self, num_labels: int) -> None:
+        if not self.id2label or len(self.id2label) != num_labels:
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            self._write({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}})
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        value = self._frozen.id2label
+        return {0: "LABEL_0", 1: "LABEL_1"} if value is None else {int(k): v for k, v in thaw(value).items()}
+
+    @id2label.setter
+    def id2label(self, value: dict) -> None:
+        self._write({"id2label": {int(k): v for k, v in dict(value).items()}})
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        given = self._frozen.extra.get("label2id")
+        if given is not None:
+            return thaw(given)
+        return {v: k for k, v in self.id2label.items()}
+
+    @label2id.setter
+    def label2id(self, value: dict) -> None:
+        self._write({"label2id": dict(value)})
+
+    @property
+    def _attn_implementation(self) -> str:
+        return self._owner._attn_implementation
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None) -> None:
+        if value is not None:
+            self._owner.set_attn_implementation(value)
+
+    _attn_implementation_internal = _attn_implementation
+
+    @property
+    def output_attentions(self) -> bool:
+        value = self._runtime["_output_attentions"]
+        return bool(self._frozen.extra.get("output_attentions", False)) if value is None else value
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool) -> None:
+        self._runtime["_output_attentions"] = bool(value)
+
+    @property
+    def dtype(self):
+        return self._owner.dtype
+
+    @dtype.setter
+    def dtype(self, value: Any) -> None:
+        self._runtime["_dtype"] = value
+
+    torch_dtype = dtype
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cls_attr = getattr(type(self), name, None)
+        if isinstance(cls_attr, property):
+            cls_attr.__set__(self, value)
+        elif name in self._runtime or name.startswith("_"):
+            self._runtime[name] = value
+        else:
+            self._write({name: value})
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._runtime:
+            del self._runtime[name]
+            return
+        frozen = self._frozen
+        if name not in frozen.extra:
+            raise AttributeError(f"{type(self).__name__}: {name!r} can only be deleted if it is an extra key")
+        extra = {k: v for k, v in thaw(frozen.extra).items() if k != name}
+        self._owner._replace_config(attrs.evolve(frozen, extra=freeze(extra)))
+
+    def _write(self, changes: dict[str, Any]) -> None:
+        self._owner._replace_config(updated_config(self._frozen, changes))
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set every key of `config_dict` (one new config, installed once)."""
+        self._write(dict(config_dict))
+
+    def update_from_string(self, update_str: str) -> None:
+        """Transformers' "n_embd=10,resid_pdrop=0.2,scale_attn_weights=false" updates."""
+        changes = {}
+        for pair in update_str.split(","):
+            key, _, text = pair.partition("=")
+            if not hasattr(self, key):
+                raise ValueError(f"key {key} isn't in the original config dict")
+            old = getattr(self, key)
+            if isinstance(old, bool):
+                value = text.lower() in ("true", "1", "y", "yes")
+            elif isinstance(old, (int, float)):
+                value = type(old)(text)
+            else:
+                value = text
+            changes[key] = value
+        self._write(changes)
+
+    # -- serialising -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field with its value, as Transformers' `to_dict` (runtime attributes excluded)."""
+        out = {k: v for k, v in HF_DEFAULTS.items() if not k.startswith("base_model_")}
+        out.update(self._frozen.to_dict())
+        out["id2label"], out["label2id"] = (
+            {str(k): v for k, v in self.id2label.items()},
+            self.label2id,
+        )
+        out.setdefault("transformers_version", _transformers_version())
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What config.json holds: the checkpoint's keys and every changed field."""
+        return self._frozen.to_diff_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        data = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff=use_diff))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write config.json into `save_directory` (created if needed), as Transformers."""
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if push_to_hub:
+            raise ValueError("ConfigView.save_pretrained: push the model (`model.push_to_hub`) instead")
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(os.path.join(save_directory, "config.json"), use_diff=True)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> ConfigView:
+        """The text part of the config: fmodel's families are text models, so the config itself."""
+        return self
+
+    def frozen(self):
+        """The frozen fmodel config this view shows (the one `model.state.config` holds)."""
+        return self._frozen
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A detached copy (a new frozen config value, no model): what `copy.deepcopy(config)` in
+        client code means. Its writes change only the copy."""
+        return DetachedConfig(self._frozen, dict(self._runtime), type(self))
+
+    def __copy__(self) -> Any:
+        return self.__deepcopy__({})
+
+
+class _Holder:
+    """The owner of a detached view: holds a frozen config and replaces it on writes."""
+
+    def __init__(self, frozen) -> None:
+        self._frozen_config = frozen
+        self._attn_implementation = frozen.extra.get("_attn_implementation", "sdpa")
+        self.dtype = None
+
+    def _replace_config(self, new) -> None:
+        self._frozen_config = new
+
+    def set_attn_implementation(self, value: Any) -> None:
+        self._attn_implementation = value
+
+
+def DetachedConfig(frozen, runtime: dict[str, Any], cls: type[ConfigView] | None = None) -> ConfigView:
+    """A config view over its own copy of `frozen`, not attached to any model."""
+    cls = cls or view_class(frozen)
+    return cls(_Holder(frozen), **runtime)
+
+
+def updated_config(frozen, changes: dict[str, Any]):
+    """`frozen` with `changes` applied: modelled fields by `replace` (validated), other keys in
+    `extra`. Raises ConfigError for a bad value."""
+    modelled = set(type(frozen).modelled_keys()) | set(type(frozen).field_aliases)
+    fields = {k: v for k, v in changes.items() if k in modelled}
+    others = {k: v for k, v in changes.items() if k not in modelled}
+    new = frozen.replace(**fields) if fields else frozen
+    if others:
+        new = attrs.evolve(new, extra=freeze({**thaw(new.extra), **others}))
+    return new
+
+
+_VIEW_CLASSES: dict[type, type[ConfigView]] = {}
+
+
+def view_class(frozen) -> type[ConfigView]:
+    """The `ConfigView` subclass for `frozen`'s config class, named like it (`LlamaConfig`)."""
+    cls = type(frozen)
+    made = _VIEW_CLASSES.get(cls)
+    if made is None:
+        made = type(cls.__name__, (ConfigView,), {"model_type": cls.model_type, "__module__": __name__})
+        _VIEW_CLASSES[cls] = made
+    return made
+
+
+def as_fmodel_config(config: Any):
+    """An fmodel frozen config from any config a user may pass: fmodel's own, a `ConfigView`, a
+    Transformers `PretrainedConfig` (or anything with `to_dict()`), or a config.json dict."""
+    if isinstance(config, ConfigView):
+        return config.frozen()
+    if attrs.has(type(config)):
+        return config
+    data = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a model config (fmodel, Transformers or a dict), got {type(config).__name__}")
+    data = {
+        k: v
+        for k, v in data.items()
+        if not k.startswith("_") and not (k in _DROP_ON_IMPORT and v == HF_DEFAULTS[k])
+    }
+    if data.get("id2label") in ({"0": "LABEL_0", "1": "LABEL_1"}, {0: "LABEL_0", 1: "LABEL_1"}):
+        data.pop("id2label")
+        data.pop("label2id", None)
+    for key in ("dtype", "torch_dtype"):
+        if key in data and not isinstance(data[key], (str, type(None))):
+            data[key] = str(data[key]).removeprefix("torch.")
+    return config_from_dict(data, source=type(config).__name__)
+
+
+# Keys of Transformers' `to_dict()` that, at their default values, are its defaults rather than
+# the checkpoint's: importing them would write every one into config.json.
+_DROP_ON_IMPORT = frozenset(HF_DEFAULTS) - {"transformers_version"}
+
+
+def _transformers_version() -> str | None:
+    from .interop import transformers_or_none
+
+    hf = transformers_or_none()
+    return None if hf is None else hf.__version__
