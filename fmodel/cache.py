@@ -33,7 +33,7 @@ from .errors import FModelError
 from .models import get_spec
 from .state import ModelState
 
-__all__ = ["CacheError", "KVCache", "check_cache", "init_cache"]
+__all__ = ["CacheError", "KVCache", "check_cache", "init_cache", "reorder_cache"]
 
 
 class CacheError(FModelError, ValueError):
@@ -118,6 +118,37 @@ class KVCache:
             f"KVCache({len(self.keys)} layers, batch {self.batch_size}, length {self.length}/"
             f"{self.max_length}, {self.dtype}, {self.device})"
         )
+
+
+def reorder_cache(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """A new cache whose row i is row `rows[i]` of `cache` (beam search: each surviving beam
+    takes over the keys/values of the beam it continues).
+
+    Arguments:
+        cache: any cache value.
+        rows: [B'] int64 row indices into the cache's batch (repeats allowed).
+
+    Returns:
+        A `KVCache` of batch B' and the same length and capacity over new buffers; `cache` and
+        its buffers are not written (they stay valid).
+
+    Raises:
+        CacheError: `rows` is not a 1-D integer tensor of indices in [0, batch).
+    """
+    if rows.dim() != 1 or rows.is_floating_point():
+        raise CacheError(
+            f"reorder_cache: rows must be a 1-D integer tensor, got {rows.dtype} {list(rows.shape)}"
+        )
+    if rows.numel() and not (int(rows.min()) >= 0 and int(rows.max()) < cache.batch_size):
+        raise CacheError(
+            f"reorder_cache: row indices must lie in [0, {cache.batch_size}), got {rows.tolist()}"
+        )
+    rows = rows.to(device=cache.device, dtype=torch.long)
+    return KVCache(
+        tuple(k.index_select(0, rows) for k in cache.keys),
+        tuple(v.index_select(0, rows) for v in cache.values),
+        cache.length,
+    )
 
 
 def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:

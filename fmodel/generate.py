@@ -1,16 +1,17 @@
-"""`fmodel.generate`: greedy / sampled decoding with an explicit, preallocated KV cache.
+"""`fmodel.generate`: greedy, sampled and beam-search decoding with an explicit KV cache.
 
 The loop follows gpt-fast: one prefill forward over the prompt, then one forward per new
 token over a cache allocated once for prompt + new tokens (`fmodel.cache`), so a step
-allocates no cache memory. The state's tensors are bound to the weightless skeleton once per
-call (one `functional_call` around the whole loop) instead of once per token, and each step
-calls the skeleton directly with prebuilt arguments: the per-token Python work is the model's
-own layers plus a few tensor ops.
+allocates no cache memory (beam search reorders it by beam, `fmodel.cache.reorder_cache`).
+The state's tensors are bound to the weightless skeleton once per call (one `functional_call`
+around the whole loop) instead of once per token, and each step calls the skeleton directly
+with prebuilt arguments: the per-token Python work is the model's own layers plus a few ops.
 
 Results equal Transformers' `generate` for the same settings: same logits processing in the
-same order (`fmodel.logits_process`), position ids from the attention mask, per-row EOS
-stopping with finished rows padded, and `torch.multinomial` on the same probabilities when
-sampling (so a seeded global RNG gives Transformers' samples).
+same order (`fmodel.logits_process`, custom processors before the sampling warpers), position
+ids from the attention mask, per-row stopping (EOS, custom criteria) with finished rows padded,
+`torch.multinomial` on the same probabilities when sampling (so a seeded global RNG gives
+Transformers' samples), and Transformers 4.57's vectorised beam search (`fmodel.beam_search`).
 """
 
 from __future__ import annotations
@@ -22,17 +23,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import attention
-from .cache import init_cache
-from .errors import FModelError
-from .forward import run_bound
+from .decode_loop import GenerateOutput, Run, StoppingCriterion, outside_inference
+from .errors import ConfigError, FModelError
 from .generation_config import GenerationConfig
-from .logits_process import needs_processing, process_logits
+from .logits_process import LogitsProcessor
 from .models import get_spec
-from .models.skeleton import skeleton
 from .state import ModelState
 
-__all__ = ["GenerationConfig", "Streamer", "generate"]
+__all__ = ["GenerateOutput", "GenerationConfig", "StoppingCriterion", "Streamer", "generate"]
 
 logger = logging.getLogger("fmodel")
 
@@ -58,16 +56,26 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
+    num_beams: int | None = None,
+    num_return_sequences: int | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    use_cache: bool | None = None,
+    logits_processor: Sequence[LogitsProcessor] = (),
+    stopping_criteria: Sequence[StoppingCriterion] = (),
+    return_dict_in_generate: bool | None = None,
+    output_scores: bool | None = None,
+    output_logits: bool | None = None,
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
     generation_config: GenerationConfig | Mapping[str, Any] | None = None,
     max_length: int | None = None,
     min_length: int | None = None,
     module: nn.Module | None = None,
-) -> torch.Tensor:
-    """Continue each prompt; returns prompt + new tokens [B, P + N] (int64), as Transformers.
+) -> torch.Tensor | GenerateOutput:
+    """Continue each prompt; returns prompt + new tokens [B * n, P + N] (int64), as Transformers.
 
     Arguments:
         state: a causal LM (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
@@ -83,11 +91,26 @@ def generate(
         temperature, top_k, top_p: sampling warpers (top_k=0 and top_p=1.0 turn theirs off;
             None takes the generation config's, whose top_k is 50 as in Transformers).
         repetition_penalty: 1.0 = off.
+        num_beams: > 1 runs beam search (beam sampling with `do_sample`), Transformers 4.57's
+            algorithm; `length_penalty` and `early_stopping` (True, False or "never") as there.
+        num_return_sequences: n rows per prompt, prompt-major (the n best beams, best first;
+            or n independent samples; greedy decoding allows only 1, as Transformers).
         eos_token_id: an id or ids; a row stops at its first EOS and is padded after it with
             `pad_token_id` (default: the first EOS id, as Transformers). The call stops once
             every row has stopped (checked each step: one host sync per token on a GPU).
+        use_cache: False recomputes the whole sequence every step (same tokens, slower).
+        logits_processor: callables `(tokens [N, L], scores [N, V]) -> scores`, applied after
+            the built-in processors and before the sampling warpers, as Transformers orders a
+            `generate(logits_processor=...)` list.
+        stopping_criteria: callables `(tokens [N, L], scores) -> bool [N]` or a bool for all
+            rows (Transformers' `StoppingCriteria`; `scores` is the tuple of scores so far with
+            `output_scores`, else None). A criterion with an `eos_token_id` attribute makes
+            finished rows padded, as in Transformers.
+        return_dict_in_generate: return a `GenerateOutput` instead of the tokens; with
+            `output_scores` / `output_logits` it carries each step's scores / raw logits.
         generator: the RNG for sampling.
-        streamer: Transformers' protocol: `put(prompt)`, `put(new_tokens [B])` per step, `end()`.
+        streamer: Transformers' protocol: `put(prompt)`, `put(new_tokens [B])` per step, `end()`
+            (not with beam search, as Transformers).
         generation_config: defaults for every argument left None (a `GenerationConfig`, e.g.
             from `load_generation_config`, or its dict); without one, the model config's
             token ids and Transformers' defaults (`GenerationConfig.from_model_config`).
@@ -96,18 +119,21 @@ def generate(
             facade passes its own module tree, so its hooks fire).
 
     Returns:
-        A new int64 tensor [B, P + N], N <= max_new_tokens (fewer when every row hit EOS).
+        A new int64 tensor [B * n, P + N], N <= max_new_tokens (fewer when every row stopped),
+        or, with `return_dict_in_generate`, a `GenerateOutput` holding it.
 
     Purity: `state`, `input_ids` and `attention_mask` are never written; the KV cache is
     private to the call. The global RNG is consumed only when sampling without `generator`.
 
     Raises:
-        FModelError: the architecture cannot generate, or the settings are unsupported
-            (num_beams > 1) or contradictory (no room for a new token).
+        FModelError: the architecture cannot generate.
+        ConfigError: contradictory settings (no room for a new token, num_return_sequences > 1
+            with greedy decoding or above num_beams, a streamer with beam search).
 
     Example:
         >>> out = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=32)
         >>> new_tokens = out[:, ids.shape[1]:]
+        >>> beams = fmodel.generate(state, ids, num_beams=4, num_return_sequences=2, max_new_tokens=8)
     """
     overrides = {
         "max_new_tokens": max_new_tokens,
@@ -117,13 +143,23 @@ def generate(
         "top_k": top_k,
         "top_p": top_p,
         "repetition_penalty": repetition_penalty,
+        "num_beams": num_beams,
+        "num_return_sequences": num_return_sequences,
+        "length_penalty": length_penalty,
+        "early_stopping": early_stopping,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
+        "use_cache": use_cache,
+        "return_dict_in_generate": return_dict_in_generate,
+        "output_scores": output_scores,
+        "output_logits": output_logits,
         "max_length": max_length,
         "min_length": min_length,
     }
     config = _resolve_config(state, generation_config, {k: v for k, v in overrides.items() if v is not None})
     _check_generate(state, input_ids, attention_mask, config)
+    if streamer is not None and config.num_beams > 1:
+        raise ConfigError("generate: a streamer cannot be used with beam search; use num_beams=1")
     p = input_ids.shape[1]
     new = _new_tokens(config, p, max_length is not None, state.config)
     if config.min_new_tokens is not None:  # as Transformers: min_new_tokens replaces min_length
@@ -134,14 +170,19 @@ def generate(
             f"generate: {state.architecture} has {positions} learned positions; the prompt ({p}) plus "
             f"{new} new tokens do not fit"
         )
-    device = input_ids.device
-    eos = torch.tensor(config.eos_token_ids, device=device) if config.eos_token_ids else None
+    eos = torch.tensor(config.eos_token_ids, device=input_ids.device) if config.eos_token_ids else None
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or (None,))[0]
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad, config.eos_token_ids)
+    expand = max(config.num_beams, config.num_return_sequences)
+    if expand > 1:  # Transformers' _expand_inputs_for_generation
+        input_ids = input_ids.repeat_interleave(expand, dim=0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
+    run = Run(state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria))
     with torch.inference_mode():
-        tokens = _decode(state, input_ids, attention_mask, config, new, eos, pad, generator, streamer, module)
-    return tokens.clone()  # outside inference mode: a normal tensor autograd can use later
+        out = run(input_ids, attention_mask, generator, streamer, module)
+    out = outside_inference(out)  # normal tensors autograd can use later
+    return out if config.return_dict_in_generate else out.sequences
 
 
 def _resolve_config(state: ModelState, given, overrides: dict[str, Any]) -> GenerationConfig:
@@ -154,10 +195,16 @@ def _resolve_config(state: ModelState, given, overrides: dict[str, Any]) -> Gene
     else:
         raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(given).__name__}")
     config = config.replace(**overrides)
-    if config.num_beams != 1:
-        raise FModelError(
-            f"generate: beam search is not implemented (num_beams={config.num_beams}); use num_beams=1"
+    n, beams = config.num_return_sequences, config.num_beams
+    if n != 1 and beams == 1 and not config.do_sample:
+        raise ConfigError(
+            f"generate: greedy decoding returns one sequence per prompt, got num_return_sequences={n}; "
+            f"use num_beams >= {n} or do_sample=True"
         )
+    if beams > 1 and n > beams:
+        raise ConfigError(f"generate: num_return_sequences ({n}) must be <= num_beams ({beams})")
+    if beams < 1 or n < 1:
+        raise ConfigError(f"generate: num_beams ({beams}) and num_return_sequences ({n}) must be >= 1")
     ignored = config.ignored_fields()
     if ignored:
         logger.warning(
@@ -214,79 +261,3 @@ def _infer_attention_mask(
     if pad is None or pad in eos or not bool((input_ids == pad).any()):
         return None
     return (input_ids != pad).long()
-
-
-def _decode(
-    state: ModelState,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    config: GenerationConfig,
-    new: int,
-    eos: torch.Tensor | None,
-    pad: int | None,
-    generator: torch.Generator | None,
-    streamer: Streamer | None,
-    module: nn.Module | None,
-) -> torch.Tensor:
-    """The prefill + decode loop (under inference mode). Returns tokens [B, P + steps]."""
-    b, p = input_ids.shape
-    total = p + new
-    device = input_ids.device
-    tokens = torch.empty(b, total, dtype=torch.long, device=device)
-    tokens[:, :p] = input_ids
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = positions = None
-    if padded:  # positions count real tokens only, as Transformers' prepare_inputs_for_generation
-        mask = torch.ones(b, total, dtype=torch.long, device=device)
-        mask[:, :p] = attention_mask
-        positions = (mask[:, :p].cumsum(-1) - 1).masked_fill(mask[:, :p] == 0, 1)
-    cache = init_cache(state, b, total)
-    attn = attention.get(state.attn_implementation)
-    process = needs_processing(config, eos is not None)
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-
-    def loop(model: nn.Module) -> int:
-        nonlocal cache, positions, unfinished
-        step_ids = input_ids
-        length = p
-        for _ in range(new):
-            out = model(
-                step_ids,
-                attention_mask=None if mask is None else mask[:, :length],
-                position_ids=positions,
-                attn=attn,
-                past_key_values=cache,
-                logits_to_keep=1,
-            )
-            cache = out["past_key_values"]
-            scores = out["logits"][:, -1].float()  # [B, V]
-            if process:
-                scores = process_logits(scores, tokens[:, :length], p, config, eos)
-            if config.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-            else:
-                next_tokens = torch.argmax(scores, dim=-1)
-            if eos is not None:  # finished rows get padding
-                next_tokens = torch.where(unfinished, next_tokens, pad)
-            tokens[:, length] = next_tokens
-            length += 1
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if eos is not None:
-                unfinished = unfinished & ~torch.isin(next_tokens, eos)
-                if not bool(unfinished.any()):
-                    break
-            step_ids = tokens[:, length - 1 : length]
-            if positions is not None:
-                positions = positions[:, -1:] + 1
-        return length
-
-    if module is None:
-        module = skeleton(state.config, state.architecture)
-    length = run_bound(state, module, loop)
-    if streamer is not None:
-        streamer.end()
-    return tokens[:, :length]

@@ -6,9 +6,10 @@ It lives beside the `ModelState`, not in it, as in Transformers (a checkpoint's
 without one, `generate` derives it from the model config's token ids
 (`GenerationConfig.from_model_config`). The facade keeps the one its checkpoint came with.
 
-Only the fields fmodel's `generate` implements are modelled (greedy and multinomial
-sampling); every other key of the file is kept in `extra` (so the value writes back
-unchanged) and ignored, with a warning from `generate` when it is set to a non-neutral value.
+Only the fields fmodel's `generate` implements are modelled (greedy, multinomial sampling,
+beam search and beam sampling, the output flags); every other key of the file is kept in
+`extra` (so the value writes back unchanged) and ignored, with a warning from `generate` when
+it is set to a non-neutral value.
 """
 
 from __future__ import annotations
@@ -32,14 +33,10 @@ _INERT = frozenset(
     {
         "transformers_version",
         "_from_model_config",
-        "use_cache",
         "cache_implementation",
         "cache_config",
-        "return_dict_in_generate",
         "output_attentions",
         "output_hidden_states",
-        "output_scores",
-        "output_logits",
         "return_legacy_cache",
         "disable_compile",
         "compile_config",
@@ -52,6 +49,13 @@ def _token_ids(value: Any) -> int | tuple[int, ...] | None:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     return value
+
+
+def _check_early_stopping(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value not in (True, False, "never") or (value != "never" and not isinstance(value, bool)):
+        raise ConfigError(
+            f"GenerationConfig: 'early_stopping' must be true, false or \"never\", got {value!r}"
+        )
 
 
 def _check_token_ids(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -74,7 +78,14 @@ class GenerationConfig:
         temperature, top_k, top_p: sampling warpers (only used when `do_sample`); top_k 0 or
             None and top_p 1.0 turn theirs off. Note top_k defaults to 50, as in Transformers.
         repetition_penalty: > 1 discourages tokens already present (1.0 = off).
-        num_beams: 1 (beam search is not implemented).
+        num_beams: beams for beam search (1 = greedy / sampling); with `do_sample`, beam sampling.
+        num_return_sequences: rows returned per prompt (the best beams; or independent samples).
+        length_penalty: beam scores are divided by (new length) ** length_penalty.
+        early_stopping: beam search stops a prompt once `num_beams` hypotheses are finished
+            (True), when no better one seems possible (False, a heuristic), or only when no
+            better one is possible at all ("never"), as Transformers.
+        use_cache: decode with the KV cache (False recomputes the whole sequence each step).
+        return_dict_in_generate, output_scores, output_logits: what `generate` returns.
         bos_token_id, eos_token_id (an int or a tuple of ints), pad_token_id: special tokens.
         extra: every other key of generation_config.json, kept and ignored.
     """
@@ -89,6 +100,13 @@ class GenerationConfig:
     top_p: float | None = 1.0
     repetition_penalty: float | None = 1.0
     num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = attrs.field(default=False, validator=_check_early_stopping)
+    use_cache: bool = True
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool | None = None
     bos_token_id: int | None = attrs.field(default=None, converter=_token_ids, validator=_check_token_ids)
     eos_token_id: int | tuple[int, ...] | None = attrs.field(
         default=None, converter=_token_ids, validator=_check_token_ids
@@ -97,10 +115,14 @@ class GenerationConfig:
     extra: FrozenDict = attrs.field(factory=FrozenDict, converter=freeze, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_length", "min_length", "num_beams"):
+        for name in ("max_length", "min_length", "num_beams", "num_return_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"GenerationConfig: field {name!r} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
+            raise ConfigError(
+                f"GenerationConfig: 'length_penalty' must be a number, got {self.length_penalty!r}"
+            )
         for name in ("max_new_tokens", "min_new_tokens", "top_k"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -115,8 +137,11 @@ class GenerationConfig:
             raise ConfigError(
                 f"GenerationConfig: 'repetition_penalty' must be > 0, got {self.repetition_penalty!r}"
             )
-        if not isinstance(self.do_sample, bool):
-            raise ConfigError(f"GenerationConfig: 'do_sample' must be true or false, got {self.do_sample!r}")
+        for name in ("do_sample", "use_cache", "return_dict_in_generate", "output_scores"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"GenerationConfig: {name!r} must be true or false, got {getattr(self, name)!r}"
+                )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -144,7 +169,16 @@ class GenerationConfig:
         """
         fields = {f.name for f in attrs.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in fields}
-        for key in ("max_length", "min_length", "num_beams"):
+        for key in (
+            "max_length",
+            "min_length",
+            "num_beams",
+            "num_return_sequences",
+            "length_penalty",
+            "use_cache",
+            "return_dict_in_generate",
+            "output_scores",
+        ):
             if known.get(key, 0) is None:
                 known.pop(key)  # null means "the default" for these
         extra = {k: v for k, v in data.items() if k not in fields}

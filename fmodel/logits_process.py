@@ -2,13 +2,15 @@
 
 Each function takes scores [B, vocab] (float32 in `generate`) and returns new scores; no
 input is written. `process_logits` applies the ones a `GenerationConfig` asks for in
-Transformers' order: repetition penalty, min_length, min_new_tokens, then, when sampling,
-temperature, top-k, top-p (Transformers' `_get_logits_processor`).
+Transformers' order: repetition penalty, min_length, min_new_tokens, then the caller's own
+processors, then, when sampling, temperature, top-k, top-p (Transformers' `_get_logits_processor`,
+which puts a `generate(logits_processor=...)` list before its sampling warpers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,6 +22,9 @@ __all__ = [
     "process_logits",
     "suppress_tokens",
 ]
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`(tokens [B, N], scores [B, vocab]) -> scores [B, vocab]`: Transformers' `LogitsProcessor` call."""
 
 
 def apply_repetition_penalty(scores: torch.Tensor, tokens: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -68,18 +73,25 @@ def process_logits(
     prompt_length: int,
     config,
     eos: torch.Tensor | None,
+    custom: Sequence[LogitsProcessor] = (),
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """Apply what `config` asks for, in Transformers' order.
 
     Arguments:
-        scores: [B, vocab] next-token scores (float32).
+        scores: [B, vocab] next-token scores (float32; log-probabilities in beam search).
         tokens: [B, N] every token so far: prompt (padding included) + generated.
         prompt_length: P, the prompt's length (for min_new_tokens).
         config: a `GenerationConfig`.
         eos: 1-D tensor of EOS ids, or None (then min_length / min_new_tokens do nothing).
+        custom: the caller's processors, run after the built-in ones and before the sampling
+            warpers; each gets `(tokens, scores)` and returns scores (it may write into the
+            scores it is given, as Transformers' processors may: those are this call's own).
+        min_tokens_to_keep: the least top-k / top-p keep (beam sampling keeps EOS count + 1).
 
     Returns:
-        New scores [B, vocab]; `scores` and `tokens` are not written.
+        New scores [B, vocab]; the `scores` and `tokens` given are not written by the built-in
+        processors (a custom one gets a copy when it would see the caller's `scores`).
     """
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, tokens, config.repetition_penalty)
@@ -89,21 +101,26 @@ def process_logits(
             scores = suppress_tokens(scores, eos)
         if config.min_new_tokens and length - prompt_length < config.min_new_tokens:
             scores = suppress_tokens(scores, eos)
+    if custom:
+        given = scores
+        for processor in custom:
+            scores = processor(tokens, scores.clone() if scores is given else scores)
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             scores = apply_temperature(scores, config.temperature)
         if config.top_k:
-            scores = apply_top_k(scores, config.top_k)
+            scores = apply_top_k(scores, config.top_k, min_tokens_to_keep)
         if config.top_p is not None and config.top_p < 1.0:
-            scores = apply_top_p(scores, config.top_p)
+            scores = apply_top_p(scores, config.top_p, min_tokens_to_keep)
     return scores
 
 
-def needs_processing(config, has_eos: bool) -> bool:
+def needs_processing(config, has_eos: bool, custom: Sequence[LogitsProcessor] = ()) -> bool:
     """False when `process_logits` would return the scores unchanged for every step (greedy
-    with no penalty and no minimum length): the decode loop then skips it."""
+    with no penalty, no minimum length and no custom processor): the decode loop then skips it."""
     return bool(
-        (config.repetition_penalty is not None and config.repetition_penalty != 1.0)
+        custom
+        or (config.repetition_penalty is not None and config.repetition_penalty != 1.0)
         or (has_eos and (config.min_length or config.min_new_tokens))
         or (
             config.do_sample

@@ -1,0 +1,224 @@
+"""The decoding loops behind `fmodel.generate`: the model as a per-step decoder (KV cache or
+full recompute), the greedy / sampling loop, and the call into `fmodel.beam_search`.
+
+Everything here runs under `torch.inference_mode()` inside one `generate` call; the cache and
+token buffers are private to that call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from . import attention
+from .beam_search import beam_search
+from .cache import KVCache, init_cache, reorder_cache
+from .errors import ConfigError
+from .forward import run_bound
+from .generation_config import GenerationConfig
+from .logits_process import LogitsProcessor, needs_processing, process_logits
+from .models.skeleton import skeleton
+from .state import ModelState
+
+__all__ = ["GenerateOutput", "Run", "StoppingCriterion", "outside_inference"]
+
+StoppingCriterion = Callable[[torch.Tensor, Any], Any]
+"""`(tokens [N, L], scores so far or None) -> bool [N] (or one bool for every row)`: Transformers'
+`StoppingCriteria` call; a row is finished once any criterion says so."""
+
+
+@attrs.frozen(eq=False)
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`: Transformers' `GenerateDecoderOnlyOutput`
+    (and, for beam search, `GenerateBeamDecoderOnlyOutput`) fields.
+
+    Attributes:
+        sequences: [B * n, P + N] int64 (n = num_return_sequences).
+        scores: with `output_scores`, per step the processed scores [B * rows, vocab] (beam
+            search: log-probabilities of every running beam), else None.
+        logits: with `output_logits`, per step the raw float32 logits, else None.
+        sequences_scores: beam search with `output_scores`: [B * n] final beam scores.
+        beam_indices: beam search: [B * n, N] int32, the beam each new token came from.
+        past_key_values: the final `KVCache` (None with `use_cache=False`).
+    """
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+class _Decoder:
+    """The model, one forward per step: with the cache, the tokens it has not seen yet; without,
+    the whole sequence. Position ids come from the attention mask (Transformers'
+    `prepare_inputs_for_generation`): positions count real tokens only."""
+
+    def __init__(self, state, model, mask, rows, total, use_cache) -> None:
+        self.model = model
+        self.attn = attention.get(state.attn_implementation)
+        self.mask = self.positions = None
+        if mask is not None and not bool(mask.all()):
+            p = mask.shape[1]
+            self.mask = torch.ones(rows, total, dtype=torch.long, device=mask.device)
+            self.mask[:, :p] = mask
+            self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        self.cache = init_cache(state, rows, total) if use_cache else None
+        self.seen = 0
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        start = self.seen if self.cache is not None else 0
+        out = self.model(
+            tokens[:, start:],
+            attention_mask=None if self.mask is None else self.mask[:, :length],
+            position_ids=None if self.positions is None else self.positions[:, start:length],
+            attn=self.attn,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+        )
+        if self.cache is not None:
+            self.cache, self.seen = out["past_key_values"], length
+        return out["logits"][:, -1].float()  # [N, V]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache = reorder_cache(self.cache, rows)
+
+
+@attrs.frozen
+class Run:
+    """One `generate` call's settings; `__call__` runs the decoding (under inference mode)."""
+
+    state: ModelState
+    config: GenerationConfig
+    prompt: int
+    new: int
+    eos: torch.Tensor | None
+    pad: int | None
+    processors: tuple[LogitsProcessor, ...]
+    criteria: tuple[StoppingCriterion, ...]
+
+    def __call__(self, input_ids, mask, generator, streamer, module) -> GenerateOutput:
+        rows, total = input_ids.shape[0], self.prompt + self.new
+        if module is None:
+            module = skeleton(self.state.config, self.state.architecture)
+
+        def loop(model: nn.Module) -> GenerateOutput:
+            decoder = _Decoder(self.state, model, mask, rows, total, self.config.use_cache)
+            if self.config.num_beams > 1:
+                out = self._beams(decoder, input_ids, generator)
+            else:
+                out = self._sample(decoder, input_ids, generator, streamer)
+            return attrs.evolve(out, past_key_values=decoder.cache)
+
+        return run_bound(self.state, module, loop)
+
+    def _process(self, min_tokens_to_keep: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if not needs_processing(self.config, self.eos is not None, self.processors):
+            return lambda tokens, scores: scores
+        return lambda tokens, scores: process_logits(
+            scores, tokens, self.prompt, self.config, self.eos, self.processors, min_tokens_to_keep
+        )
+
+    def _stops(self, tokens: torch.Tensor, scores) -> torch.Tensor:
+        """Transformers' stopping criteria: max length, EOS, then the caller's; bool [N]."""
+        done = torch.full((tokens.shape[0],), tokens.shape[1] >= self.prompt + self.new, device=tokens.device)
+        if self.eos is not None:
+            done = done | torch.isin(tokens[:, -1], self.eos)
+        for criterion in self.criteria:
+            done = done | criterion(tokens, scores)
+        return done
+
+    def _sample(self, decoder: _Decoder, input_ids, generator, streamer) -> GenerateOutput:
+        config, p = self.config, self.prompt
+        rows = input_ids.shape[0]
+        tokens = torch.empty(rows, p + self.new, dtype=torch.long, device=input_ids.device)
+        tokens[:, :p] = input_ids
+        # as Transformers: finished rows get padding when a criterion is about EOS
+        pad_finished = self.eos is not None or any(hasattr(c, "eos_token_id") for c in self.criteria)
+        if pad_finished and self.pad is None:
+            raise ConfigError("generate: a stopping criterion has an eos_token_id; pass pad_token_id too")
+        process = self._process(1)
+        scores = () if config.output_scores else None
+        raw = () if config.output_logits else None
+        unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        length = p
+        for _ in range(self.new):
+            logits = decoder(tokens[:, :length])
+            step_scores = process(tokens[:, :length], logits)
+            if scores is not None:
+                scores += (step_scores,)
+            if raw is not None:
+                raw += (logits,)
+            if config.do_sample:
+                probs = torch.softmax(step_scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            else:
+                next_tokens = torch.argmax(step_scores, dim=-1)
+            if pad_finished:
+                next_tokens = torch.where(unfinished, next_tokens, self.pad)
+            tokens[:, length] = next_tokens
+            length += 1
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            unfinished = unfinished & ~self._stops(tokens[:, :length], scores)
+            if not bool(unfinished.any()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return GenerateOutput(tokens[:, :length], scores=scores, logits=raw)
+
+    def _beams(self, decoder: _Decoder, input_ids, generator) -> GenerateOutput:
+        config, eos = self.config, self.eos
+        # Transformers: the pad id, unless it is 0 or unset (then the first EOS id); -1 without EOS
+        fill = (self.pad or int(eos[0])) if eos is not None else -1
+        result = beam_search(
+            decoder,
+            input_ids,
+            num_beams=config.num_beams,
+            max_length=self.prompt + self.new,
+            process=self._process(len(eos) + 1 if eos is not None else 2),
+            stops=self._stops,
+            eos_count=0 if eos is None else len(eos),
+            fill_value=fill,
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+            do_sample=config.do_sample,
+            generator=generator,
+            num_return_sequences=config.num_return_sequences,
+            output_scores=config.output_scores,
+            output_logits=bool(config.output_logits),
+        )
+        return GenerateOutput(
+            result.sequences,
+            scores=result.scores,
+            logits=result.logits,
+            sequences_scores=result.sequences_scores if config.output_scores else None,
+            beam_indices=result.beam_indices,
+        )
+
+
+def outside_inference(out: GenerateOutput) -> GenerateOutput:
+    """Copies of the tensors made under inference mode, usable by autograd (the cache stays)."""
+
+    def copy(value):
+        if isinstance(value, tuple):
+            return tuple(t.clone() for t in value)
+        return None if value is None else value.clone()
+
+    return attrs.evolve(
+        out,
+        sequences=copy(out.sequences),
+        scores=copy(out.scores),
+        logits=copy(out.logits),
+        sequences_scores=copy(out.sequences_scores),
+        beam_indices=copy(out.beam_indices),
+    )
