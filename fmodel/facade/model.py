@@ -104,7 +104,9 @@ class PreTrainedModel(
             if config is None:
                 raise TypeError(f"{type(self).__name__}() needs a config (or state=)")
             frozen = as_fmodel_config(config)
-            state = transforms.init(frozen, architecture=self._architecture_for(frozen))
+            state = transforms.init(
+                frozen, architecture=self._architecture_for(frozen), draw_order="transformers"
+            )
         runtime = dict(config._runtime) if isinstance(config, ConfigView) else {}
         self.__dict__["_config_view"] = view_class(state.config)(self, **runtime)
         self.__dict__["warnings_issued"] = {}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from .. import transforms
 from ..models import get_spec
+from ..transforms import hf_init
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -26,12 +26,20 @@ class SurgeryMixin:
         pad_to_multiple_of: int | None = None,
         mean_resizing: bool = True,
     ) -> nn.Module:
-        self._apply_transform(
-            transforms.resize_token_embeddings,
+        """Transformers' `resize_token_embeddings`, number for number: the new rows (and the
+        default inits of the new modules Transformers builds) are drawn from torch's global RNG in
+        Transformers' order (`fmodel.transforms.hf_init.resize_token_embeddings`; the pure
+        `fmodel.resize_token_embeddings` keeps its own seeded generator)."""
+        before = self.state
+        after = self._apply_transform(
+            hf_init.resize_token_embeddings,
             new_num_tokens,
             pad_to_multiple_of=pad_to_multiple_of,
             mean_resizing=mean_resizing,
         )
+        fresh = hf_init.replaced_modules(before, after)
+        if fresh:  # new modules Transformers has not marked initialised: `init_weights()` draws them
+            self.__dict__.setdefault("_hf_uninitialized", set()).update(fresh)
         return self.get_input_embeddings()
 
     def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
@@ -86,26 +94,28 @@ class SurgeryMixin:
         return get_spec(self._architecture).prefix
 
     def init_weights(self) -> None:
-        """As Transformers after `post_init`: every tensor is already initialised (from the
-        checkpoint or the family's init rules), so nothing is redrawn; ties are re-applied.
-        To redraw, use `model.apply(model._init_weights)` or `fmodel.init_weights(state)`."""
+        """As Transformers' `init_weights()` after `post_init`: modules already initialised (all
+        of them after construction or loading) are not redrawn; a module Transformers would have
+        replaced by a new, unmarked one since (the untied output projection after
+        `resize_token_embeddings`) is drawn now by the family's `_init_weights`, from torch's
+        global RNG; then ties are re-applied. To redraw everything, use
+        `model.apply(model._init_weights)` (Transformers' draws) or `fmodel.init_weights(state)`."""
+        fresh = self.__dict__.get("_hf_uninitialized")
+        if fresh:
+            self._write_values(hf_init.initialize_modules(self.state, fresh))
+            self.__dict__.pop("_hf_uninitialized")
         self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Redraw `module`'s own parameters (not its children's) by the family's init rules, in
-        place, from torch's global RNG (so `torch.manual_seed` makes it reproducible).
-        A tied alias redraws its source."""
+        """Transformers' `_init_weights(module)`: the family's rule redraws `module`'s own
+        parameters (GPT-2: also its `c_proj.weight`) in place, from torch's global RNG, number for
+        number as Transformers (`fmodel.transforms.hf_init.init_module`); so
+        `model.apply(model._init_weights)` after `torch.manual_seed(s)` gives Transformers'
+        values. A tied alias redraws its source (they are one tensor)."""
         prefix = next((n for n, m in self.named_modules() if m is module), None)
         if prefix is None:
             raise ValueError(f"_init_weights: {type(module).__name__} is not a submodule of this model")
-        names = {
-            self._ties.get(full, full)
-            for leaf, _ in module.named_parameters(recurse=False)
-            for full in [f"{prefix}.{leaf}" if prefix else leaf]
-        }
-        if names:
-            seed = int(torch.randint(0, 2**62, ()).item())
-            self._write_values(transforms.init_weights(self.state, seed=seed, names=sorted(names)))
+        self._write_values(hf_init.init_module(self.state, prefix))
 
     def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
         """Accept `new_num_position_embeddings` positions (see `fmodel.resize_position_embeddings`;

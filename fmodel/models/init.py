@@ -1,10 +1,24 @@
-"""Fresh tensors following an architecture's init rules (used for allowed missing keys and `init`)."""
+"""Fresh tensors following an architecture's init rules (used for allowed missing keys and `init`),
+and the rules by which Transformers initialises a module (for `fmodel.transforms.hf_init`)."""
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Callable, Mapping
 
-__all__ = ["init_tensor"]
+import attrs
+import torch
+from torch import nn
+
+__all__ = [
+    "TRANSFORMERS_INIT",
+    "Draw",
+    "TransformersInit",
+    "construction_draws",
+    "init_tensor",
+    "init_weights_draws",
+    "run_draws",
+]
 
 
 def init_tensor(
@@ -36,3 +50,142 @@ def init_tensor(
             drawn[zero_row] = 0.0
         return drawn.to(dtype)
     raise ValueError(f"unknown init rule {rule!r}; expected 'normal', 'zeros' or 'ones'")
+
+
+# --------------------------------------------------------------------------- Transformers' rules
+
+
+@attrs.frozen
+class Draw:
+    """One in-place initialisation step on the tensor `name`, as PyTorch or Transformers runs it.
+
+    Attributes:
+        name: dotted parameter name.
+        op: "normal" (args: mean, std), "kaiming_uniform" (nn.Linear's weight init,
+            a = sqrt(5)), "uniform" (args: low, high), "zeros", "ones", or "zero_row"
+            (args: row; an embedding's padding row). Only "normal", "kaiming_uniform" and
+            "uniform" consume random numbers.
+        args: the op's arguments.
+    """
+
+    name: str
+    op: str
+    args: tuple = ()
+
+
+def run_draws(
+    draws: list[Draw], tensors: Mapping[str, torch.Tensor], generator: torch.Generator | None
+) -> None:
+    """Apply `draws` in order, in place, to `tensors` (name -> tensor), drawing from `generator`
+    (None: torch's default generator of each tensor's device). Each op is the very call PyTorch /
+    Transformers makes, on a tensor of the same shape, dtype and device, so the numbers drawn and
+    the generator's state afterwards are the same."""
+    with torch.no_grad():
+        for draw in draws:
+            t = tensors[draw.name]
+            if draw.op == "normal":
+                t.normal_(*draw.args, generator=generator)
+            elif draw.op == "kaiming_uniform":
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+            elif draw.op == "uniform":
+                nn.init.uniform_(t, *draw.args, generator=generator)
+            elif draw.op == "zeros":
+                t.zero_()
+            elif draw.op == "ones":
+                t.fill_(1.0)
+            elif draw.op == "zero_row":
+                t[draw.args[0]].zero_()
+            else:
+                raise ValueError(f"unknown draw op {draw.op!r} for {draw.name!r}")
+
+
+@attrs.frozen
+class TransformersInit:
+    """A family's Transformers `_init_weights(module)`, as its differences from the base rule of
+    `PreTrainedModel._init_weights` (Linear: weight normal(0, initializer_range), bias zero;
+    Embedding: the same, padding row zero; LayerNorm/RMSNorm: weight one, bias zero).
+
+    Attributes:
+        linear_like: skeleton class names treated as nn.Linear (GPT-2's `Conv1D`).
+        zero_bias: skeleton class names whose own `bias` is zeroed (BERT's `BertLMPredictionHead`).
+        scaled: config -> {parameter name relative to the module: std}: after a module's own
+            rule, each such parameter it has is redrawn normal(0, std) (GPT-2's `c_proj.weight`,
+            std / sqrt(2 * n_layer)).
+    """
+
+    linear_like: tuple[str, ...] = ()
+    zero_bias: tuple[str, ...] = ()
+    scaled: Callable[[object], Mapping[str, float]] = lambda config: {}
+
+
+def _gpt2_scaled(config) -> dict[str, float]:
+    return {"c_proj.weight": _std(config) / math.sqrt(2 * config.n_layer)}
+
+
+# Per model_type; a family not listed follows PreTrainedModel's rule (Llama, Qwen2 and Mistral do).
+TRANSFORMERS_INIT: dict[str, TransformersInit] = {
+    "gpt2": TransformersInit(linear_like=("Conv1D",), scaled=_gpt2_scaled),
+    "bert": TransformersInit(zero_bias=("BertLMPredictionHead",)),
+}
+
+
+def _std(config) -> float:
+    return getattr(config, "initializer_range", 0.02)
+
+
+def _join(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def construction_draws(module: nn.Module, name: str, *, bias_drawn: bool = True) -> list[Draw]:
+    """What constructing `module` (one skeleton module, its own parameters only) draws in
+    Transformers: nn.Linear's `reset_parameters` (kaiming-uniform weight, then a uniform bias
+    unless `bias_drawn` is False, as for a bias Transformers assigns from elsewhere), nn.Embedding's
+    (normal(0, 1), padding row zero), GPT-2's Conv1D (normal(0, 0.02)); norms and the rest draw
+    nothing."""
+    weight = _join(name, "weight")
+    if isinstance(module, nn.Linear):
+        draws = [Draw(weight, "kaiming_uniform")]
+        if module.bias is not None and bias_drawn:
+            fan_in = module.weight.shape[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            draws.append(Draw(_join(name, "bias"), "uniform", (-bound, bound)))
+        return draws
+    if isinstance(module, nn.Embedding):
+        draws = [Draw(weight, "normal", (0.0, 1.0))]
+        if module.padding_idx is not None:
+            draws.append(Draw(weight, "zero_row", (module.padding_idx,)))
+        return draws
+    if type(module).__name__ == "Conv1D":
+        return [Draw(weight, "normal", (0.0, 0.02))]
+    return []
+
+
+def init_weights_draws(module: nn.Module, name: str, config, rules: TransformersInit) -> list[Draw]:
+    """What the family's Transformers `_init_weights(module)` does to the skeleton module `module`
+    (named `name` in the model), in order."""
+    std = _std(config)
+    kind = type(module).__name__
+    own = dict(module.named_parameters(recurse=False))
+    draws: list[Draw] = []
+    if isinstance(module, nn.Linear) or kind in rules.linear_like:
+        draws.append(Draw(_join(name, "weight"), "normal", (0.0, std)))
+        if own.get("bias") is not None:
+            draws.append(Draw(_join(name, "bias"), "zeros"))
+    elif isinstance(module, nn.Embedding):
+        draws.append(Draw(_join(name, "weight"), "normal", (0.0, std)))
+        if module.padding_idx is not None:
+            draws.append(Draw(_join(name, "weight"), "zero_row", (module.padding_idx,)))
+    elif "LayerNorm" in kind or "RMSNorm" in kind:
+        if own.get("weight") is not None:
+            draws.append(Draw(_join(name, "weight"), "ones"))
+        if own.get("bias") is not None:
+            draws.append(Draw(_join(name, "bias"), "zeros"))
+    elif kind in rules.zero_bias and own.get("bias") is not None:
+        draws.append(Draw(_join(name, "bias"), "zeros"))
+    scaled = rules.scaled(config)
+    if scaled:
+        for leaf, _ in module.named_parameters():
+            if leaf in scaled:
+                draws.append(Draw(_join(name, leaf), "normal", (0.0, scaled[leaf])))
+    return draws

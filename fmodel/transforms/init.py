@@ -9,6 +9,7 @@ import torch
 from ..io.load import state_from_tensors
 from ..models.init import init_tensor
 from ..state import ModelState
+from . import hf_init
 from ._common import spec_of, with_params
 
 __all__ = ["init", "init_weights"]
@@ -21,6 +22,8 @@ def init(
     dtype: torch.dtype = torch.float32,
     architecture: str | None = None,
     attn_implementation: str = "sdpa",
+    draw_order: str = "fmodel",
+    generator: torch.Generator | None = None,
 ) -> ModelState:
     """A new model with fresh weights drawn by its family's init rules.
 
@@ -28,17 +31,46 @@ def init(
     zero, norms one; tied tensors are created once. Deterministic: the same seed gives the
     same tensors, whatever the dtype (values are drawn in float32, then cast).
 
+    `draw_order="transformers"` instead replays Transformers' construction draw for draw
+    (`fmodel.transforms.hf_init.init`): the tensors equal Transformers' `XForY(config)` after
+    the same `torch.manual_seed`, drawn from `generator`, where None is torch's global
+    generator (the facade's constructors use this, for parity; `seed` does not apply).
+
     Arguments:
         config: a model config.
-        seed: the random seed.
+        seed: the random seed (draw order "fmodel").
         dtype: floating dtype of the weights.
         architecture: class name (default `architectures[0]` of the config, else the family's
             causal-LM class).
+        draw_order: "fmodel" (pure, seeded, each tensor drawn once in name order) or
+            "transformers" (Transformers' sequence of draws, from `generator`).
+        generator: random source for draw order "transformers" (None: torch's global one).
+
+    Raises:
+        ValueError: an unknown `draw_order`, a `seed` with draw order "transformers", or a
+            `generator` with draw order "fmodel".
 
     Example:
         >>> state = fmodel.init(fmodel.LlamaConfig(hidden_size=64, num_hidden_layers=2,
         ...     num_attention_heads=4, intermediate_size=128, vocab_size=100), seed=1)
     """
+    if draw_order == "transformers":
+        if seed != 0:
+            raise ValueError(
+                "init: seed applies to draw_order='fmodel'; with 'transformers' pass "
+                "generator=torch.Generator().manual_seed(seed) (None draws from torch's global generator)"
+            )
+        return hf_init.init(
+            config,
+            architecture=architecture,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            generator=generator,
+        )
+    if draw_order != "fmodel":
+        raise ValueError(f"init: draw_order must be 'fmodel' or 'transformers', got {draw_order!r}")
+    if generator is not None:
+        raise ValueError("init: generator applies to draw_order='transformers'; pass seed= for 'fmodel'")
     state, _ = state_from_tensors(
         config,
         {},
