@@ -265,10 +265,7 @@ class ConfigView:
         """Every field with its value, as Transformers' `to_dict` (runtime attributes excluded)."""
         out = {k: v for k, v in HF_DEFAULTS.items() if not k.startswith("base_model_")}
         out.update(self._frozen.to_dict())
-        out["id2label"], out["label2id"] = (
-            {str(k): v for k, v in self.id2label.items()},
-            self.label2id,
-        )
+        out["id2label"], out["label2id"] = self.id2label, self.label2id
         out.setdefault("transformers_version", _transformers_version())
         return out
 
@@ -309,6 +306,14 @@ class ConfigView:
     def __copy__(self) -> Any:
         return self.__deepcopy__({})
 
+    def __reduce__(self):
+        # the class is made per config class at run time: pickle the way to make it again
+        return _rebuild_view, (type(self._frozen), self._owner, dict(self._runtime))
+
+
+def _rebuild_view(config_class: type, owner: Any, runtime: dict[str, Any]) -> ConfigView:
+    return _view_class_for(config_class)(owner, **runtime)
+
 
 class _Holder:
     """The owner of a detached view: holds a frozen config and replaces it on writes."""
@@ -325,10 +330,10 @@ class _Holder:
         self._attn_implementation = value
 
 
-def DetachedConfig(frozen, runtime: dict[str, Any], cls: type[ConfigView] | None = None) -> ConfigView:
+def DetachedConfig(frozen, runtime: dict[str, Any] | None = None, cls: type[ConfigView] | None = None) -> ConfigView:
     """A config view over its own copy of `frozen`, not attached to any model."""
     cls = cls or view_class(frozen)
-    return cls(_Holder(frozen), **runtime)
+    return cls(_Holder(frozen), **(runtime or {}))
 
 
 def updated_config(frozen, changes: dict[str, Any]):
@@ -348,7 +353,10 @@ _VIEW_CLASSES: dict[type, type[ConfigView]] = {}
 
 def view_class(frozen) -> type[ConfigView]:
     """The `ConfigView` subclass for `frozen`'s config class, named like it (`LlamaConfig`)."""
-    cls = type(frozen)
+    return _view_class_for(type(frozen))
+
+
+def _view_class_for(cls: type) -> type[ConfigView]:
     made = _VIEW_CLASSES.get(cls)
     if made is None:
         made = type(cls.__name__, (ConfigView,), {"model_type": cls.model_type, "__module__": __name__})

@@ -134,18 +134,20 @@ class PreTrainedModel(
         self.config.name_or_path = value
 
     def _replace_config(self, new) -> None:
-        """Make `new` (a frozen config) this model's config. When no module of the tree depends
-        on what changed, the tree (and any adapter or hook in it) is kept; otherwise the state
-        is re-installed with the new config, which must fit its tensors."""
+        """Make `new` (a frozen config) this model's config, in place: every module of the tree
+        takes the new config and the plain attributes a fresh skeleton of `new` has (an `eps`,
+        a `padding_idx`), computed buffers are recomputed (rotary frequencies), and the
+        modules themselves stay (so adapters, hooks and optimizers keep theirs). A module that
+        someone replaced (an adapter wrapping a linear) is left as it is.
+
+        Raises:
+            ConfigError: `new` needs tensors of other shapes than the model has (`hidden_size`,
+                `num_labels` of a classifier, ...), or is not a valid config.
+        """
         old = self._frozen_config
         if new == old:
             return
-        if _structure(new, self._architecture) == _structure(old, self._architecture):
-            for module in self._tree.modules():
-                if module.__dict__.get("config") is old:
-                    module.__dict__["config"] = new
-            object.__setattr__(self, "_frozen_config", new)
-            return
+        spec = get_spec(self._architecture)
         state = self.state
         expected = expected_shapes(new, self._architecture)
         wrong = [
@@ -153,15 +155,31 @@ class PreTrainedModel(
             for name, t in state.tensors.items()
             if name in expected and tuple(t.shape) != expected[name][0]
         ]
-        if wrong or set(expected) - set(state.tensors):
-            missing = sorted(set(expected) - set(state.tensors))[:3]
+        missing = sorted(set(expected) - set(state.tensors))
+        if wrong or missing:
             raise ConfigError(
                 f"{type(self).__name__}.config: this change needs tensors of other shapes "
-                f"({'; '.join(wrong[:3]) or 'new tensors: ' + ', '.join(missing)}); change the model "
-                "with its transform instead (resize_token_embeddings, prune_heads, ...) or build a new "
-                "model from the changed config"
+                f"({'; '.join(wrong[:3]) or 'new tensors: ' + ', '.join(missing[:3])}); change the model "
+                "with its transform instead (resize_token_embeddings, prune_heads, ...), or load it "
+                "again with the new value (from_pretrained(..., num_labels=n, ignore_mismatched_sizes=True))"
             )
-        self._install(transforms.tie_weights(state.replace(config=new)))
+        if dict(spec.ties(new)) != self._ties:
+            self._install(transforms.tie_weights(state.replace(config=new)))
+            return
+        fresh = dict(skeleton(new, self._architecture).named_modules())
+        for name, module in self._tree.named_modules():
+            template = fresh.get(name)
+            if template is None or type(template) is not type(module):
+                continue  # replaced by someone (an adapter): theirs to keep
+            for key, value in _plain_attributes(template).items():
+                module.__dict__[key] = value
+            if module.__dict__.get("config") is old:
+                module.__dict__["config"] = new
+        buffers = dict(self.named_buffers(remove_duplicate=False))
+        for name, tensor in spec.computed_buffers(new, None).items():
+            if name in buffers:
+                _set(self, name, tensor.to(device=buffers[name].device, dtype=buffers[name].dtype), parameter=False)
+        object.__setattr__(self, "_frozen_config", new)
 
     # -- Transformers' per-family class attributes, derived from the spec ------------------------
 
@@ -205,6 +223,9 @@ class PreTrainedModel(
             delattr(self, name)
         for name, child in tree.named_children():
             self.add_module(name, child)
+        # One children dict for both: a module put on the model (PEFT wrapping `classifier` or
+        # `lm_head` in a ModulesToSaveWrapper, `setattr(model, name, m)`) is what the tree runs.
+        tree.__dict__["_modules"] = self._modules
         installed: dict[int, nn.Parameter] = {}
         for name, tensor in state.params.items():
             param = installed.get(id(tensor))
@@ -447,22 +468,13 @@ class _CallInfo:
         self.device = device
 
 
-def _structure(config, architecture: str) -> tuple:
-    """What a skeleton built from `config` is made of, apart from the config object itself: each
-    module's name, class, plain attributes and tensor shapes. Equal for two configs when no
-    module depends on how they differ."""
-    out = []
-    for name, module in skeleton(config, architecture).named_modules():
-        plain = tuple(
-            sorted(
-                (k, v)
-                for k, v in vars(module).items()
-                if k != "config" and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
-            )
-        )
-        shapes = tuple((k, tuple(t.shape)) for k, t in module.named_parameters(recurse=False))
-        out.append((name, type(module).__name__, plain, shapes))
-    return tuple(out)
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """A module's own settings (numbers, strings, tuples), which a config decides at build time."""
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if k != "config" and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+    }
 
 
 def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:
