@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..config import load_config
+from ..config import CONFIG_CLASSES, load_config
 from ..io.resolve import resolve_checkpoint
 from ..models import ARCHITECTURES, specs_for_model_type
 from .model import PreTrainedModel
@@ -20,7 +20,12 @@ __all__ = [
 
 
 def _family_class(name: str) -> type[PreTrainedModel]:
-    return type(name, (PreTrainedModel,), {"architecture": name, "__doc__": f"fmodel's facade for `{name}`."})
+    attributes = {
+        "architecture": name,
+        "config_class": CONFIG_CLASSES[ARCHITECTURES[name].model_type],  # fmodel's frozen config class
+        "__doc__": f"fmodel's facade for `{name}`.",
+    }
+    return type(name, (PreTrainedModel,), attributes)
 
 
 FAMILY_CLASSES: dict[str, type[PreTrainedModel]] = {name: _family_class(name) for name in ARCHITECTURES}
