@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import fmodel
 from fmodel import attention
+from fmodel.cache import reorder_cache
 from fmodel.facade.generation import GenerationMixin
 from fmodel.logits_process import (
     apply_repetition_penalty,
@@ -485,12 +486,61 @@ def test_facade_generate_matches_transformers(saved):
     kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, num_beams=1, use_cache=True)
     assert torch.equal(ours.generate(**inputs, **kwargs), hf_generate(model, "sdpa", ids, mask, **kwargs))
     assert ours.generation_config.eos_token_id == 2
-    ours.generation_config = ours.generation_config.replace(max_new_tokens=3)
+    ours.generation_config.max_new_tokens = 3  # a mutable config: the write persists
     assert ours.generate(ids).shape[1] == ids.shape[1] + 3
     assert ours.generate(ids, top_k=None, do_sample=True, max_new_tokens=2).shape[1] == ids.shape[1] + 2
-    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="beam search"):
-        ours.generate(ids, num_beams=2)
-    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="return_dict_in_generate"):
-        ours.generate(ids, return_dict_in_generate=True)
-    with pytest.raises(TypeError, match=r"unexpected arguments.*typo"):
+    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="num_beam_groups"):
+        ours.generate(ids, num_beams=2, num_beam_groups=2, diversity_penalty=1.0)
+    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="output_attentions"):
+        ours.generate(ids, return_dict_in_generate=True, output_attentions=True)
+    with pytest.raises(ValueError, match=r"not used by the model: \['typo'\]"):
         ours.generate(ids, typo=3)
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa-tied", "mistral-sliding"])
+def test_functional_beam_search_matches_transformers(saved, variant):
+    folder, model = saved[variant]
+    state = fmodel.load(folder)
+    ids, mask = prompts(seed=7)
+    kwargs = dict(
+        num_beams=3, num_return_sequences=2, max_new_tokens=NEW, length_penalty=0.6, early_stopping=True
+    )
+    free = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW, num_beams=3, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 2])  # a token the beams produce: hypotheses finish early
+    outs = fmodel.generate(
+        state, ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True,
+        output_scores=True, **kwargs,
+    )  # fmt: skip
+    theirs = hf_generate(
+        model, "sdpa", ids, mask, eos_token_id=eos, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
+    assert torch.equal(outs.sequences, theirs.sequences) and torch.equal(
+        outs.beam_indices, theirs.beam_indices
+    )
+    assert (outs.sequences_scores - theirs.sequences_scores).abs().max().item() <= 1e-4
+    with pytest.raises(fmodel.ConfigError, match="num_return_sequences"):
+        fmodel.generate(state, ids, num_beams=2, num_return_sequences=3, max_new_tokens=2)
+    with pytest.raises(fmodel.ConfigError, match="streamer"):
+        fmodel.generate(state, ids, num_beams=2, max_new_tokens=2, streamer=Recorder())
+
+
+@FEW
+@given(data=st.data())
+def test_reorder_cache_gathers_rows_and_leaves_the_input(saved, data):
+    folder, _ = saved["gpt2"]
+    state = fmodel.load(folder)
+    batch = data.draw(st.integers(1, 4), label="batch")
+    rows = data.draw(st.lists(st.integers(0, batch - 1), min_size=1, max_size=6), label="rows")
+    cache = fmodel.init_cache(state, batch, 6)
+    with torch.no_grad():
+        cache = fmodel.forward(state, torch.randint(0, 96, (batch, 3)), past_key_values=cache).past_key_values
+    before = [k.clone() for k in cache.keys]
+    out = reorder_cache(cache, torch.tensor(rows))
+    assert out.length == cache.length and out.max_length == cache.max_length and out.batch_size == len(rows)
+    for k, new, old in zip(cache.keys, out.keys, before, strict=True):
+        assert torch.equal(k, old) and torch.equal(new, old[rows]) and new.data_ptr() != k.data_ptr()
+    with pytest.raises(fmodel.CacheError, match="row indices"):
+        reorder_cache(cache, torch.tensor([batch]))

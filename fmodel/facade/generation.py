@@ -1,152 +1,415 @@
-"""`GenerationMixin`: Transformers' `generate` and `generation_config` for the facade.
+"""`GenerationMixin`: Transformers' `generate`, `generation_config`, `prepare_inputs_for_generation`
+and `_prepare_generation_config` for the facade.
 
 The methods only sort out Transformers' arguments; decoding is `fmodel.generate` on
-`self.state`. The host class provides `state`, `config` and, optionally, `_tree` (its module
-tree, run so that hooks fire) and `_generation_config_dict` in the instance `__dict__` (the
-generation_config.json the model was loaded with; `HubMixin` saves it back).
+`self.state` (greedy, sampling, beam search), with a frozen `fmodel.GenerationConfig` made from
+the mutable one (`generation_config.to_frozen`). The host class provides `state`, `forward`
+and, optionally, `_tree` (its module tree, run so that hooks fire) and `_generation_config_dict`
+in the instance `__dict__` (the generation_config.json the model was loaded with). The mutable
+config lives in `__dict__["_generation_config"]` once read; `saved_generation_config` is what
+`HubMixin` writes back.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import re
 from typing import Any
 
 import torch
 
 from ..errors import UnsupportedOptionError
+from ..generate import GenerateOutput
 from ..generate import generate as functional_generate
-from ..generation_config import GenerationConfig
+from ..generation_config import GenerationConfig as FrozenGenerationConfig
+from . import generation_config as gc
+from .outputs import ModelOutput
 
-__all__ = ["GenerationMixin"]
+__all__ = ["GenerationMixin", "saved_generation_config"]
 
-# Keyword arguments of Transformers' `generate` that map onto `GenerationConfig` fields.
-_CONFIG_KWARGS = frozenset(
+# Model kwargs every Transformers model accepts (TransformersKwargs' optional keys).
+_TRANSFORMERS_KWARGS = frozenset(
     {
-        "max_new_tokens",
-        "max_length",
-        "min_new_tokens",
-        "min_length",
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "repetition_penalty",
-        "eos_token_id",
-        "pad_token_id",
-        "bos_token_id",
-        "num_beams",
+        "cu_seq_lens_k", "cu_seq_lens_q", "max_length_k", "max_length_q", "num_items_in_batch",
+        "output_attentions", "output_hidden_states", "output_router_logits",
     }
-)
-# Accepted when they ask for what fmodel does anyway (their value must equal the given one).
-_NEUTRAL_KWARGS = {
-    "use_cache": True,
-    "num_return_sequences": 1,
-    "return_dict_in_generate": False,
-    "output_scores": False,
-    "output_logits": False,
-    "output_attentions": False,
-    "output_hidden_states": False,
-    "synced_gpus": None,
-    "logits_processor": None,
-    "stopping_criteria": None,
+)  # fmt: skip
+# Model kwargs fmodel's generate honours; other known ones are refused by name.
+_HONOURED_MODEL_KWARGS = frozenset({"input_ids", "attention_mask", "logits_to_keep"})
+# Config values that pick a decoding method fmodel does not implement: (field, is it set?).
+_UNSUPPORTED_MODES = {
+    "num_beam_groups": lambda v: v is not None and v > 1,
+    "constraints": lambda v: v is not None,
+    "force_words_ids": lambda v: v is not None,
+    "penalty_alpha": lambda v: v is not None and v > 0,
+    "dola_layers": lambda v: v is not None,
+    "prompt_lookup_num_tokens": lambda v: v is not None,
+    "assistant_early_exit": lambda v: v is not None,
+    "low_memory": lambda v: bool(v),
+    "prefill_chunk_size": lambda v: v is not None,
 }
-# Fields where Transformers reads an explicit None as "off" (its processors test `is not None`).
-_NONE_MEANS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0}
-_NEVER_NONE = frozenset({"max_length", "min_length", "num_beams", "do_sample"})
+_UNSUPPORTED_ARGUMENTS = (
+    "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
+    "custom_generate",
+)  # fmt: skip
+# Custom logits processors of these Transformers types replace the built-in one (config field, off value).
+_REPLACES_PROCESSOR = {"RepetitionPenaltyLogitsProcessor": ("repetition_penalty", 1.0)}
 
 
 class GenerationMixin:
-    """Adds Transformers' `generate(...)` and `generation_config` to a facade model."""
+    """Adds Transformers' `generate(...)`, `generation_config` and generation helpers to a facade model."""
 
     @property
-    def generation_config(self) -> GenerationConfig:
-        """The model's decoding defaults: the generation_config.json it was loaded with, else
-        the model config's token ids (`GenerationConfig.from_model_config`). A frozen value:
-        change it with `model.generation_config = model.generation_config.replace(top_k=10)`."""
-        data = self.__dict__.get("_generation_config_dict")
-        if data is not None:
-            return GenerationConfig.from_dict(data)
-        return GenerationConfig.from_model_config(self.config)
+    def generation_config(self) -> Any:
+        """The model's decoding defaults: a mutable `transformers.GenerationConfig` (fmodel's
+        `MutableGenerationConfig` without Transformers), built once from the generation_config.json
+        the model was loaded with, else from the model config; the same object every time, so
+        attribute writes persist and the next `generate` uses them."""
+        config = self.__dict__.get("_generation_config")
+        if config is None:
+            data = self.__dict__.get("_generation_config_dict")
+            config = gc.from_dict(data) if data is not None else gc.from_model_config(self.state.config)
+            self.__dict__["_generation_config"] = config
+        return config
 
     @generation_config.setter
-    def generation_config(self, value: GenerationConfig | dict[str, Any]) -> None:
-        if isinstance(value, GenerationConfig):
-            value = value.to_dict()
-        if not isinstance(value, dict):
-            raise TypeError(
-                f"generation_config must be a GenerationConfig or a dict, got {type(value).__name__}"
-            )
-        GenerationConfig.from_dict(value)  # validate now, not at the next generate
-        self.__dict__["_generation_config_dict"] = dict(value)
+    def generation_config(self, value: Any) -> None:
+        self.__dict__["_generation_config"] = _as_mutable(value)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Transformers' `prepare_inputs_for_generation`: the forward's inputs for the next step.
+
+        With a cache, only the tokens it has not seen (`input_ids[:, cache_position]`, or the
+        last `len(cache_position)` ones); `inputs_embeds` only while they cover every position
+        to compute; `position_ids` from the attention mask (real tokens counted, padding 1);
+        other keyword arguments passed through; `labels` dropped. `cache_position` is used to
+        slice, not returned: fmodel's forward takes positions from the cache it is given.
+        """
+        inputs: dict[str, Any] = {}
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+            if cache_position is not None:
+                if inputs_embeds is not None and input_ids.shape[1] == 0:
+                    inputs_embeds = inputs_embeds[:, -cache_position.shape[0] :]
+                elif inputs_embeds is not None or cache_position[-1] >= input_ids.shape[1]:
+                    input_ids = input_ids[:, -cache_position.shape[0] :]
+                elif input_ids.shape[1] != cache_position.shape[0]:
+                    input_ids = input_ids[:, cache_position]
+        steps = cache_position.shape[0] if cache_position is not None else None
+        if inputs_embeds is not None and (steps is None or steps == inputs_embeds.shape[1]):
+            inputs["input_ids"], inputs["inputs_embeds"] = None, inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids.clone(memory_format=torch.contiguous_format)
+            inputs["inputs_embeds"] = None
+        if attention_mask is not None and kwargs.get("position_ids") is None:
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
+        for name in ("position_ids", "token_type_ids"):
+            value = kwargs.get(name)
+            if value is not None:
+                if past_key_values is not None:
+                    current = inputs[
+                        "input_ids" if inputs["inputs_embeds"] is None else "inputs_embeds"
+                    ].shape[1]
+                    value = value[:, -current:].clone(memory_format=torch.contiguous_format)
+                inputs[name] = value
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        for key, value in kwargs.items():
+            inputs.setdefault(key, value)
+        inputs.pop("labels", None)
+        return inputs
+
+    def _prepare_generation_config(
+        self, generation_config: Any, use_model_defaults: bool | None = None, **kwargs: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """Transformers' `_prepare_generation_config`: a deep copy of `generation_config` (default:
+        `self.generation_config`), with the model's non-default values filling the given config's
+        default ones (`use_model_defaults`, default: when the model's config was written by
+        Transformers >= 4.50), then `kwargs` applied. Returns (config, the kwargs that are not
+        generation settings: the model kwargs). Not reproduced: the deprecated fallback to
+        generation settings written into the model config."""
+        using_model_config = generation_config is None
+        if using_model_config:
+            generation_config = self.generation_config
+            if generation_config.cache_implementation == "hybrid":
+                generation_config.cache_implementation = None
+        generation_config = copy.deepcopy(_as_mutable(generation_config))
+        if not using_model_config:
+            model_config = self.generation_config
+            if use_model_defaults is True or (
+                use_model_defaults is None and _version(model_config) >= (4, 50)
+            ):
+                default = type(generation_config)()
+                for key, value in model_config.__dict__.items():
+                    if key.startswith("_") or key == "transformers_version":
+                        continue
+                    if key == "cache_implementation" and value == "hybrid":
+                        continue
+                    default_value = getattr(default, key, None)
+                    if getattr(generation_config, key, None) == default_value and value != default_value:
+                        setattr(generation_config, key, value)
+                if generation_config.temperature == 0.0:
+                    generation_config.do_sample = False
+            else:
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+                    if getattr(generation_config, key) is None:
+                        setattr(generation_config, key, getattr(model_config, key))
+        model_kwargs = generation_config.update(**kwargs)
+        for flag in ("output_attentions", "output_hidden_states"):
+            if getattr(generation_config, flag):
+                model_kwargs[flag] = True
+        return generation_config, model_kwargs
 
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        generation_config: GenerationConfig | dict[str, Any] | None = None,
+        inputs: torch.Tensor | None = None,
+        generation_config: Any = None,
+        logits_processor: Any = None,
+        stopping_criteria: Any = None,
+        prefix_allowed_tokens_fn: Any = None,
+        synced_gpus: bool | None = None,
+        assistant_model: Any = None,
         streamer: Any = None,
+        negative_prompt_ids: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        use_model_defaults: bool | None = None,
+        custom_generate: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Greedy or sampled decoding, as Transformers' `generate` (num_beams=1).
+    ) -> torch.Tensor | ModelOutput:
+        """Greedy, sampled or beam-search decoding, as Transformers' `generate`.
 
         Arguments:
-            input_ids: [B, P] prompts, left-padded (`inputs=` is accepted too).
-            attention_mask: [B, P], 1 for real tokens.
-            generation_config: defaults (a `GenerationConfig` or dict); default `self.generation_config`.
-            streamer: Transformers' streamer protocol (`put`, `end`).
-            **kwargs: Transformers' generation arguments, overriding the config: max_new_tokens,
-                max_length, min_new_tokens, min_length, do_sample, temperature, top_k, top_p,
-                repetition_penalty, eos_token_id, pad_token_id, bos_token_id, num_beams (1 only);
-                fmodel's `generator` (a torch.Generator for sampling); and, at their neutral
-                values only, use_cache, num_return_sequences, return_dict_in_generate, output_*.
+            inputs: [B, P] prompt ids, left-padded (or `input_ids=`); without, one BOS token.
+            generation_config: base settings (a `transformers.GenerationConfig`, fmodel's
+                mutable or frozen `GenerationConfig`, or a dict); default `self.generation_config`.
+            logits_processor: callables `(input_ids, scores) -> scores` (a
+                `transformers.LogitsProcessorList` works), run after the built-in processors
+                and before the sampling warpers; one of the type of a built-in one replaces it.
+            stopping_criteria: callables `(input_ids, scores) -> BoolTensor[B]` or bool (a
+                `transformers.StoppingCriteriaList` works); a `MaxLengthCriteria` replaces the
+                length limit (greedy and sampling), as Transformers.
+            streamer: Transformers' streamer protocol (`put`, `end`; not with beams).
+            use_model_defaults: as Transformers (see `_prepare_generation_config`).
+            **kwargs: generation settings (any `GenerationConfig` field: max_new_tokens, num_beams,
+                num_return_sequences, length_penalty, early_stopping, stop_strings, use_cache,
+                return_dict_in_generate, output_scores, output_logits, ...), `tokenizer` (for
+                `stop_strings`), fmodel's `generator` (a torch.Generator for sampling), and the
+                model kwargs `attention_mask` [B, P] / `input_ids`.
 
         Returns:
-            LongTensor [B, P + N]: the prompts followed by the new tokens.
+            LongTensor [B * num_return_sequences, P + N], or with `return_dict_in_generate`
+            Transformers' `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput` (fmodel's
+            `ModelOutput` with the same fields without Transformers).
 
         Raises:
-            UnsupportedOptionError: num_beams > 1, or an option at a value fmodel does not offer.
-            TypeError: an argument `generate` does not know.
+            ValueError: model kwargs the model does not take (named, as Transformers'
+                `_validate_model_kwargs`), contradictory settings, `stop_strings` without `tokenizer`.
+            UnsupportedOptionError: a decoding method or input fmodel does not offer (assisted,
+                constrained or group beam search, contrastive search, DoLa, `inputs_embeds`,
+                a starting `past_key_values`, attention / hidden-state outputs).
         """
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs", None)
-        if input_ids is None:
-            raise ValueError("generate: pass input_ids (the prompt tokens [batch, seq])")
+        given = {
+            "prefix_allowed_tokens_fn": prefix_allowed_tokens_fn,
+            "assistant_model": assistant_model,
+            "negative_prompt_ids": negative_prompt_ids,
+            "negative_prompt_attention_mask": negative_prompt_attention_mask,
+            "custom_generate": custom_generate,
+        }
+        for name in _UNSUPPORTED_ARGUMENTS:
+            if given[name] is not None:
+                raise UnsupportedOptionError(f"generate: {name} is not supported by fmodel (only None)")
+        if synced_gpus:
+            raise UnsupportedOptionError("generate: synced_gpus=True is not supported by fmodel")
+        tokenizer = kwargs.pop("tokenizer", None)
+        kwargs.pop("assistant_tokenizer", None)
+        kwargs.pop("trust_remote_code", None)
         generator = kwargs.pop("generator", None)
-        for name, neutral in _NEUTRAL_KWARGS.items():
-            if name in kwargs:
-                value = kwargs.pop(name)
-                if value != neutral and not (neutral is None and not value):
-                    raise UnsupportedOptionError(
-                        f"generate: {name}={value!r} is not supported by fmodel (only {neutral!r})"
-                    )
-        unknown = set(kwargs) - _CONFIG_KWARGS
-        if unknown:
-            raise TypeError(
-                f"generate: unexpected arguments {sorted(unknown)}; fmodel takes {sorted(_CONFIG_KWARGS)}"
-            )
-        if kwargs.get("num_beams", 1) != 1:
-            raise UnsupportedOptionError(
-                f"generate: beam search is not supported (num_beams={kwargs['num_beams']}); use num_beams=1"
-            )
-        config = generation_config if generation_config is not None else self.generation_config
-        if not isinstance(config, GenerationConfig):
-            config = GenerationConfig.from_dict(config)
-        changes = {}
-        for name, value in kwargs.items():  # Transformers' update(): an explicit None counts
-            if value is None:
-                if name in _NEVER_NONE:
-                    continue
-                value = _NONE_MEANS.get(name)
-            changes[name] = value
-        max_length = changes.pop("max_length", None)  # passed on: an explicit one counts as such
-        config = config.replace(**changes)
-        return functional_generate(
+        explicit_max_length = kwargs.get("max_length")
+        config, model_kwargs = self._prepare_generation_config(
+            generation_config, use_model_defaults, **kwargs
+        )
+        self._validate_model_kwargs(model_kwargs.copy())
+        input_ids, attention_mask = self._generation_inputs(inputs, model_kwargs, config)
+        for name, is_set in _UNSUPPORTED_MODES.items():
+            if is_set(getattr(config, name, None)):
+                raise UnsupportedOptionError(
+                    f"generate: {name}={getattr(config, name)!r} is not supported by fmodel"
+                )
+        criteria = list(stopping_criteria or [])
+        processors = list(logits_processor or [])
+        changes: dict[str, Any] = {}
+        for processor in processors:
+            field = _REPLACES_PROCESSOR.get(_transformers_type(processor))
+            if field is not None:
+                changes[field[0]] = field[1]
+            elif (
+                _transformers_type(processor) == "MinLengthLogitsProcessor" and config.min_new_tokens is None
+            ):
+                changes["min_length"] = 0
+        for criterion in criteria:
+            if _transformers_type(criterion) == "MaxLengthCriteria" and config.num_beams == 1:
+                changes["max_new_tokens"] = max(criterion.max_length - input_ids.shape[1], 1)
+        if config.stop_strings is not None:
+            criteria.insert(0, _stop_string_criterion(config.stop_strings, tokenizer))
+        frozen = to_frozen_for_generate(config, changes)
+        out = functional_generate(
             self.state,
             input_ids,
             attention_mask=attention_mask,
-            generation_config=config,
-            max_length=max_length,
+            generation_config=frozen,
+            max_length=explicit_max_length if "max_new_tokens" not in changes else None,
             generator=generator,
             streamer=streamer,
+            logits_processor=processors,
+            stopping_criteria=criteria,
             module=getattr(self, "_tree", None),
         )
+        return _transformers_output(out, frozen.num_beams > 1) if isinstance(out, GenerateOutput) else out
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        """Transformers' check: a model kwarg neither `prepare_inputs_for_generation` nor the
+        forward takes (a typo in a generation argument, too) raises a ValueError naming it."""
+        accepted = set(inspect.signature(self.prepare_inputs_for_generation).parameters)
+        accepted |= set(inspect.signature(self.forward).parameters)
+        unused = [
+            key for key, value in model_kwargs.items()
+            if value is not None and key not in accepted and key not in _TRANSFORMERS_KWARGS
+        ]  # fmt: skip
+        if unused:
+            raise ValueError(
+                f"The following `model_kwargs` are not used by the model: {unused} (note: typos in the"
+                " generate arguments will also show up in this list)"
+            )
+        refused = sorted(
+            k for k, v in model_kwargs.items() if v is not None and k not in _HONOURED_MODEL_KWARGS
+        )
+        if refused:
+            raise UnsupportedOptionError(
+                f"generate: fmodel's generate does not take {refused}; it takes input_ids and attention_mask"
+            )
+
+    def _generation_inputs(self, inputs, model_kwargs: dict[str, Any], config) -> tuple[torch.Tensor, Any]:
+        input_ids = model_kwargs.pop("input_ids", None)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("generate: pass the prompt once, as `inputs` or as `input_ids`")
+        input_ids = inputs if inputs is not None else input_ids
+        if input_ids is None:  # Transformers starts from one BOS token
+            if config.bos_token_id is None:
+                raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided.")
+            input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=self.state.device)
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() > 2:
+            raise ValueError("`attention_mask` passed to `generate` must be 2D.")
+        return input_ids, attention_mask
+
+
+def to_frozen_for_generate(config: Any, changes: dict[str, Any]) -> FrozenGenerationConfig:
+    """The frozen config `fmodel.generate` runs: the mutable one's values (without the keys the
+    facade handles itself) with `changes`."""
+    frozen = gc.to_frozen(config, drop=("stop_strings", "max_time", "watermarking_config", "compile_config"))
+    return frozen.replace(**changes) if changes else frozen
+
+
+def saved_generation_config(model: Any) -> dict[str, Any] | None:
+    """The generation_config.json dict `save_pretrained` writes: the file the model was loaded
+    with (None: derived from the config) while `model.generation_config` still says the same,
+    else the config's differences from the defaults, as Transformers saves them (refusing, as
+    Transformers, flags that have no effect)."""
+    loaded = model.__dict__.get("_generation_config_dict")
+    current = model.__dict__.get("_generation_config")
+    if current is None:
+        return loaded
+    base = gc.from_dict(loaded) if loaded is not None else gc.from_model_config(model.state.config)
+    if _comparable(current) == _comparable(base):
+        return loaded
+    current.validate(strict=True)
+    return current.to_diff_dict()
+
+
+def _comparable(config: Any) -> dict[str, Any]:
+    return {
+        k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version", "_commit_hash")
+    }
+
+
+def _as_mutable(value: Any) -> Any:
+    if gc.is_generation_config(value):
+        return value
+    if isinstance(value, FrozenGenerationConfig):
+        return gc.from_dict(value.to_dict())
+    if isinstance(value, dict):
+        return gc.from_dict(value)
+    if hasattr(value, "to_dict") and hasattr(value, "update"):  # another Transformers-shaped config
+        return gc.from_dict(value.to_dict())
+    raise TypeError(
+        f"generation_config must be a transformers.GenerationConfig, an fmodel GenerationConfig or a dict, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _version(config: Any) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", str(getattr(config, "transformers_version", None) or ""))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def _transformers_type(obj: Any) -> str | None:
+    """The class name when `obj` is one of Transformers' own processors or criteria."""
+    cls = type(obj)
+    return cls.__name__ if cls.__module__.startswith("transformers.") else None
+
+
+def _stop_string_criterion(stop_strings, tokenizer):
+    if tokenizer is None:
+        raise ValueError(
+            "There are one or more stop strings, either in the arguments to `generate` or in the "
+            "model's generation config, but we could not locate a tokenizer. When generating with "
+            "stop strings, you must pass the model's tokenizer to the `tokenizer` argument of `generate`."
+        )
+    try:
+        from transformers import StopStringCriteria
+    except ImportError:
+        return _DecodedStopStrings(stop_strings, tokenizer)
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+
+
+class _DecodedStopStrings:
+    """Without Transformers: a row stops when the decoded text of its last tokens ends with a
+    stop string (each token decodes to at least one character, so the last len(longest) tokens
+    hold any match)."""
+
+    def __init__(self, stop_strings, tokenizer) -> None:
+        self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        self.tokenizer = tokenizer
+        self.window = max(len(s) for s in self.stop_strings)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any) -> torch.Tensor:
+        tails = [self.tokenizer.decode(row[-self.window :].tolist()) for row in input_ids]
+        done = [any(text.endswith(s) for s in self.stop_strings) for text in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _transformers_output(out: GenerateOutput, beams: bool) -> Any:
+    """Transformers' output class for `out` (fmodel's `ModelOutput` without Transformers)."""
+    fields = {"sequences": out.sequences}
+    if beams:
+        fields["sequences_scores"] = out.sequences_scores
+    fields.update(scores=out.scores, logits=out.logits)
+    if beams:
+        fields["beam_indices"] = out.beam_indices
+    fields.update(attentions=None, hidden_states=None, past_key_values=out.past_key_values)
+    try:
+        from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+    except ImportError:
+        return ModelOutput((k, v) for k, v in fields.items() if v is not None)
+    return (GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput)(**fields)

@@ -4,9 +4,10 @@
 Transformers 4.57's signatures. The methods only sort out arguments; the work is done by
 `fmodel.io.save`, `fmodel.io.push` and `fmodel.io.auto_class` on `self.state`.
 
-The host class provides `state` (a `ModelState`); an optional `_generation_config_dict` in the
-instance `__dict__` (the generation_config.json the model was loaded with) is written instead
-of the one derived from the config.
+The host class provides `state` (a `ModelState`); the generation_config.json written is
+`facade.generation.saved_generation_config(self)`: the one the model was loaded with
+(`_generation_config_dict` in the instance `__dict__`) while `model.generation_config` is
+unchanged, else that config's differences from the defaults, else the one derived from the config.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..io.card import merge_tags
 from ..io.push import default_commit_message, save_and_push
 from ..io.push import push_to_hub as _push_to_hub
 from ..io.save import save
+from .generation import saved_generation_config
 
 if TYPE_CHECKING:
     from ..state import ModelState
@@ -149,7 +151,7 @@ class HubMixin:
             "variant": variant,
             "tensors": state_dict,
             "save_function": save_function,
-            "generation_config": self.__dict__.get("_generation_config_dict"),
+            "generation_config": saved_generation_config(self),
             "tags": self.model_tags,
             "ignore_metadata_errors": ignore_metadata_errors,
         }
@@ -216,7 +218,7 @@ class HubMixin:
             revision=revision,
             commit_description=commit_description,
             tags=merge_tags(self.model_tags, tags),
-            generation_config=self.__dict__.get("_generation_config_dict"),
+            generation_config=saved_generation_config(self),
             ignore_metadata_errors=ignore_metadata_errors,
         )
 
