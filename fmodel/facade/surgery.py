@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import transforms
 from ..models import get_spec
-from ..transforms import hf_init
+from ..transforms import hf_init, hf_resize
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -28,16 +28,16 @@ class SurgeryMixin:
     ) -> nn.Module:
         """Transformers' `resize_token_embeddings`, number for number: the new rows (and the
         default inits of the new modules Transformers builds) are drawn from torch's global RNG in
-        Transformers' order (`fmodel.transforms.hf_init.resize_token_embeddings`; the pure
+        Transformers' order (`fmodel.transforms.hf_resize.resize_token_embeddings`; the pure
         `fmodel.resize_token_embeddings` keeps its own seeded generator)."""
         before = self.state
         after = self._apply_transform(
-            hf_init.resize_token_embeddings,
+            hf_resize.resize_token_embeddings,
             new_num_tokens,
             pad_to_multiple_of=pad_to_multiple_of,
             mean_resizing=mean_resizing,
         )
-        fresh = hf_init.replaced_modules(before, after)
+        fresh = hf_resize.replaced_modules(before, after)
         if fresh:  # new modules Transformers has not marked initialised: `init_weights()` draws them
             self.__dict__.setdefault("_hf_uninitialized", set()).update(fresh)
         return self.get_input_embeddings()
@@ -94,16 +94,17 @@ class SurgeryMixin:
         return get_spec(self._architecture).prefix
 
     def init_weights(self) -> None:
-        """As Transformers' `init_weights()` after `post_init`: modules already initialised (all
-        of them after construction or loading) are not redrawn; a module Transformers would have
-        replaced by a new, unmarked one since (the untied output projection after
-        `resize_token_embeddings`) is drawn now by the family's `_init_weights`, from torch's
-        global RNG; then ties are re-applied. To redraw everything, use
-        `model.apply(model._init_weights)` (Transformers' draws) or `fmodel.init_weights(state)`."""
-        fresh = self.__dict__.get("_hf_uninitialized")
-        if fresh:
-            self._write_values(hf_init.initialize_modules(self.state, fresh))
-            self.__dict__.pop("_hf_uninitialized")
+        """As Transformers' `init_weights()`, number for number, from torch's global RNG
+        (`fmodel.transforms.hf_init.init_weights`): modules already initialised (all of them after
+        construction or loading) are not redrawn; a module Transformers would have replaced by a
+        new, unmarked one since (the untied output projection after `resize_token_embeddings`) is
+        drawn now by the family's `_init_weights`, and so are GPT-2's and BERT's layers listed in
+        `config.pruned_heads` (Transformers' prune step rebuilds them); then ties are re-applied.
+        To redraw everything, use `model.apply(model._init_weights)` (Transformers' draws) or
+        `fmodel.init_weights(state)` (fmodel's seeded ones)."""
+        fresh = self.__dict__.get("_hf_uninitialized", set())
+        self._write_values(hf_init.init_weights(self.state, fresh))
+        self.__dict__.pop("_hf_uninitialized", None)
         self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -4,7 +4,7 @@ and the rules by which Transformers initialises a module (for `fmodel.transforms
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -18,6 +18,7 @@ __all__ = [
     "init_tensor",
     "init_weights_draws",
     "run_draws",
+    "transformers_rules",
 ]
 
 
@@ -64,7 +65,8 @@ class Draw:
         op: "normal" (args: mean, std), "kaiming_uniform" (nn.Linear's weight init,
             a = sqrt(5)), "uniform" (args: low, high), "zeros", "ones", or "zero_row"
             (args: row; an embedding's padding row). Only "normal", "kaiming_uniform" and
-            "uniform" consume random numbers.
+            "uniform" consume random numbers; "new" (args: shape) replaces the tensor by zeros
+            of that shape (a module rebuilt by Transformers' prune step).
         args: the op's arguments.
     """
 
@@ -74,7 +76,7 @@ class Draw:
 
 
 def run_draws(
-    draws: list[Draw], tensors: Mapping[str, torch.Tensor], generator: torch.Generator | None
+    draws: list[Draw], tensors: MutableMapping[str, torch.Tensor], generator: torch.Generator | None
 ) -> None:
     """Apply `draws` in order, in place, to `tensors` (name -> tensor), drawing from `generator`
     (None: torch's default generator of each tensor's device). Each op is the very call PyTorch /
@@ -95,6 +97,8 @@ def run_draws(
                 t.fill_(1.0)
             elif draw.op == "zero_row":
                 t[draw.args[0]].zero_()
+            elif draw.op == "new":
+                tensors[draw.name] = torch.zeros(draw.args[0], dtype=t.dtype, device=t.device)
             else:
                 raise ValueError(f"unknown draw op {draw.op!r} for {draw.name!r}")
 
@@ -111,11 +115,15 @@ class TransformersInit:
         scaled: config -> {parameter name relative to the module: std}: after a module's own
             rule, each such parameter it has is redrawn normal(0, std) (GPT-2's `c_proj.weight`,
             std / sqrt(2 * n_layer)).
+        rebuilt_by_prune: layer index -> names (relative to the base model) of the modules the
+            family's `prune_heads` replaces by new ones, in order; None when Transformers'
+            family cannot prune (Llama, Qwen2, Mistral).
     """
 
     linear_like: tuple[str, ...] = ()
     zero_bias: tuple[str, ...] = ()
     scaled: Callable[[object], Mapping[str, float]] = lambda config: {}
+    rebuilt_by_prune: Callable[[int], tuple[str, ...]] | None = None
 
 
 def _gpt2_scaled(config) -> dict[str, float]:
@@ -124,9 +132,25 @@ def _gpt2_scaled(config) -> dict[str, float]:
 
 # Per model_type; a family not listed follows PreTrainedModel's rule (Llama, Qwen2 and Mistral do).
 TRANSFORMERS_INIT: dict[str, TransformersInit] = {
-    "gpt2": TransformersInit(linear_like=("Conv1D",), scaled=_gpt2_scaled),
-    "bert": TransformersInit(zero_bias=("BertLMPredictionHead",)),
+    "gpt2": TransformersInit(
+        linear_like=("Conv1D",),
+        scaled=_gpt2_scaled,
+        rebuilt_by_prune=lambda i: (f"h.{i}.attn.c_attn", f"h.{i}.attn.c_proj"),
+    ),
+    "bert": TransformersInit(
+        zero_bias=("BertLMPredictionHead",),
+        rebuilt_by_prune=lambda i: tuple(
+            f"encoder.layer.{i}.attention.{leaf}"
+            for leaf in ("self.query", "self.key", "self.value", "output.dense")
+        ),
+    ),
 }
+
+
+def transformers_rules(model_type: str) -> TransformersInit:
+    """The `_init_weights` rules of `model_type`'s Transformers family (PreTrainedModel's when
+    the family adds none)."""
+    return TRANSFORMERS_INIT.get(model_type, TransformersInit())
 
 
 def _std(config) -> float:

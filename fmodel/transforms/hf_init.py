@@ -1,5 +1,5 @@
-"""Transformers' draws, replayed: fresh models, `_init_weights` and vocabulary resizes that use
-random numbers exactly as Transformers 4.57 does.
+"""Transformers' draws, replayed: fresh models and `_init_weights` that use random numbers
+exactly as Transformers 4.57 does (vocabulary resizes: `hf_resize`).
 
 Why a module of its own: fmodel's `init`, `init_weights` and `resize_token_embeddings` are pure
 and seeded (a private generator per call; a seed fixes every value) and draw each tensor once,
@@ -7,8 +7,7 @@ in name order. Transformers draws differently, and from torch's global generator
 a model runs every submodule's PyTorch default init (nn.Linear: kaiming-uniform weight and
 uniform bias; nn.Embedding: normal(0, 1)), then `post_init` redraws each module by the family's
 `_init_weights`, base model first (it is a `PreTrainedModel` of its own and runs its `post_init`
-before the head's modules exist), then ties. A resize builds a new nn.Embedding / nn.Linear
-(whose default init draws), redraws it or samples mean rows, then copies the old rows. Code
+before the head's modules exist), then ties. Code
 written against Transformers (`torch.manual_seed(0); AutoModelForCausalLM.from_config(cfg)`)
 expects those very numbers, and the global generator left where Transformers leaves it.
 
@@ -19,37 +18,36 @@ Transformers' for every registered family; the parity tests check each). Each ta
 one place in fmodel's core that consumes the global RNG, on purpose, for the facade's parity
 with Transformers; pass a `torch.Generator` to keep a call pure.
 
-Not replayed: the draws of Transformers' prune step for a config that already lists
-`pruned_heads` (it rebuilds the pruned layers, which draws again); such configs get the same
-distributions, not the same numbers.
+A config that lists `pruned_heads` is replayed too for the families whose Transformers
+classes prune at construction (GPT-2, BERT: the pruned layers are rebuilt, twice for a head
+class); Transformers' Llama, Qwen2 and Mistral cannot be built from such a config (no
+`_prune_heads`), so fmodel draws their pruned layers in the same order without a prune step.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributions import constraints
 
-from ..errors import FModelError
+from ..errors import FModelError, QuantizationError
 from ..io.load import state_from_tensors
 from ..models import get_spec
 from ..models.init import (
-    TRANSFORMERS_INIT,
     Draw,
     TransformersInit,
     construction_draws,
     init_weights_draws,
     run_draws,
+    transformers_rules,
 )
-from ..models.skeleton import _SkipInit, skeleton
+from ..models.quant_linear import quantization_config
+from ..models.skeleton import skeleton
 from ..state import ModelState
 from ._common import spec_of, with_params
 
-__all__ = ["init", "init_module", "initialize_modules", "replaced_modules", "resize_token_embeddings"]
+__all__ = ["init", "init_module", "init_weights"]
 
 
 def init(
@@ -78,6 +76,10 @@ def init(
     Returns:
         A new state.
 
+    Raises:
+        QuantizationError: the config is quantized (Transformers builds full precision first).
+        FModelError: the architecture has a module no Transformers init rule covers.
+
     Example:
         >>> torch.manual_seed(0)
         >>> state = hf_init.init(fmodel.LlamaConfig(hidden_size=64, num_hidden_layers=2,
@@ -86,34 +88,24 @@ def init(
     from ..io.load import default_architecture
 
     architecture = architecture or default_architecture(config)
-    spec = get_spec(architecture)
-    module = skeleton(config, architecture)
-    rules = _rules(spec)
-    assigned = _assigned_aliases(spec, config)
-    if spec.is_base:
-        draws = _constructed(module, "", assigned) + _initialized(module, "", config, rules)
-    else:
-        first = next(iter(module._modules), None)
-        if first != spec.prefix:
-            raise FModelError(
-                f"hf_init: {architecture}'s first module is {first!r}, expected its base model "
-                f"{spec.prefix!r} (Transformers builds and initialises the base model first)"
-            )
-        base = module.get_submodule(spec.prefix)
-        draws = (
-            _constructed(base, spec.prefix, assigned)
-            + _initialized(base, spec.prefix, config, rules)
-            + _constructed(module, "", assigned, skip=spec.prefix)
-            + _initialized(module, "", config, rules, skip=spec.prefix)
+    if quantization_config(config) is not None:
+        raise QuantizationError(
+            f"hf_init: the config is quantized ({quantization_config(config)['scheme']}); build the "
+            "model from the config without quantization_config, then quantize it (fmodel.quantize)"
         )
+    spec = get_spec(architecture)
+    assigned = _assigned_aliases(spec, config)
+    draws, shapes = _construction_sequence(
+        config, architecture, spec, transformers_rules(spec.model_type), assigned
+    )
     draws = [_resolved(d, assigned) for d in draws]
     tensors = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
+    for name, shape in shapes.items():
         if name not in assigned:
             rule = spec.init_rule(name, config)
             rule = rule[0] if isinstance(rule, tuple) else rule
             fill = {"zeros": torch.zeros, "ones": torch.ones}.get(rule, torch.empty)
-            tensors[name] = fill(tuple(param.shape), dtype=dtype)
+            tensors[name] = fill(shape, dtype=dtype)
     run_draws(draws, tensors, generator)
     drawn = {d.name for d in draws}
     undrawn = sorted(n for n in tensors if n not in drawn)
@@ -136,6 +128,51 @@ def init(
     return state
 
 
+def _construction_sequence(config, architecture: str, spec, rules: TransformersInit, assigned) -> tuple:
+    """(draws, {parameter: shape as first built}) of Transformers' `Arch(config)`: the base
+    model's modules built, its `post_init` (prune, then `initialize_weights`), then the head's
+    modules and the head's `post_init`, which prunes again: each pruned layer is rebuilt once
+    more (a new, unmarked module: its default init draws, then `_init_weights` redraws it)."""
+    module = skeleton(config, architecture)
+    pruned = [layer for layer, heads in config.pruned_heads.items() if heads]
+    pruned = pruned if rules.rebuilt_by_prune is not None else []
+    built = skeleton(config.replace(pruned_heads={}), architecture) if pruned else module
+    prefix = "" if spec.is_base else spec.prefix
+    if not spec.is_base and next(iter(module._modules), None) != spec.prefix:
+        raise FModelError(
+            f"hf_init: {architecture}'s first module is {next(iter(module._modules), None)!r}, expected "
+            f"its base model {spec.prefix!r} (Transformers builds and initialises the base model first)"
+        )
+    rebuilt = [_join(prefix, rel) for layer in pruned for rel in rules.rebuilt_by_prune(layer)]
+    base_built = built if spec.is_base else built.get_submodule(prefix)
+    base = module if spec.is_base else module.get_submodule(prefix)
+    draws = _constructed(base_built, prefix, assigned) + _rebuilt(module, rebuilt)
+    draws += _initialized(base, prefix, config, rules)
+    if not spec.is_base:
+        fresh = set(rebuilt)
+        draws += _constructed(module, "", assigned, skip=prefix) + _rebuilt(module, rebuilt)
+        draws += [
+            d
+            for name, sub in _post_order(module, "")
+            if name in fresh or not _within(name, prefix)
+            for d in init_weights_draws(sub, name, config, rules)
+        ]
+    shapes = {name: tuple(p.shape) for name, p in built.named_parameters(remove_duplicate=False)}
+    return draws, shapes
+
+
+def _rebuilt(module: nn.Module, names: list[str]) -> list[Draw]:
+    """Transformers' prune step rebuilding the modules `names` at their pruned shapes (new
+    tensors, then the new module's default-init draws; the kept values it copies in are
+    redrawn by `initialize_weights` right after, so they are not replayed)."""
+    draws: list[Draw] = []
+    for name in names:
+        sub = module.get_submodule(name)
+        draws += [Draw(_join(name, leaf), "new", (tuple(p.shape),)) for leaf, p in sub.named_parameters()]
+        draws += construction_draws(sub, name)
+    return draws
+
+
 def init_module(state: ModelState, name: str, *, generator: torch.Generator | None = None) -> ModelState:
     """Transformers' `model._init_weights(module)` for the module called `name` ("" for the
     root): its family rule applied to its own parameters (and, for GPT-2, its `c_proj.weight`).
@@ -156,114 +193,46 @@ def init_module(state: ModelState, name: str, *, generator: torch.Generator | No
     """
     spec = spec_of(state)
     module = skeleton(state.config, state.architecture).get_submodule(name)
-    draws = init_weights_draws(module, name, state.config, _rules(spec))
+    draws = init_weights_draws(module, name, state.config, transformers_rules(spec.model_type))
     return _run_on_state(state, draws, generator)
 
 
-def initialize_modules(
-    state: ModelState, names: Iterable[str], *, generator: torch.Generator | None = None
+def init_weights(
+    state: ModelState, uninitialized: Iterable[str] = (), *, generator: torch.Generator | None = None
 ) -> ModelState:
-    """Transformers' `initialize_weights()` when only the modules `names` are not yet marked
-    initialised: `_init_weights` on each of them, children before parents, in module order.
+    """Transformers' `model.init_weights()` on a built model: its prune step (GPT-2 and BERT
+    rebuild each layer the config lists in `pruned_heads` as new modules, whose default inits
+    draw), then `initialize_weights`: `_init_weights` on every module not marked initialised
+    (those rebuilt, and `uninitialized`), children before parents, in module order. After
+    construction or loading every module is marked, so without pruned heads nothing is drawn.
+
+    Arguments:
+        state: the model (unchanged).
+        uninitialized: names of modules Transformers would not have marked initialised (e.g. the
+            output projection a resize replaced: see `replaced_modules`).
+        generator: random source; None is torch's default generator of the tensors' device.
 
     Returns:
-        A new state (or `state` itself when `names` is empty).
+        A new state (or `state` itself when nothing is drawn).
     """
-    wanted = set(names)
-    if not wanted:
-        return state
+    spec = spec_of(state)
+    rules = transformers_rules(spec.model_type)
     module = skeleton(state.config, state.architecture)
-    rules = _rules(spec_of(state))
-    draws = [
+    prefix = "" if spec.is_base else spec.prefix
+    pruned = [layer for layer, heads in state.config.pruned_heads.items() if heads]
+    pruned = pruned if rules.rebuilt_by_prune is not None else []
+    rebuilt = [_join(prefix, rel) for layer in pruned for rel in rules.rebuilt_by_prune(layer)]
+    fresh = set(rebuilt) | set(uninitialized)
+    draws = _rebuilt(module, rebuilt) + [
         d
-        for sub_name, sub in _post_order(module, "")
-        if sub_name in wanted
-        for d in init_weights_draws(sub, sub_name, state.config, rules)
+        for name, sub in _post_order(module, "")
+        if name in fresh
+        for d in init_weights_draws(sub, name, state.config, rules)
     ]
     return _run_on_state(state, draws, generator)
 
 
-def resize_token_embeddings(
-    state: ModelState,
-    new_num_tokens: int | None = None,
-    *,
-    pad_to_multiple_of: int | None = None,
-    mean_resizing: bool = True,
-    generator: torch.Generator | None = None,
-) -> ModelState:
-    """Transformers' `resize_token_embeddings`, number for number.
-
-    The new embedding matrix is a new nn.Embedding's (its normal(0, 1) init drawn), then, when
-    growing, either redrawn by the family's `_init_weights` (`mean_resizing=False`) or given
-    added rows sampled around the old rows' mean with 1e-9 x their covariance (the mean alone
-    when that covariance is not positive definite: no draw); then the old rows are copied in.
-    An untied output projection (by `config.tie_word_embeddings`, as Transformers decides) is
-    then rebuilt the same way as a new nn.Linear (kaiming init drawn, and its bias, if any);
-    a tied one follows the embeddings, its bias (BERT) zero-padded or cut. Shrinking draws too
-    (the new modules' default inits). `config.vocab_size` becomes the new size.
-
-    Arguments:
-        state: the model (unchanged).
-        new_num_tokens: the vocabulary size; None keeps it (only padding applies).
-        pad_to_multiple_of: round the size up to a multiple of this.
-        mean_resizing: sample added rows around the old rows' mean (True) or like `_init_weights`.
-        generator: random source; None is torch's default generator of the tensors' device.
-
-    Returns:
-        A new state (`state` itself when the size does not change).
-
-    Raises:
-        ValueError: a non-integer multiple, or a non-positive size.
-    """
-    spec = spec_of(state)
-    old = state.params[spec.input_embeddings]
-    size = new_num_tokens
-    if pad_to_multiple_of is not None:
-        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
-            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
-        size = old.shape[0] if size is None else size
-        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
-    if size is None or size == old.shape[0]:
-        return state
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"new_num_tokens must be a positive int, got {size!r}")
-    config, rules = state.config, _rules(spec)
-    grow = dict(mean_resizing=mean_resizing, config=config, rules=rules, generator=generator)
-    changed = {spec.input_embeddings: _resized(old, None, size, kind="embedding", **grow)[0]}
-    out = spec.output_embeddings
-    if out is not None:
-        head = skeleton(config, state.architecture).get_submodule(out.rsplit(".", 1)[0])
-        bias_name = out.rsplit(".", 1)[0] + ".bias"
-        bias_name = state.ties.get(bias_name, bias_name) if head.bias is not None else None
-        bias = None if bias_name is None else state.params[bias_name]
-        if not config.tie_word_embeddings:
-            weight, bias = _resized(state.params[out], bias, size, kind="linear", **grow)
-            changed[out] = weight
-        elif bias is not None:  # `_tie_or_clone_weights` pads the head's bias with zeros
-            bias = F.pad(bias.detach(), (0, size - bias.shape[0]), "constant", 0)
-        if bias is not None:
-            changed[bias_name] = bias
-    new_config = config.replace(vocab_size=size)
-    return with_params(state, changed, config=new_config, ties=dict(spec.ties(new_config)))
-
-
-def replaced_modules(before: ModelState, after: ModelState) -> set[str]:
-    """The modules Transformers' `resize_token_embeddings` replaces by new ones, which it has
-    not marked initialised (a later `init_weights()` draws them): the untied output projection,
-    when the resize changed its size."""
-    out = spec_of(before).output_embeddings
-    if out is None or out in after.ties or out not in after.params:
-        return set()
-    if after.params[out].shape == before.params[out].shape:
-        return set()
-    return {out.rsplit(".", 1)[0]}
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _rules(spec) -> TransformersInit:
-    return TRANSFORMERS_INIT.get(spec.model_type, TransformersInit())
 
 
 def _assigned_aliases(spec, config) -> dict[str, str]:
@@ -275,6 +244,10 @@ def _assigned_aliases(spec, config) -> dict[str, str]:
 def _resolved(draw: Draw, aliases: dict[str, str]) -> Draw:
     source = aliases.get(draw.name)
     return draw if source is None else Draw(source, draw.op, draw.args)
+
+
+def _join(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
 
 
 def _within(name: str, skip: str | None) -> bool:
@@ -321,62 +294,3 @@ def _run_on_state(state: ModelState, draws: list[Draw], generator) -> ModelState
             work[d.name] = state.params[d.name].detach().clone()
     run_draws(draws, work, generator)
     return with_params(state, work)
-
-
-def _resized(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    size: int,
-    *,
-    kind: str,
-    mean_resizing: bool,
-    config,
-    rules: TransformersInit,
-    generator,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Transformers' `_get_resized_embeddings` (kind "embedding") / `_get_resized_lm_head`
-    ("linear", not transposed): [rows, d] -> [size, d] (and the bias [rows] -> [size])."""
-    rows, dim = weight.shape
-    with torch.device("meta"), _SkipInit():
-        module = (
-            nn.Embedding(size, dim) if kind == "embedding" else nn.Linear(dim, size, bias=bias is not None)
-        )
-    like = dict(dtype=weight.dtype, device=weight.device)
-    new = {"weight": torch.empty(size, dim, **like)}
-    if bias is not None:
-        new["bias"] = torch.empty(size, **like)
-    draws = construction_draws(module, "")
-    added = size - rows
-    if added > 0 and not mean_resizing:
-        draws += init_weights_draws(module, "", config, rules)
-    run_draws(draws, new, generator)
-    with torch.no_grad():
-        if added > 0 and mean_resizing:
-            new["weight"][-added:] = _mean_rows(weight.detach(), added, generator).to(weight.dtype)
-            if bias is not None:
-                b = bias.detach()
-                mean = torch.mean(b, axis=0, dtype=torch.float32)
-                std = torch.std(b, axis=0).to(torch.float32)
-                new["bias"][-added:].normal_(mean=mean, std=1e-9 * std, generator=generator)
-        keep = min(rows, size)
-        new["weight"][:keep] = weight.detach()[:keep]
-        if bias is not None:
-            new["bias"][:keep] = bias.detach()[:keep]
-    return new["weight"], new.get("bias")
-
-
-def _mean_rows(old: torch.Tensor, added: int, generator) -> torch.Tensor:
-    """Transformers' `_init_added_embeddings_weights_with_mean` (float32): a sample of
-    N(mean, 1e-9 * covariance) of `old`'s rows, computed with the same operations as
-    `MultivariateNormal(...).sample((added,))`; the mean alone (no draw) when that covariance
-    is not positive definite."""
-    x = old.to(torch.float32)
-    mean = torch.mean(x, axis=0)
-    centered = x - mean
-    covariance = centered.T @ centered / x.shape[0]
-    epsilon = 1e-9
-    if not constraints.positive_definite.check(epsilon * covariance).all():
-        return mean[None, :].repeat(added, 1)
-    scale_tril = torch.linalg.cholesky(epsilon * covariance)
-    eps = torch.empty((added, x.shape[1]), dtype=mean.dtype, device=mean.device).normal_(generator=generator)
-    return mean + torch.matmul(scale_tril, eps.unsqueeze(-1)).squeeze(-1)

@@ -19,7 +19,7 @@ import torch
 import fmodel
 from fmodel import facade
 from fmodel.models import ARCHITECTURES, get_spec
-from fmodel.transforms import hf_init
+from fmodel.transforms import hf_init, hf_resize
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,7 +58,8 @@ AUTO = {
 
 def _cases():
     """(architecture, config overrides): every registered class; heads with an output
-    projection both tied and untied; Llama also with a padding row."""
+    projection both tied and untied; Llama also with a padding row and with biases; GPT-2 and BERT also built
+    from a config with pruned heads."""
     cases = []
     for arch in sorted(ARCHITECTURES):
         spec = get_spec(arch)
@@ -67,12 +68,17 @@ def _cases():
         else:
             cases += [(arch, {"tie_word_embeddings": True}), (arch, {"tie_word_embeddings": False})]
         if arch == "LlamaForCausalLM":
-            cases.append((arch, {"pad_token_id": 3}))
+            cases += [(arch, {"pad_token_id": 3}), (arch, {"attention_bias": True, "mlp_bias": True})]
+        if get_spec(arch).model_type in ("gpt2", "bert"):  # Transformers prunes these while building
+            cases.append((arch, {"pruned_heads": {1: [0, 2], 0: [3]}}))
     return cases
 
 
 CASES = _cases()
-IDS = [f"{arch}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for arch, kw in CASES]
+IDS = [
+    f"{arch}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}".replace(" ", "")
+    for arch, kw in CASES
+]
 
 
 def _pair(arch: str, overrides: dict, seed: int = 0):
@@ -201,7 +207,7 @@ def test_hf_init_with_its_own_generator_is_pure_and_matches_the_seeded_global_dr
     assert state.params["lm_head.weight"] is state.params["transformer.wte.weight"]
     same = fmodel.init(fm_config, draw_order="transformers", generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(t, same.params[n]) for n, t in state.params.items())
-    resized = hf_init.resize_token_embeddings(state, 100, generator=torch.Generator().manual_seed(1))
+    resized = hf_resize.resize_token_embeddings(state, 100, generator=torch.Generator().manual_seed(1))
     assert torch.equal(torch.get_rng_state(), rng) and resized.config.vocab_size == 100
     assert state.params["transformer.wte.weight"].shape == (96, 64)  # the input state is unchanged
 
