@@ -491,6 +491,8 @@ def test_facade_generate_matches_transformers(saved):
     assert ours.generate(ids, top_k=None, do_sample=True, max_new_tokens=2).shape[1] == ids.shape[1] + 2
     with pytest.raises(fmodel.errors.UnsupportedOptionError, match="num_beam_groups"):
         ours.generate(ids, num_beams=2, num_beam_groups=2, diversity_penalty=1.0)
+    with pytest.raises(fmodel.errors.UnsupportedOptionError, match="no_repeat_ngram_size"):
+        ours.generate(ids, no_repeat_ngram_size=2)  # asked for, not implemented: refused, not ignored
     with pytest.raises(fmodel.errors.UnsupportedOptionError, match="output_attentions"):
         ours.generate(ids, return_dict_in_generate=True, output_attentions=True)
     with pytest.raises(ValueError, match=r"not used by the model: \['typo'\]"):

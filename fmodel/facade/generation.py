@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import time
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ _UNSUPPORTED_MODES = {
     "assistant_early_exit": lambda v: v is not None,
     "low_memory": lambda v: bool(v),
     "prefill_chunk_size": lambda v: v is not None,
+    "watermarking_config": lambda v: v is not None,
 }
 _UNSUPPORTED_ARGUMENTS = (
     "prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
@@ -262,7 +264,12 @@ class GenerationMixin:
                 changes["max_new_tokens"] = max(criterion.max_length - input_ids.shape[1], 1)
         if config.stop_strings is not None:
             criteria.insert(0, _stop_string_criterion(config.stop_strings, tokenizer))
+        if config.max_time is not None:
+            criteria.insert(0, _MaxTime(config.max_time))
         frozen = to_frozen_for_generate(config, changes)
+        asked = sorted(set(frozen.ignored_fields()) & set(kwargs))
+        if asked:  # from the model's own file they are ignored with a warning (fmodel.generate)
+            raise UnsupportedOptionError(f"generate: fmodel does not implement {asked}")
         out = functional_generate(
             self.state,
             input_ids,
@@ -381,6 +388,16 @@ def _stop_string_criterion(stop_strings, tokenizer):
     except ImportError:
         return _DecodedStopStrings(stop_strings, tokenizer)
     return StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+
+
+class _MaxTime:
+    """Transformers' `MaxTimeCriteria`: every row is done once `max_time` seconds have passed."""
+
+    def __init__(self, max_time: float) -> None:
+        self.max_time, self.start = max_time, time.time()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any) -> bool:
+        return time.time() - self.start > self.max_time
 
 
 class _DecodedStopStrings:

@@ -23,6 +23,7 @@ mutable value.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ _GENERATE_ARGUMENTS = (
 REFERENCE_VERSION = "4.57.6"
 
 
+@functools.cache
 def config_class() -> type:
     """`transformers.GenerationConfig` when Transformers is installed, else `MutableGenerationConfig`."""
     try:

@@ -78,7 +78,9 @@ def eos_that_occurs(pair) -> list[int]:
     """Two tokens the beams produce early, so that hypotheses finish before max_new_tokens."""
     ours, _ = pair
     ids, mask = prompts()
-    free = ours.generate(ids, attention_mask=mask, num_beams=4, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    free = ours.generate(
+        ids, attention_mask=mask, num_beams=4, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0
+    )
     return [int(free[0, P + 1]), int(free[1, P + 2])]
 
 
@@ -400,3 +402,37 @@ def test_fallback_generation_config_matches_transformers():
             transformers.GenerationConfig(**bad)
     with pytest.raises(ValueError, match="temperature"):
         MutableGenerationConfig(temperature=0.5).validate(strict=True)
+
+
+def test_facade_generation_without_transformers(checkpoint, tokenizer, monkeypatch, tmp_path):
+    """With Transformers absent: fmodel's mutable config, fmodel's output class, stop strings
+    by decoding; the tokens stay Transformers'."""
+    from fmodel.facade import generation_config as gc
+
+    folder = checkpoint("llama-untied")
+    ours = fmodel.AutoModelForCausalLM.from_pretrained(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids, mask = prompts()
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=NEW, pad_token_id=0)
+    with torch.no_grad():
+        expected = theirs.generate(
+            ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
+        )
+    free = theirs.generate(ids[1:], max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    monkeypatch.setattr(gc, "config_class", lambda: MutableGenerationConfig)
+    for name in ("transformers", "transformers.generation"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # importing it raises ImportError
+    config = ours.generation_config
+    assert type(config) is MutableGenerationConfig and ours.generation_config is config
+    out = ours.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs)
+    assert type(out) is fmodel.facade.outputs.ModelOutput and torch.equal(out.sequences, expected.sequences)
+    assert (out.sequences_scores - expected.sequences_scores).abs().max().item() <= 1e-4
+    word = tokenizer.decode([int(free[0, P + 2])])
+    stopped = ours.generate(
+        ids[1:], max_new_tokens=NEW, eos_token_id=None, stop_strings=word, tokenizer=tokenizer
+    )
+    assert stopped.shape[1] == P + 3 and torch.equal(stopped, free[:, : P + 3])
+    config.max_new_tokens = 2
+    assert ours.generate(ids, attention_mask=mask).shape[1] == P + 2
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 2
