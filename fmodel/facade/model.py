@@ -24,9 +24,10 @@ from ..models import get_spec
 from ..models.skeleton import _SkipInit, build_module, expected_shapes, skeleton
 from ..state import ModelState
 from .attention_choice import AttentionMixin
+from .base_call import bind_base_call
 from .config_view import ConfigView, as_fmodel_config, view_class
 from .counting import CountingMixin
-from .devices import DeviceMixin
+from .devices import DeviceMixin, empty_state, registers_on_meta
 from .generation import GenerationMixin
 from .hub import HubMixin
 from .interop import interop_class
@@ -104,9 +105,12 @@ class PreTrainedModel(
             if config is None:
                 raise TypeError(f"{type(self).__name__}() needs a config (or state=)")
             frozen = as_fmodel_config(config)
-            state = transforms.init(
-                frozen, architecture=self._architecture_for(frozen), draw_order="transformers"
-            )
+            if registers_on_meta():  # accelerate's init_empty_weights: no values to draw
+                state = empty_state(frozen, self._architecture_for(frozen))
+            else:
+                state = transforms.init(
+                    frozen, architecture=self._architecture_for(frozen), draw_order="transformers"
+                )
         runtime = dict(config._runtime) if isinstance(config, ConfigView) else {}
         self.__dict__["_config_view"] = view_class(state.config)(self, **runtime)
         self.__dict__["warnings_issued"] = {}
@@ -252,6 +256,7 @@ class PreTrainedModel(
         object.__setattr__(self, "_architecture", state.architecture)
         # The skeleton root shares this module's children; forward runs it so hooks fire.
         object.__setattr__(self, "_tree", tree)
+        bind_base_call(self, tree)
         tree.train(self.training)
 
     def _write_values(self, new: ModelState) -> None:
@@ -316,6 +321,42 @@ class PreTrainedModel(
         `KVCache`, grown as needed when passed back. The module tree runs with its own
         parameters (so hooks, adapters and `torch.func.functional_call` act as on any module).
         """
+        return self._forward_module(
+            self._tree,
+            get_spec(self._architecture).output,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def _forward_module(
+        self,
+        module: nn.Module,
+        head: str,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ):
+        """`forward` run over `module`: the whole tree with `head` its spec's output, or the base
+        module inside it with `head="base"` (Transformers' `model.model(...)`, see base_call.py)."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("cache_position", None)  # positions follow from the cache length
         kwargs.pop("return_legacy_cache", None)
@@ -327,9 +368,10 @@ class PreTrainedModel(
         return_dict = config.use_return_dict if return_dict is None else return_dict
         if use_cache is None:
             use_cache = False  # fmodel allocates a cache only when asked (Transformers: config.use_cache)
-        if self.is_gradient_checkpointing and self.training:
+        training = module.training
+        if self.is_gradient_checkpointing and training:
             use_cache = False
-        if getattr(self._tree, "supports_cache", False):
+        if getattr(module, "supports_cache", False):
             if use_cache and past_key_values is None:
                 batch, length = _batch_and_length(input_ids, inputs_embeds)
                 past_key_values = init_cache(self.state, batch, max(length, 1))
@@ -342,21 +384,21 @@ class PreTrainedModel(
             inputs_embeds=inputs_embeds,
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
-            logits_to_keep=logits_to_keep,
-            training=self.training,
-            module=self._tree,
-            gradient_checkpointing=self.is_gradient_checkpointing and self.training,
+            logits_to_keep=logits_to_keep if head != "base" else 0,
+            training=training,
+            module=module,
+            gradient_checkpointing=self.is_gradient_checkpointing and training,
             **kwargs,
         )
         module, args, tree_kwargs = prepare_call(self._call_info(), input_ids, **call)
-        runner = self.__dict__.get("_runner")  # a compiled tree (get_compiled_call)
+        runner = self.__dict__.get("_runner") if module is self._tree else None  # a compiled tree
         if runner is None:
             runner = module
         out = to_output(runner(*args, **tree_kwargs))
-        fields = {k: getattr(out, k) for k in _OUTPUT_FIELDS[spec.output]}
+        fields = {k: getattr(out, k) for k in _OUTPUT_FIELDS[head]}
         if labels is not None and out.logits is not None:
-            fields["loss"] = self._loss(spec.output, out.logits, labels, num_items_in_batch, kwargs)
-        cls = output_class(spec.model_type, spec.output)
+            fields["loss"] = self._loss(head, out.logits, labels, num_items_in_batch, kwargs)
+        cls = output_class(spec.model_type, head)
         result = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
         return result if return_dict else result.to_tuple()
 

@@ -154,13 +154,16 @@ def test_checkpoint_files_and_loading(runs, checkpoint):
     saved = {}
     for name, trainer in (("hf", hf), ("fm", fm)):
         folder = os.path.join(trainer.args.output_dir, "checkpoint-4")
-        assert {"config.json", "model.safetensors", "trainer_state.json", "optimizer.pt"} <= set(os.listdir(folder))
+        assert {"config.json", "model.safetensors", "trainer_state.json", "optimizer.pt"} <= set(
+            os.listdir(folder)
+        )
         with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
             saved[name] = set(f.keys())
         saved[name + "_folder"] = folder
     assert saved["fm"] == saved["hf"]
     assert "lm_head.weight" not in saved["fm"] and "model.embed_tokens.weight" in saved["fm"]
-    config = json.load(open(os.path.join(saved["fm_folder"], "config.json")))
+    with open(os.path.join(saved["fm_folder"], "config.json")) as f:
+        config = json.load(f)
     assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
 
     ids = torch.tensor([[1, 7, 8, 9, 10, 2]])
