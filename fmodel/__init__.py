@@ -5,7 +5,7 @@ A model is data (`ModelState`); loading, saving and every change are pure functi
 """
 
 from . import attention
-from .cache import CacheError, KVCache, init_cache
+from .cache import CacheError, KVCache, init_cache, reorder_cache
 from .config import LlamaConfig, MistralConfig, Qwen2Config, config_from_dict, load_config
 from .errors import (
     AttentionUnavailableError,
@@ -25,7 +25,7 @@ from .facade import (
     PreTrainedModel,
 )
 from .forward import ModelOutput, bind_forward, forward
-from .generate import generate
+from .generate import GenerateOutput, generate
 from .generation_config import GenerationConfig, load_generation_config
 from .io import LoadReport, load, load_with_report, save
 from .io.gguf import load_gguf
@@ -66,6 +66,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FModelError",
+    "GenerateOutput",
     "GenerationConfig",
     "KVCache",
     "LlamaConfig",
@@ -100,6 +101,7 @@ __all__ = [
     "load_with_report",
     "prune_heads",
     "quantize",
+    "reorder_cache",
     "replace_params",
     "resize_position_embeddings",
     "resize_token_embeddings",

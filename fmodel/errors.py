@@ -55,5 +55,5 @@ class QuantizedDtypeError(QuantizationError, TypeError):
 
 
 class UnsupportedOptionError(FModelError, ValueError):
-    """An option fmodel deliberately does not offer (e.g. beam search); the message names it and
+    """An option fmodel deliberately does not offer (e.g. assisted decoding); the message names it and
     the supported value."""
