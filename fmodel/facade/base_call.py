@@ -31,7 +31,7 @@ from .interop import transformers_or_none
 if TYPE_CHECKING:
     from .model import PreTrainedModel
 
-__all__ = ["bind_base_call"]
+__all__ = ["bind_base_call", "plain_class"]
 
 # The order of Transformers' `LlamaModel.forward`, used without Transformers installed.
 _DEFAULT_ORDER = (
@@ -54,6 +54,12 @@ def bind_base_call(model: PreTrainedModel, tree: nn.Module) -> None:
         return
     base.__class__ = _callable_class(base.__class__)
     base.__dict__["_fmodel_owner"] = model
+
+
+def plain_class(module: nn.Module) -> type:
+    """The skeleton class of `module`: its own class, or for a base module bound here the class
+    it was built as (what a fresh skeleton has at that place)."""
+    return getattr(type(module), "_fmodel_plain_class", type(module))
 
 
 class _TransformersCall:

@@ -24,7 +24,7 @@ from ..models import get_spec
 from ..models.skeleton import _SkipInit, build_module, expected_shapes, skeleton
 from ..state import ModelState
 from .attention_choice import AttentionMixin
-from .base_call import bind_base_call
+from .base_call import bind_base_call, plain_class
 from .config_view import ConfigView, as_fmodel_config, view_class
 from .counting import CountingMixin
 from .devices import DeviceMixin, empty_state, registers_on_meta
@@ -173,7 +173,7 @@ class PreTrainedModel(
         fresh = dict(skeleton(new, self._architecture).named_modules())
         for name, module in self._tree.named_modules():
             template = fresh.get(name)
-            if template is None or type(template) is not type(module):
+            if template is None or type(template) is not plain_class(module):
                 continue  # replaced by someone (an adapter): theirs to keep
             for key, value in _plain_attributes(template).items():
                 module.__dict__[key] = value

@@ -118,6 +118,8 @@ def test_eos_token_written_to_the_model(runs):
     hf, fm = runs("transformers", "messages"), runs("fmodel", "messages")
     assert fm.model.config.get_text_config() is fm.model.config
     assert fm.model.config.eos_token_id == hf.model.config.eos_token_id == 5
+    base = fm.model.model.config.eos_token_id, hf.model.model.config.eos_token_id  # the base model's config
+    assert base == (5, 5)
     assert fm.model.generation_config.eos_token_id == hf.model.generation_config.eos_token_id == [5, 2]
 
 
