@@ -447,6 +447,12 @@ def test_convert_gguf_to_a_folder_transformers_loads(gguf_file, tmp_path, capsys
     ours = fmodel.Tokenizer.from_gguf(path)
     again = fmodel.Tokenizer.from_folder(dst)
     hf = transformers.AutoTokenizer.from_pretrained(dst)
+    # a Llama's inputs, as LlamaTokenizerFast gives them: `model(**tokenizer(text))` works
+    assert hf.model_input_names == ["input_ids", "attention_mask"]
+    encoded = hf(TEXTS[0], return_tensors="pt")
+    assert sorted(encoded) == ["attention_mask", "input_ids"]
+    with torch.no_grad():
+        assert theirs(**encoded).logits.shape[1] == encoded["input_ids"].shape[1]
     for text in TEXTS:
         assert hf.encode(text) == ours.encode(text) == again.encode(text), text
         ids = ours.encode(text)

@@ -90,17 +90,31 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     p.set_defaults(run=run)
 
 
-def tokenizer_files(tokenizer: Tokenizer, *, model_max_length: int | None = None) -> dict[str, str]:
+# What each family's Transformers tokenizer class returns (its `model_input_names`); a
+# `PreTrainedTokenizerFast` without the key would add `token_type_ids`, which a decoder's
+# forward (`model(**tokenizer(text))`) does not take.
+MODEL_INPUT_NAMES: dict[str, list[str]] = {
+    "bert": ["input_ids", "token_type_ids", "attention_mask"],
+}
+DEFAULT_MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # Llama, Qwen2, GPT-2, ... tokenizers
+
+
+def tokenizer_files(
+    tokenizer: Tokenizer, *, model_max_length: int | None = None, model_type: str | None = None
+) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json texts for `tokenizer` (e.g. one built from GGUF).
 
     tokenizer.json is the backend as is (its post-processor adds BOS/EOS exactly as
     `tokenizer.encode` does); tokenizer_config.json names `PreTrainedTokenizerFast`, which takes
-    that behaviour unchanged, the special tokens and the chat template. Decoding keeps spaces as
-    they are (`clean_up_tokenization_spaces` false), like `Tokenizer.decode`.
+    that behaviour unchanged, the special tokens, the chat template and `model_input_names` as
+    Transformers' tokenizer class for `model_type` has them (`input_ids`, `attention_mask`; BERT
+    adds `token_type_ids`). Decoding keeps spaces as they are (`clean_up_tokenization_spaces`
+    false), like `Tokenizer.decode`.
     """
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
+        "model_input_names": MODEL_INPUT_NAMES.get(model_type or "", DEFAULT_MODEL_INPUT_NAMES),
     }
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = getattr(tokenizer, key)
@@ -134,7 +148,7 @@ def _stage_tokenizer(loaded: LoadedModel, staging: str) -> tuple[list[str], dict
     if loaded.gguf is not None:
         tokenizer = Tokenizer.from_gguf(loaded.gguf)
         context = getattr(loaded.state.config, "max_position_embeddings", None)
-        files = tokenizer_files(tokenizer, model_max_length=context)
+        files = tokenizer_files(tokenizer, model_max_length=context, model_type=loaded.state.config.model_type)
         for name, text in files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)

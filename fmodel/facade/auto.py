@@ -8,6 +8,7 @@ from typing import Any
 from ..config import CONFIG_CLASSES, load_config
 from ..io.resolve import resolve_checkpoint
 from ..models import ARCHITECTURES, specs_for_model_type
+from .adapters import adapter_source
 from .model import PreTrainedModel
 
 __all__ = [
@@ -54,8 +55,12 @@ class _Auto:
         ):
             return cls._from_gguf(pretrained_model_name_or_path, *args, **kwargs)
         if config is None:
+            # an adapter folder: the family is the base model's (the class loads both)
+            base = adapter_source(
+                os.fspath(pretrained_model_name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
+            )
             files = resolve_checkpoint(
-                pretrained_model_name_or_path,
+                base or pretrained_model_name_or_path,
                 revision=kwargs.get("revision"),
                 cache_dir=kwargs.get("cache_dir"),
                 local_files_only=kwargs.get("local_files_only"),

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import attrs
 
 from .._frozen import freeze, thaw
-from ..config import config_from_dict
+from ..config import config_from_dict, load_config
 
 __all__ = ["ConfigView", "as_fmodel_config", "view_class"]
 
@@ -101,6 +101,7 @@ class ConfigView:
     def __init__(self, owner: Any, **runtime: Any) -> None:
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_runtime", {**_RUNTIME, **runtime})
+        _mirror_name_or_path(owner, self._runtime["_name_or_path"])
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class ConfigView:
     @name_or_path.setter
     def name_or_path(self, value: Any) -> None:
         self._runtime["_name_or_path"] = str(value)
+        _mirror_name_or_path(self._owner, str(value))
 
     @property
     def use_return_dict(self) -> bool:
@@ -290,6 +292,30 @@ class ConfigView:
         os.makedirs(save_directory, exist_ok=True)
         self.to_json_file(os.path.join(save_directory, "config.json"), use_diff=True)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> ConfigView:
+        """The config.json of a checkpoint (folder or hub id) as a detached view, as Transformers'
+        `PretrainedConfig.from_pretrained` (PEFT calls it on `type(model.config)`). `revision`,
+        `cache_dir`, `local_files_only` locate it; other keywords that are config attributes are
+        set on it; the rest are ignored.
+
+        Raises:
+            ConfigError / CheckpointError: no readable config.json there.
+        """
+        source = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(source):
+            frozen = load_config(source)
+        else:
+            from ..io.resolve import resolve_checkpoint
+
+            where = {k: kwargs.pop(k, None) for k in ("revision", "cache_dir", "local_files_only")}
+            frozen = load_config(resolve_checkpoint(source, **where).config)
+        view = DetachedConfig(frozen, {"_name_or_path": source}, cls if cls is not ConfigView else None)
+        for key, value in kwargs.items():
+            if hasattr(view, key):
+                setattr(view, key, value)
+        return view
+
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> ConfigView:
         """The text part of the config: fmodel's families are text models, so the config itself."""
         return self
@@ -313,6 +339,14 @@ class ConfigView:
 
 def _rebuild_view(config_class: type, owner: Any, runtime: dict[str, Any]) -> ConfigView:
     return _view_class_for(config_class)(owner, **runtime)
+
+
+def _mirror_name_or_path(owner: Any, value: str) -> None:
+    """Keep `owner.__dict__["name_or_path"]` equal to the view's `name_or_path`: Transformers'
+    models hold it as an instance attribute and PEFT reads it from `model.__dict__` (the
+    adapter config's `base_model_name_or_path`), past the facade's `name_or_path` property."""
+    if hasattr(owner, "__dict__"):
+        owner.__dict__["name_or_path"] = value
 
 
 class _Holder:

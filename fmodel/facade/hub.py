@@ -24,6 +24,7 @@ from ..io.card import merge_tags
 from ..io.push import default_commit_message, save_and_push
 from ..io.push import push_to_hub as _push_to_hub
 from ..io.save import save
+from .adapters import has_adapters, save_adapter
 from .generation import saved_generation_config
 
 if TYPE_CHECKING:
@@ -122,7 +123,9 @@ class HubMixin:
             safe_serialization: safetensors (default) or pickle `pytorch_model.bin`.
             variant: weight file variant (model.fp16.safetensors, ...).
             token: hub token for `push_to_hub` (`use_auth_token` is accepted, deprecated).
-            save_peft_format: accepted for compatibility; fmodel models carry no adapters.
+            save_peft_format: with PEFT adapters attached (`add_adapter`, `load_adapter`), only
+                the active adapter is written, in PEFT's format (see `adapters.save_adapter`);
+                True prefixes its keys with `base_model.model.`, as Transformers.
             kwargs: the push options above, `ignore_metadata_errors` (model card metadata that
                 cannot be interpreted is dropped, see `fmodel.io.card.tag_model_card`) and
                 `save_config` (old name of
@@ -144,6 +147,21 @@ class HubMixin:
                 raise TypeError(f"save_pretrained(push_to_hub=True): unexpected arguments {sorted(kwargs)}")
             warnings.warn(f"save_pretrained: ignoring unknown arguments {sorted(kwargs)}", stacklevel=2)
         if not is_main_process:
+            return
+        if has_adapters(self):  # PEFT adapters added by add_adapter/load_adapter: the adapter only
+            if push_to_hub:
+                raise NotImplementedError(
+                    "save_pretrained(push_to_hub=True) of a model with adapters: save it into a folder and "
+                    "upload that folder (huggingface_hub.upload_folder)"
+                )
+            save_adapter(
+                self,
+                save_directory,
+                state_dict=state_dict,
+                safe_serialization=safe_serialization,
+                save_function=save_function,
+                save_peft_format=save_peft_format,
+            )
             return
         options: dict[str, Any] = {
             "max_shard_size": max_shard_size,

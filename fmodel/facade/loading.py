@@ -17,6 +17,7 @@ from ..io.load import default_architecture, logger, state_from_tensors
 from ..io.read import read_weight_file
 from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
+from .adapters import adapter_source, with_adapter
 from .config_view import DetachedConfig, as_fmodel_config
 
 if TYPE_CHECKING:
@@ -75,14 +76,26 @@ class LoadingMixin:
 
         `dtype` (or the older `torch_dtype`): None keeps the stored dtype, "auto" too;
         `device_map`: None, "cpu", "auto" (the first GPU if any, else CPU) or a device.
-        Missing tensors are initialised and reported, as Transformers does.
+        Missing tensors are initialised and reported, as Transformers does. A folder with a PEFT
+        adapter (adapter_config.json) loads its base model, then the adapter (`adapter_name`,
+        `adapter_kwargs`), as Transformers does (see `adapters.adapter_source`).
         """
-
+        adapter_name = kwargs.pop("adapter_name", "default")
+        adapter_kwargs = kwargs.pop("adapter_kwargs", None) or {}
+        source = os.fspath(pretrained_model_name_or_path)
+        base = None if kwargs.get("gguf_file") else adapter_source(source, revision=revision, cache_dir=cache_dir)
+        if base is not None:
+            loaded = cls.from_pretrained(
+                base, *model_args, config=config, cache_dir=cache_dir, torch_dtype=torch_dtype, dtype=dtype,
+                device_map=device_map, revision=revision, local_files_only=local_files_only,
+                attn_implementation=attn_implementation, output_loading_info=output_loading_info,
+                ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs,
+            )  # fmt: skip
+            return with_adapter(loaded, source, adapter_name, adapter_kwargs)
         gguf_file = kwargs.pop("gguf_file", None)
         variant = kwargs.pop("variant", None)
         for name in _IGNORED_LOAD_KWARGS:
             kwargs.pop(name, None)
-        source = os.fspath(pretrained_model_name_or_path)
         is_gguf = gguf_file is not None or source.endswith(".gguf")
         if config is not None:
             config = as_fmodel_config(config)
