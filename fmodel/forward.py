@@ -23,9 +23,9 @@ logger = logging.getLogger("fmodel")
 T = TypeVar("T")
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class ModelOutput:
-    """What a forward returns.
+    """What a forward returns (frozen: setting an attribute raises).
 
     Attributes:
         logits: [B, T, vocab] for language-model heads, else None.
@@ -43,6 +43,27 @@ class ModelOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     past_key_values: KVCache | None = None
+
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        last_hidden_state: torch.Tensor | None = None,
+        pooler_output: torch.Tensor | None = None,
+        hidden_states: tuple[torch.Tensor, ...] | None = None,
+        attentions: tuple[torch.Tensor, ...] | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> None:
+        # Written out (not attrs' generated __init__, whose cached `object.__setattr__` method
+        # wrapper torch.compile cannot trace), so a compiled function can return a ModelOutput.
+        for name, value in (
+            ("logits", logits),
+            ("last_hidden_state", last_hidden_state),
+            ("pooler_output", pooler_output),
+            ("hidden_states", hidden_states),
+            ("attentions", attentions),
+            ("past_key_values", past_key_values),
+        ):
+            object.__setattr__(self, name, value)
 
 
 def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None) -> None:

@@ -83,8 +83,10 @@ class MaskInputs:
 def _all_real(padding_mask: torch.Tensor) -> bool:
     """True when the mask marks every token real. Inside `torch.func` transforms (vmap over
     inputs, per-example gradients) the mask is a wrapped tensor whose values Python cannot
-    branch on; then say False and build the full mask, which gives the same result."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(padding_mask):
+    branch on, and while torch.compile traces, branching on them would break the graph (as
+    Transformers' mask shortcuts, which also step aside when tracing); then say False and build
+    the full mask, which gives the same result."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(padding_mask):
         return False
     return bool(padding_mask.all())
 
