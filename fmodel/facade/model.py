@@ -159,7 +159,10 @@ class PreTrainedModel(
             for name, t in state.tensors.items()
             if name in expected and tuple(t.shape) != expected[name][0]
         ]
-        missing = sorted(set(expected) - set(state.tensors))
+        fresh = dict(skeleton(new, self._architecture).named_modules())
+        # a tensor absent because its module was replaced (PEFT's LoRA layer keeps the weight as
+        # `base_layer.weight`, a ModulesToSaveWrapper as `original_module.weight`) is not missing
+        missing = sorted(n for n in set(expected) - set(state.tensors) if not _replaced(self._tree, fresh, n))
         if wrong or missing:
             raise ConfigError(
                 f"{type(self).__name__}.config: this change needs tensors of other shapes "
@@ -170,7 +173,6 @@ class PreTrainedModel(
         if dict(spec.ties(new)) != self._ties:
             self._install(transforms.tie_weights(state.replace(config=new)))
             return
-        fresh = dict(skeleton(new, self._architecture).named_modules())
         for name, module in self._tree.named_modules():
             template = fresh.get(name)
             if template is None or type(template) is not plain_class(module):
@@ -488,6 +490,18 @@ def _set(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool, 
         owner._buffers[leaf] = value
 
 
+def _replaced(tree: nn.Module, fresh: dict[str, nn.Module], tensor_name: str) -> bool:
+    """Whether the module owning `tensor_name` in `tree` is no longer the skeleton's (`fresh`)
+    module class: someone (an adapter library) replaced it, and its tensors are its own."""
+    owner = tensor_name.rpartition(".")[0]
+    try:
+        module = tree.get_submodule(owner)
+    except AttributeError:
+        return False
+    template = fresh.get(owner)
+    return template is not None and type(template) is not plain_class(module)
+
+
 def _new_instance(cls: type, *args: Any) -> Any:
     return cls.__new__(cls, *args)
 
@@ -511,11 +525,14 @@ class _CallInfo:
 
 
 def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's own settings (numbers, strings, tuples), which a config decides at build time."""
+    """A module's own settings (numbers, strings, tuples), which a config decides at build time
+    (not `training`: the train/eval mode is the model's, not the config's)."""
     return {
         k: v
         for k, v in vars(module).items()
-        if k != "config" and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+        if k not in ("config", "training")
+        and not k.startswith("_")
+        and isinstance(v, (bool, int, float, str, tuple, type(None)))
     }
 
 
