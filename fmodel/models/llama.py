@@ -25,11 +25,17 @@ if TYPE_CHECKING:
 
 __all__ = ["LlamaForCausalLM", "LlamaModel"]
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Transformers' gelu_new / gelu_pytorch_tanh). A named
+    function, not a lambda, so modules holding it pickle."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
     "tanh": torch.tanh,
 }

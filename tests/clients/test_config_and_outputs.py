@@ -233,3 +233,10 @@ def test_use_cache_returns_a_cache_that_continues(checkpoint):
     theirs = hf(IDS[:, :5], attention_mask=MASK[:, :5]).logits[:, -1]
     assert max_diff(step.logits[:, -1], theirs) < 1e-4
     assert step.past_key_values.length == 5
+
+
+@pytest.mark.parametrize(("kind", "auto"), [("gpt2", "AutoModelForCausalLM"), ("bert-mlm", "AutoModelForMaskedLM")])
+def test_every_family_pickles(kind, auto, checkpoint):
+    model = getattr(fmodel, auto).from_pretrained(checkpoint(kind))
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and torch.equal(again(IDS).logits, model(IDS).logits)
