@@ -125,3 +125,14 @@ def checkpoint(tmp_path_factory):
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    a tiny model's matmuls gain nothing from threads, and on a shared machine the threads wait
+    on each other (measured: a 64-wide linear 10x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

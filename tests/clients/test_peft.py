@@ -35,20 +35,12 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
 LIBS = {"transformers": transformers, "fmodel": fmodel}
 IDS = torch.randint(7, 96, (2, 10), generator=torch.Generator().manual_seed(0))
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])  # left padding in row 0
 LABELS = torch.tensor([0, 1])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: extra threads only wait on each other on a shared machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lora(task: str, targets, **extra):
