@@ -18,7 +18,8 @@ from ..io.read import read_weight_file
 from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
 from .adapters import adapter_source, with_adapter
-from .config_view import DetachedConfig, as_fmodel_config
+from .config_view import ConfigView, DetachedConfig, as_fmodel_config
+from .devices import registers_on_meta
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -41,18 +42,30 @@ class LoadingMixin:
     @classmethod
     def _from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
         """A model with fresh weights from `config` (any config `PreTrainedModel` takes), as
-        Transformers' `_from_config`: `dtype`/`torch_dtype` and `attn_implementation` are taken;
-        any other keyword is an error, as in Transformers' model constructors."""
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        Transformers' `_from_config`: `dtype` (else `torch_dtype`, else the config's own
+        `dtype`/`torch_dtype`) is the dtype the weights are drawn in, number for number as
+        Transformers builds under that default dtype (`fmodel.transforms.hf_init.init`);
+        `attn_implementation` is taken; any other keyword is an error, as in Transformers'
+        model constructors."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype = kwargs.pop("dtype", None) or torch_dtype  # `dtype` wins, as in Transformers
         attn = kwargs.pop("attn_implementation", None)
         kwargs.pop("trust_remote_code", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
-        model = cls(config)
+        dtype = _config_dtype(config) if dtype in (None, "auto") else dtype
+        dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+        if dtype is None or dtype == torch.float32 or registers_on_meta():
+            model = cls(config)
+            if dtype is not None:
+                model.to(dtype)
+        else:  # drawn in that dtype, as Transformers' construction under `set_default_dtype(dtype)`
+            frozen = as_fmodel_config(config)
+            arch = cls._architecture_for(frozen)
+            state = transforms.init(frozen, architecture=arch, dtype=dtype, draw_order="transformers")
+            model = cls(config, state=state)
         if attn is not None:
             model.set_attn_implementation(attn)
-        if dtype is not None and dtype != "auto":
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model
 
     @classmethod
@@ -132,6 +145,7 @@ class LoadingMixin:
             config=config,
             gguf_file=gguf_file,
             variant=variant,
+            init_missing="fmodel" if is_gguf else "transformers",  # Transformers' draws, global RNG
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
@@ -226,6 +240,17 @@ class LoadingMixin:
             model._add_device_hooks(device_map)
         mismatched = [m[0] for m in report.mismatched]
         return model, list(report.missing), list(report.unexpected), mismatched, None, []
+
+
+def _config_dtype(config) -> Any:
+    """The dtype a config asks for (`dtype`, or the older `torch_dtype`; None when it names none),
+    as Transformers' `_from_config` reads `config.dtype`."""
+    if isinstance(config, dict):
+        return config.get("dtype") or config.get("torch_dtype")
+    extra = getattr(config, "extra", None)  # fmodel's frozen config keeps them in `extra`
+    if extra is not None and not isinstance(config, ConfigView):
+        return extra.get("dtype") or extra.get("torch_dtype")
+    return getattr(config, "dtype", None)
 
 
 def _saved_generation_config(path, revision, cache_dir, local_files_only) -> dict | None:

@@ -37,16 +37,43 @@ class SurgeryMixin:
             pad_to_multiple_of=pad_to_multiple_of,
             mean_resizing=mean_resizing,
         )
-        fresh = hf_resize.replaced_modules(before, after)
-        if fresh:  # new modules Transformers has not marked initialised: `init_weights()` draws them
-            self.__dict__.setdefault("_hf_uninitialized", set()).update(fresh)
+        for name in hf_resize.replaced_modules(before, after):
+            self._mark_uninitialized(name)
         return self.get_input_embeddings()
 
+    def _mark_uninitialized(self, name: str, module: nn.Module | None = None) -> None:
+        """Record the module `name` as one Transformers would hold as new and unmarked
+        (`_is_hf_initialized` unset): the next `init_weights()` draws it by the family's
+        `_init_weights`, by the kind of `module` (the user's module put there) when given."""
+        self.__dict__.setdefault("_hf_uninitialized", {})[name] = module
+
     def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
-        self._apply_transform(transforms.prune_heads, heads_to_prune)
+        """Remove attention heads (`fmodel.prune_heads`: the kept weights are the model's own),
+        consuming torch's global RNG as Transformers' `prune_heads` does (GPT-2 and BERT rebuild
+        the pruned projections as new modules, whose default inits draw:
+        `fmodel.transforms.hf_init.prune_heads`)."""
+        self._apply_transform(hf_init.prune_heads, heads_to_prune)
 
     def tie_weights(self) -> None:
-        self._apply_transform(transforms.tie_weights)
+        """Make every tie the config declares hold (`fmodel.tie_weights`), as Transformers'
+        `tie_weights()`: each alias becomes its source's very Parameter (after a loader or
+        `functional_call` replaced one side, the alias follows the source, never the reverse).
+
+        The module tree is kept: the aliases are re-pointed in place, so accelerate's dispatch
+        hooks (offloaded weights), adapters and optimizers stay attached; only a tie the config
+        no longer asks for (the alias gets its own copy) re-installs the state."""
+        state = self.state
+        new = transforms.tie_weights(state)
+        if new is state:
+            return
+        if not set(new.ties) >= set(state.ties):  # an untie: the alias needs a new tensor
+            self._install(new)
+            return
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for alias, source in new.ties.items():
+            owner, _, leaf = alias.rpartition(".")
+            self.get_submodule(owner)._parameters[leaf] = params[source]
+        object.__setattr__(self, "_ties", dict(new.ties))
 
     def get_decoder(self) -> nn.Module:
         return self.base_model
@@ -68,15 +95,24 @@ class SurgeryMixin:
         """Use `value.weight` [vocab', hidden] as the input embeddings (the module's Parameter is
         installed as is). Unlike Transformers, a tied output projection follows the new matrix
         (fmodel's ties are declared, so they hold; Transformers' lm_head keeps the old one until
-        `tie_weights()`). `config.vocab_size` becomes vocab'."""
+        `tie_weights()`). `config.vocab_size` becomes vocab'. A module other than the current one
+        is new to Transformers (not marked initialised): the next `init_weights()` draws it."""
+        fresh = value is not self.get_input_embeddings()
         self._apply_transform(transforms.set_input_embeddings, value.weight)
+        if fresh:
+            self._mark_uninitialized(get_spec(self._architecture).input_embeddings.rsplit(".", 1)[0], value)
 
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         """Use `new_embeddings.weight` as the output projection. On a tied model another matrix
         unties it while the config still asks for the tie, as replacing Transformers' lm_head
-        does: `tie_weights()` ties it again."""
+        does: `tie_weights()` ties it again. A module other than the current one is new to
+        Transformers (not marked initialised): the next `init_weights()` draws it (on a tied model
+        that redraws the shared matrix, as Transformers does)."""
         weight = new_embeddings.weight
-        tied = get_spec(self._architecture).output_embeddings in self._ties
+        name = get_spec(self._architecture).output_embeddings
+        if name is not None and new_embeddings is not self.get_output_embeddings():
+            self._mark_uninitialized(name.rsplit(".", 1)[0], new_embeddings)
+        tied = name in self._ties
         if tied and weight is self.get_input_embeddings().weight:
             return
         state = self.state
@@ -102,7 +138,7 @@ class SurgeryMixin:
         `config.pruned_heads` (Transformers' prune step rebuilds them); then ties are re-applied.
         To redraw everything, use `model.apply(model._init_weights)` (Transformers' draws) or
         `fmodel.init_weights(state)` (fmodel's seeded ones)."""
-        fresh = self.__dict__.get("_hf_uninitialized", set())
+        fresh = self.__dict__.get("_hf_uninitialized", {})
         self._write_values(hf_init.init_weights(self.state, fresh))
         self.__dict__.pop("_hf_uninitialized", None)
         self.tie_weights()

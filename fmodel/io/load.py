@@ -17,7 +17,7 @@ import torch
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError, QuantizedDtypeError, ShapeMismatchError
 from ..models import get_spec, specs_for_model_type
-from ..models.init import init_tensor
+from ..models.init import draw_missing_as_transformers, init_tensor
 from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
 from ..state import ModelState
@@ -132,6 +132,7 @@ def state_from_tensors(
     ignore_mismatched_sizes: bool = False,
     seed: int = 0,
     warn_missing: bool = True,
+    init_missing: str = "fmodel",
 ) -> tuple[ModelState, LoadReport]:
     """Check `tensors` (checkpoint names) against `architecture` and build a state.
 
@@ -148,6 +149,11 @@ def state_from_tensors(
         ignore_mismatched_sizes: re-initialise wrong-shape tensors instead of raising.
         seed: seed of the tensors drawn for missing keys.
         warn_missing: log a warning naming the tensors initialised.
+        init_missing: "fmodel" (the architecture's rules, a private generator seeded by `seed`)
+            or "transformers": the missing and re-initialised tensors drawn as Transformers
+            4.57's `from_pretrained` draws them (family `_init_weights`, module post-order)
+            from torch's global CPU generator, so the same `torch.manual_seed` gives the same
+            new classifier and leaves the generator where Transformers does.
 
     Returns:
         (state, report).
@@ -157,6 +163,8 @@ def state_from_tensors(
         ShapeMismatchError: wrong-shape tensors, each with found and expected shapes.
         ConfigError: the architecture does not belong to the config's model_type.
     """
+    if init_missing not in ("fmodel", "transformers"):
+        raise ValueError(f"init_missing must be 'fmodel' or 'transformers', got {init_missing!r}")
     architecture = architecture or default_architecture(config)
     spec = get_spec(architecture)
     if spec.model_type != config.model_type:
@@ -223,8 +231,11 @@ def state_from_tensors(
         )
 
     init_dtype = target_dtype or _stored_float_dtype(found)
+    if init_missing == "transformers":
+        shapes = {name: expected[name] for name in missing}
+        found.update(draw_missing_as_transformers(module, config, spec.model_type, shapes, ties, init_dtype))
     generator = torch.Generator().manual_seed(seed)
-    for name in missing:
+    for name in (n for n in missing if n not in found):
         rule = spec.init_rule(name, config)
         found[name] = init_tensor(
             rule, expected[name], dtype=init_dtype, std=config.initializer_range, generator=generator
@@ -296,9 +307,12 @@ def load_with_report(
     ignore_mismatched_sizes: bool = False,
     config=None,
     variant: str | None = None,
+    init_missing: str = "fmodel",
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
     if gguf_file is not None or _is_gguf(path_or_repo_id):
+        if init_missing != "fmodel":
+            raise ValueError("init_missing='transformers' applies to safetensors/pickle files, not GGUF")
         from .gguf import load_gguf_with_report
 
         return load_gguf_with_report(
@@ -337,6 +351,7 @@ def load_with_report(
         allow_missing=allow_missing,
         strict=strict,
         ignore_mismatched_sizes=ignore_mismatched_sizes,
+        init_missing=init_missing,
     )
 
 
@@ -354,6 +369,7 @@ def load(
     allow_missing: bool = False,
     strict: bool = True,
     variant: str | None = None,
+    init_missing: str = "fmodel",
 ) -> ModelState:
     """Load a Hugging Face checkpoint as a `ModelState`.
 
@@ -372,6 +388,8 @@ def load(
             checkpoint loads as its base model by dropping the base prefix, as in Transformers.
         attn_implementation: the registered attention function the state's forward uses.
         allow_missing: initialise missing tensors by the architecture's init rules.
+        init_missing: how (`state_from_tensors`): "fmodel" (seeded, pure) or "transformers"
+            (Transformers' `from_pretrained` draws, from torch's global generator).
         strict: raise on tensors the architecture has no place for.
         variant: read Transformers' variant files (`model.fp16.safetensors`, ...) instead.
 
@@ -397,5 +415,6 @@ def load(
         allow_missing=allow_missing,
         strict=strict,
         variant=variant,
+        init_missing=init_missing,
     )
     return state

@@ -4,7 +4,7 @@ and the rules by which Transformers initialises a module (for `fmodel.transforms
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -15,8 +15,11 @@ __all__ = [
     "Draw",
     "TransformersInit",
     "construction_draws",
+    "draw_missing_as_transformers",
     "init_tensor",
     "init_weights_draws",
+    "missing_keys_draws",
+    "post_order",
     "run_draws",
     "transformers_rules",
 ]
@@ -213,3 +216,72 @@ def init_weights_draws(module: nn.Module, name: str, config, rules: Transformers
             if leaf in scaled:
                 draws.append(Draw(_join(name, leaf), "normal", (0.0, scaled[leaf])))
     return draws
+
+
+def post_order(module: nn.Module, name: str = "", skip: str | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) as Transformers' `smart_apply` visits them: children first, then the module
+    itself; the subtree called `skip` (if any) is left out."""
+    for child_name, child in module.named_children():
+        full = _join(name, child_name)
+        if not (skip is not None and (full == skip or full.startswith(skip + "."))):
+            yield from post_order(child, full, skip)
+    yield name, module
+
+
+def missing_keys_draws(
+    module: nn.Module,
+    config,
+    rules: TransformersInit,
+    missing: Collection[str],
+    ties: Mapping[str, str],
+) -> list[Draw]:
+    """What Transformers 4.57's `from_pretrained` draws for the tensors `missing` (and those
+    re-initialised for a size mismatch): `_initialize_missing_keys` runs `_init_weights` on every
+    module it has not marked initialised, children first. The loaded tensors are still on the
+    meta device then (draws on them consume no random numbers and are overwritten by the
+    checkpoint), and construction drew nothing (`no_init_weights`), so the draws that count are
+    the family rules' steps on the missing tensors, in module post-order: a missing tensor's
+    module is never marked, nor are its ancestors (GPT-2's rule also redraws a child's
+    `c_proj.weight`).
+
+    Arguments:
+        module: the architecture's skeleton (names as in the checkpoint).
+        config: its config.
+        rules: the family's rules (`transformers_rules`).
+        missing: source names of the tensors the checkpoint did not provide (or provided at
+            another shape).
+        ties: alias -> source; a step on an alias acts on its source.
+
+    Returns:
+        The draws, in order (run them with `run_draws` on CPU tensors of the missing names).
+    """
+    missing = set(missing)
+    draws: list[Draw] = []
+    for name, sub in post_order(module):
+        for draw in init_weights_draws(sub, name, config, rules):
+            source = ties.get(draw.name, draw.name)
+            if source in missing:
+                draws.append(Draw(source, draw.op, draw.args))
+    return draws
+
+
+def draw_missing_as_transformers(
+    module: nn.Module,
+    config,
+    model_type: str,
+    missing: Mapping[str, tuple[int, ...]],
+    ties: Mapping[str, str],
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """New CPU tensors for `missing` ({source name: shape}) drawn as Transformers 4.57's
+    `from_pretrained` draws them (`missing_keys_draws`), in `dtype`, from `generator` (None:
+    torch's global CPU generator, on purpose: the facade's `from_pretrained` parity).
+
+    Returns:
+        {name: tensor} for the missing tensors some rule initialises (the others are left out).
+    """
+    draws = missing_keys_draws(module, config, transformers_rules(model_type), missing, ties)
+    tensors = {d.name: torch.empty(missing[d.name], dtype=dtype) for d in draws}
+    run_draws(draws, tensors, generator)
+    return tensors

@@ -22,11 +22,12 @@ A config that lists `pruned_heads` is replayed too for the families whose Transf
 classes prune at construction (GPT-2, BERT: the pruned layers are rebuilt, twice for a head
 class); Transformers' Llama, Qwen2 and Mistral cannot be built from such a config (no
 `_prune_heads`), so fmodel draws their pruned layers in the same order without a prune step.
+`prune_heads` is `fmodel.prune_heads` plus the draws of the modules Transformers rebuilds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from ..models.init import (
     TransformersInit,
     construction_draws,
     init_weights_draws,
+    post_order,
     run_draws,
     transformers_rules,
 )
@@ -46,8 +48,9 @@ from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
 from ..state import ModelState
 from ._common import spec_of, with_params
+from .prune import prune_heads as _pure_prune_heads
 
-__all__ = ["init", "init_module", "init_weights"]
+__all__ = ["init", "init_module", "init_weights", "prune_heads"]
 
 
 def init(
@@ -153,7 +156,7 @@ def _construction_sequence(config, architecture: str, spec, rules: TransformersI
         draws += _constructed(module, "", assigned, skip=prefix) + _rebuilt(module, rebuilt)
         draws += [
             d
-            for name, sub in _post_order(module, "")
+            for name, sub in post_order(module, "")
             if name in fresh or not _within(name, prefix)
             for d in init_weights_draws(sub, name, config, rules)
         ]
@@ -198,7 +201,10 @@ def init_module(state: ModelState, name: str, *, generator: torch.Generator | No
 
 
 def init_weights(
-    state: ModelState, uninitialized: Iterable[str] = (), *, generator: torch.Generator | None = None
+    state: ModelState,
+    uninitialized: Iterable[str] | Mapping[str, nn.Module | None] = (),
+    *,
+    generator: torch.Generator | None = None,
 ) -> ModelState:
     """Transformers' `model.init_weights()` on a built model: its prune step (GPT-2 and BERT
     rebuild each layer the config lists in `pruned_heads` as new modules, whose default inits
@@ -209,7 +215,10 @@ def init_weights(
     Arguments:
         state: the model (unchanged).
         uninitialized: names of modules Transformers would not have marked initialised (e.g. the
-            output projection a resize replaced: see `replaced_modules`).
+            output projection a resize replaced: see `replaced_modules`), or a mapping from such
+            names to the module a user put there (`set_input_embeddings(nn.Embedding(...))`):
+            its own kind decides the rule (an embedding without `padding_idx` keeps its row
+            0 drawn); None means the architecture's module.
         generator: random source; None is torch's default generator of the tensors' device.
 
     Returns:
@@ -222,14 +231,65 @@ def init_weights(
     pruned = [layer for layer, heads in state.config.pruned_heads.items() if heads]
     pruned = pruned if rules.rebuilt_by_prune is not None else []
     rebuilt = [_join(prefix, rel) for layer in pruned for rel in rules.rebuilt_by_prune(layer)]
-    fresh = set(rebuilt) | set(uninitialized)
+    given = dict(uninitialized) if isinstance(uninitialized, Mapping) else dict.fromkeys(uninitialized)
+    fresh = set(rebuilt) | set(given)
     draws = _rebuilt(module, rebuilt) + [
         d
-        for name, sub in _post_order(module, "")
+        for name, sub in post_order(module, "")
         if name in fresh
-        for d in init_weights_draws(sub, name, state.config, rules)
+        for d in init_weights_draws(
+            sub if given.get(name) is None else given[name], name, state.config, rules
+        )
+        if d.name in state.params  # a user's module may have a tensor fmodel did not take (a bias)
     ]
     return _run_on_state(state, draws, generator)
+
+
+def prune_heads(
+    state: ModelState,
+    heads_to_prune: Mapping[int, Iterable[int]],
+    *,
+    generator: torch.Generator | None = None,
+) -> ModelState:
+    """`fmodel.prune_heads`, consuming random numbers as Transformers' `model.prune_heads` does.
+
+    Transformers (GPT-2, BERT) rebuilds each attention projection of every layer listed with a
+    non-empty head list as a new module (`prune_conv1d_layer` / `prune_linear_layer`), whose
+    PyTorch default init draws (CPU, torch's default dtype) before the kept rows are copied in;
+    a layer whose listed heads are all pruned already is rebuilt too. The kept values are the
+    model's own, exactly as `fmodel.prune_heads` gives them: only the generator moves. Families
+    Transformers cannot prune (Llama, Qwen2, Mistral) draw nothing.
+
+    Arguments:
+        state: the model (unchanged).
+        heads_to_prune: {layer index: [head ids of the unpruned model]}.
+        generator: random source; None is torch's global CPU generator.
+
+    Returns:
+        `fmodel.prune_heads(state, heads_to_prune)`.
+
+    Raises:
+        FModelError, ConfigError: as `fmodel.prune_heads`, before anything is drawn.
+    """
+    heads_to_prune = {layer: list(heads) for layer, heads in heads_to_prune.items()}
+    pruned = _pure_prune_heads(state, heads_to_prune)
+    spec = spec_of(state)
+    rules = transformers_rules(spec.model_type)
+    if rules.rebuilt_by_prune is None:
+        return pruned
+    prefix = "" if spec.is_base else spec.prefix
+    module = skeleton(pruned.config, pruned.architecture)
+    draws: list[Draw] = []
+    scratch: dict[str, torch.Tensor] = {}  # the new modules' tensors: drawn, then overwritten
+    for layer, heads in heads_to_prune.items():
+        for rel in rules.rebuilt_by_prune(layer) if heads else ():
+            name = _join(prefix, rel)
+            sub = module.get_submodule(name)
+            for leaf, p in sub.named_parameters():
+                scratch[_join(name, leaf)] = torch.empty(p.shape, dtype=torch.get_default_dtype())
+            draws += construction_draws(sub, name)
+    run_draws(draws, scratch, generator)
+    return pruned
 
 
 # --------------------------------------------------------------------------- helpers
@@ -266,20 +326,11 @@ def _constructed(
     return draws
 
 
-def _post_order(module: nn.Module, name: str, skip: str | None = None) -> Iterator[tuple[str, nn.Module]]:
-    """Modules as Transformers' `smart_apply` visits them: children first, then the module."""
-    for child_name, child in module.named_children():
-        full = f"{name}.{child_name}" if name else child_name
-        if not _within(full, skip):
-            yield from _post_order(child, full, skip)
-    yield name, module
-
-
 def _initialized(root: nn.Module, prefix: str, config, rules, skip: str | None = None) -> list[Draw]:
     """`post_init`'s `initialize_weights` over `root` (minus the already initialised `skip`)."""
     return [
         d
-        for name, module in _post_order(root, prefix, skip)
+        for name, module in post_order(root, prefix, skip)
         for d in init_weights_draws(module, name, config, rules)
     ]
 
