@@ -30,6 +30,11 @@ SPLIT = {
     "gpt2": {"transformer.wte": "cpu", "transformer.wpe": "disk", "transformer.drop": "cpu",
              "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"},
 }  # fmt: skip
+TIES = {
+    "llama": {"lm_head.weight": "model.embed_tokens.weight"},
+    "llama-untied": {},
+    "gpt2": {"lm_head.weight": "transformer.wte.weight"},
+}
 # CPU memory (bytes) that `infer_auto_device_map` / device_map="auto" may use: part of the model
 # fits, the rest goes to disk.
 CPU_MEMORY = {"llama": 200_000, "gpt2": 300_000}
@@ -135,6 +140,8 @@ def test_load_checkpoint_and_dispatch(reference, tmp_path, kind, device_map):
         if device_map == "auto":
             assert set(model.hf_device_map.values()) == {"cpu", "disk"}
         check_run(model, logits, tokens)
+        if name == "fmodel":  # the declared tie holds in the state after loading
+            assert dict(model.state.ties) == TIES[kind]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -164,6 +171,8 @@ def test_dispatch_model_with_disk_offload(reference, tmp_path, kind):
         for module in disk:
             assert {p.device.type for p in model.get_submodule(module).parameters()} <= {"meta"}
         assert (tmp_path / name / "index.json").is_file()
+        check_run(model, logits, tokens)
+        model.tie_weights()  # keeps the hooked module tree (it once rebuilt it: weights lost)
         check_run(model, logits, tokens)
     # the same offloaded files (one .dat per disk tensor, named as Transformers' tensors)
     assert {p.name for p in (tmp_path / "fmodel").iterdir()} == {p.name for p in (tmp_path / "transformers").iterdir()}
