@@ -89,7 +89,9 @@ class LoadingMixin:
 
         `dtype` (or the older `torch_dtype`): None keeps the stored dtype, "auto" too;
         `device_map`: None, "cpu", "auto" (the first GPU if any, else CPU) or a device.
-        Missing tensors are initialised and reported, as Transformers does. A folder with a PEFT
+        Missing tensors (and, with `ignore_mismatched_sizes`, wrong-shape ones) are initialised
+        and reported as Transformers does, drawn from torch's global RNG in its order
+        (`fmodel.load(..., init_missing="transformers")`). A folder with a PEFT
         adapter (adapter_config.json) loads its base model, then the adapter (`adapter_name`,
         `adapter_kwargs`), as Transformers does (see `adapters.adapter_source`).
         """

@@ -6,7 +6,8 @@ Auto class's `from_config`), `apply(_init_weights)`, `init_weights()` and
 `resize_token_embeddings` (tied and untied, mean resizing on and off, padding, shrinking) give
 parameters bit-equal (float32) to Transformers' for every registered architecture, and leave the
 global generator in the same state (the next `torch.randn` agrees). The functional API keeps its
-own seeded generators: it never touches the global one.
+own seeded generators: it never touches the global one. `prune_heads`, `set_*_embeddings`,
+`from_pretrained` with missing tensors and construction in a dtype: test_seeded_parity_loading.py.
 """
 
 from __future__ import annotations

@@ -147,6 +147,8 @@ def checkpoints(tmp_path_factory):
         "bert-base": (transformers.BertModel, {"pad_token_id": 0}, ()),
         "bert-cls": (transformers.BertForSequenceClassification, {}, ()),
         "gpt2-base": (transformers.GPT2Model, {}, ()),
+        "gpt2-pruned-base": (transformers.GPT2Model, {"pruned_heads": {1: [0, 2]}}, ()),
+        "bert-pruned-base": (transformers.BertModel, {"pruned_heads": {0: [1]}}, ()),
         "gpt2-holes": (transformers.GPT2LMHeadModel, {}, gpt2_holes),
         "llama-holes": (
             transformers.LlamaForCausalLM,
@@ -171,6 +173,9 @@ LOADS = [
     ("GPT2LMHeadModel", "gpt2-holes", {}),
     ("BertForSequenceClassification", "bert-base", {}),
     ("BertForMaskedLM", "bert-base", {}),  # the prediction head, its bias tied to the decoder's
+    # built from a config with pruned heads: under `no_init_weights` the prune step draws nothing
+    ("GPT2LMHeadModel", "gpt2-pruned-base", {}),
+    ("BertForSequenceClassification", "bert-pruned-base", {}),
     ("BertForSequenceClassification", "bert-cls", MISMATCH),
     ("BertForSequenceClassification", "bert-cls", {**MISMATCH, "dtype": torch.bfloat16}),
 ]
@@ -185,7 +190,7 @@ def test_from_pretrained_draws_missing_tensors_as_transformers(checkpoints, arch
     )
     assert_same_tensors(theirs, ours)
     assert ours.dtype == theirs.dtype
-    both(6, theirs.init_weights, ours.init_weights)  # everything is marked now: no draw
+    both(6, theirs.init_weights, ours.init_weights)  # all marked now: only a pruned layer is redrawn
     assert_same_tensors(theirs, ours)
 
 
