@@ -28,7 +28,10 @@ from ..state import ModelState
 if TYPE_CHECKING:
     from .model import PreTrainedModel
 
-__all__ = ["DeviceMixin", "empty_state", "registers_on_meta"]
+__all__ = ["DEVICE_MAP_STRATEGIES", "DeviceMixin", "empty_state", "registers_on_meta"]
+
+# `device_map` strings that name a placement strategy rather than a device (Transformers').
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def registers_on_meta() -> bool:
@@ -124,3 +127,36 @@ class DeviceMixin:
                 return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
             module.register_forward_pre_hook(to_device, with_kwargs=True)
+
+    def _infer_device_map(self, strategy: str, max_memory: dict | None) -> dict[str, Any] | None:
+        """Transformers' `_get_device_map` for a strategy name (`device_map="auto"`, ...): the
+        same accelerate calls on the same module sizes (`get_balanced_memory` unless
+        "sequential", reserved but unused GPU memory added, the user's `max_memory` capping
+        each device, `infer_auto_device_map` with `_no_split_modules`), so `hf_device_map` is
+        Transformers' map. None when accelerate is not installed."""
+        try:
+            from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+        except ImportError:
+            return None
+        kwargs = {"no_split_module_classes": self._no_split_modules}
+        if strategy != "sequential":
+            memory = get_balanced_memory(
+                self, dtype=self.dtype, low_zero=strategy == "balanced_low_0", max_memory=max_memory, **kwargs
+            )
+        else:
+            memory = get_max_memory(max_memory)
+        for name in memory:
+            if isinstance(name, int):
+                memory[name] += torch.cuda.memory_reserved(name) - torch.cuda.memory_allocated(name)
+            if max_memory is not None and name in max_memory:
+                memory[name] = min(memory[name], max_memory[name])
+        return dict(infer_auto_device_map(self, dtype=self.dtype, max_memory=memory, **kwargs))
+
+    def _place_by_device_map(self, device_map: dict[str, Any]) -> None:
+        """Put each module's tensors on its mapped device (`fmodel.place`: "disk" leaves them
+        memory-mapped from the checkpoint) and hook the modules so inputs follow them; record
+        `hf_device_map` as Transformers does."""
+        self._install(transforms.place(self.state, device_map))
+        self._add_device_hooks(device_map)
+        self.hf_device_map = dict(device_map)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +20,7 @@ from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
 from .adapters import adapter_source, with_adapter
 from .config_view import ConfigView, DetachedConfig, as_fmodel_config
-from .devices import registers_on_meta
+from .devices import DEVICE_MAP_STRATEGIES, registers_on_meta
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -88,7 +89,11 @@ class LoadingMixin:
         """Load a checkpoint (folder or hub id) like Transformers' `from_pretrained`; eval mode.
 
         `dtype` (or the older `torch_dtype`): None keeps the stored dtype, "auto" too;
-        `device_map`: None, "cpu", "auto" (the first GPU if any, else CPU) or a device.
+        `device_map`: None, a device, a dict of module name -> device ("disk" keeps a module's
+        tensors memory-mapped from the checkpoint), or a strategy ("auto", "balanced",
+        "balanced_low_0", "sequential"), which with accelerate installed is resolved as
+        Transformers does (honouring `max_memory`; without it: the first GPU if any, else CPU).
+        `model.hf_device_map` records the map, as Transformers'.
         Missing tensors (and, with `ignore_mismatched_sizes`, wrong-shape ones) are initialised
         and reported as Transformers does, drawn from torch's global RNG in its order
         (`fmodel.load(..., init_missing="transformers")`). A folder with a PEFT
@@ -109,6 +114,7 @@ class LoadingMixin:
             return with_adapter(loaded, source, adapter_name, adapter_kwargs)
         gguf_file = kwargs.pop("gguf_file", None)
         variant = kwargs.pop("variant", None)
+        max_memory = kwargs.pop("max_memory", None)
         for name in _IGNORED_LOAD_KWARGS:
             kwargs.pop(name, None)
         is_gguf = gguf_file is not None or source.endswith(".gguf")
@@ -131,7 +137,9 @@ class LoadingMixin:
                 setattr(view, key, value)
             config = view.frozen()
         per_module = device_map if isinstance(device_map, dict) else None
-        device = None if per_module is not None else _device_from_map(device_map)
+        # a strategy ("auto", ...) is resolved on the loaded model, as Transformers (accelerate)
+        strategy = device_map in DEVICE_MAP_STRATEGIES and find_spec("accelerate") is not None
+        device = None if per_module is not None or strategy else _device_from_map(device_map)
         state, report = load_with_report(
             pretrained_model_name_or_path,
             revision=revision,
@@ -151,13 +159,15 @@ class LoadingMixin:
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
-        if per_module is not None:
-            state = transforms.place(state, per_module)
         model = cls.from_state(state)
         model.config.name_or_path = source
         model.config._commit_hash = _commit_hash(source, revision, cache_dir)
+        if strategy:
+            per_module = model._infer_device_map(device_map, max_memory)
         if per_module is not None:
-            model._add_device_hooks(per_module)
+            model._place_by_device_map(per_module)
+        elif device_map is not None:  # one device, as Transformers records it
+            model.hf_device_map = {"": device_map if isinstance(device_map, int) else model.device}
         generation = _saved_generation_config(
             pretrained_model_name_or_path, revision, cache_dir, local_files_only
         )
@@ -301,7 +311,6 @@ _IGNORED_LOAD_KWARGS = (
     "subfolder",
     "mirror",
     "user_agent",
-    "max_memory",
     "tp_plan",
     "tp_size",
     "device_mesh",

@@ -102,8 +102,14 @@ def test_init_empty_weights_puts_every_parameter_on_meta(checkpoint):
     assert devices == {n: p.device.type for n, p in hf.named_parameters()}
     assert set(devices.values()) == {"meta"}
     # buffers stay real (include_buffers=False), as Transformers'
-    assert {n: b.device.type for n, b in fm.named_buffers()} == {n: b.device.type for n, b in hf.named_buffers()}
-    assert find_tied_parameters(fm) == find_tied_parameters(hf) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert {n: b.device.type for n, b in fm.named_buffers()} == {
+        n: b.device.type for n, b in hf.named_buffers()
+    }
+    assert (
+        find_tied_parameters(fm)
+        == find_tied_parameters(hf)
+        == [["lm_head.weight", "model.embed_tokens.weight"]]
+    )
     assert fm._no_split_modules == hf._no_split_modules == ["LlamaDecoderLayer"]
 
 
@@ -114,7 +120,9 @@ def test_infer_auto_device_map_equals_transformers(checkpoint, kind):
     for name, lib in LIBS.items():
         model = empty_model(lib, folder)
         maps[name] = accelerate.infer_auto_device_map(
-            model, max_memory={"cpu": CPU_MEMORY[kind], "disk": 10**9}, no_split_module_classes=model._no_split_modules
+            model,
+            max_memory={"cpu": CPU_MEMORY[kind], "disk": 10**9},
+            no_split_module_classes=model._no_split_modules,
         )
     assert maps["fmodel"] == maps["transformers"]
     assert set(maps["fmodel"].values()) == {"cpu", "disk"}
@@ -175,7 +183,36 @@ def test_dispatch_model_with_disk_offload(reference, tmp_path, kind):
         model.tie_weights()  # keeps the hooked module tree (it once rebuilt it: weights lost)
         check_run(model, logits, tokens)
     # the same offloaded files (one .dat per disk tensor, named as Transformers' tensors)
-    assert {p.name for p in (tmp_path / "fmodel").iterdir()} == {p.name for p in (tmp_path / "transformers").iterdir()}
+    assert {p.name for p in (tmp_path / "fmodel").iterdir()} == {
+        p.name for p in (tmp_path / "transformers").iterdir()
+    }
+
+
+@pytest.mark.parametrize("device_map", ["split", "auto-max-memory", "auto", "cpu"])
+def test_from_pretrained_device_map(reference, tmp_path, device_map):
+    """`from_pretrained(device_map=...)`: a strategy is resolved as Transformers (accelerate's
+    `infer_auto_device_map`, honouring `max_memory`), so `hf_device_map` is the same. fmodel
+    places the tensors by it without accelerate's hooks: "disk" tensors stay memory-mapped from
+    the checkpoint (on disk until touched) instead of meta + an offload folder."""
+    folder, logits, tokens = reference("llama")
+    kwargs = {
+        "split": {"device_map": SPLIT["llama"], "offload_folder": str(tmp_path)},
+        "auto-max-memory": {
+            "device_map": "auto",
+            "max_memory": {"cpu": CPU_MEMORY["llama"]},
+            "offload_folder": str(tmp_path),
+        },
+        "auto": {"device_map": "auto"},
+        "cpu": {"device_map": "cpu"},
+    }[device_map]
+    maps = {}
+    for name, lib in LIBS.items():
+        model = lib.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        maps[name] = model.hf_device_map
+        check_run(model, logits, tokens)
+    assert maps["fmodel"] == maps["transformers"]
+    if device_map == "auto-max-memory":
+        assert "disk" in maps["fmodel"].values()
 
 
 @pytest.mark.parametrize("offload", ["cpu_offload", "disk_offload"])
@@ -198,7 +235,9 @@ def test_dispatched_output_is_a_model_output(reference):
     folder, _, _ = reference("llama")
     outs = {}
     for name, lib in LIBS.items():
-        model = accelerate.dispatch_model(lib.AutoModelForCausalLM.from_pretrained(folder), device_map={"": "cpu"})
+        model = accelerate.dispatch_model(
+            lib.AutoModelForCausalLM.from_pretrained(folder), device_map={"": "cpu"}
+        )
         with torch.no_grad():  # fmodel's forward returns a cache only when asked: ask neither
             outs[name] = model(IDS, use_cache=False)
     assert type(outs["fmodel"]) is type(outs["transformers"])
