@@ -53,7 +53,10 @@ def adapter_source(
         if not os.path.exists(source) and source.count("/") <= 1:
             from huggingface_hub import try_to_load_from_cache
 
-            path = try_to_load_from_cache(source, ADAPTER_CONFIG, cache_dir=cache_dir, revision=revision)
+            try:
+                path = try_to_load_from_cache(source, ADAPTER_CONFIG, cache_dir=cache_dir, revision=revision)
+            except ValueError:  # not a valid repo id either (huggingface_hub's HFValidationError)
+                path = None
     if not isinstance(path, str):
         return None
     with open(path, encoding="utf-8") as f:

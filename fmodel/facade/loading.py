@@ -111,6 +111,8 @@ class LoadingMixin:
                 attn_implementation=attn_implementation, output_loading_info=output_loading_info,
                 ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs,
             )  # fmt: skip
+            where = {"cache_dir": cache_dir, "revision": revision, "local_files_only": local_files_only}
+            adapter_kwargs = {**{k: v for k, v in where.items() if v is not None}, **adapter_kwargs}
             return with_adapter(loaded, source, adapter_name, adapter_kwargs)
         gguf_file = kwargs.pop("gguf_file", None)
         variant = kwargs.pop("variant", None)

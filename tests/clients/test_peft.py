@@ -29,11 +29,13 @@ import torch
 
 import fmodel
 
+from ..test_hub_cache import cache_repo
 from .conftest import max_diff
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+huggingface_hub = pytest.importorskip("huggingface_hub")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
@@ -160,7 +162,7 @@ def test_sequence_classification_lora_with_trainable_head(checkpoint, tmp_path):
     assert max_diff(_logits(merged), _logits(their_merged)) <= TOL
 
 
-def test_transformers_adapter_methods_on_the_model(checkpoint, tmp_path):
+def test_transformers_adapter_methods_on_the_model(checkpoint, tmp_path, monkeypatch):
     """`add_adapter` / `disable_adapters` / `save_pretrained` / `load_adapter` / `from_pretrained`
     of the adapter folder, as a user of Transformers' PEFT integration calls them."""
     folder = checkpoint("llama")
@@ -196,6 +198,15 @@ def test_transformers_adapter_methods_on_the_model(checkpoint, tmp_path):
     assert max_diff(ours["logits"][0], ours["logits"][1]) > 1e-3  # the adapter changes the output
     for a, b in zip(ours["logits"], theirs["logits"], strict=True):
         assert max_diff(a, b) <= TOL
+    # fmodel also finds an adapter repo in a given hub cache, offline (Transformers' Auto classes
+    # look for adapter_config.json without `cache_dir`, so they do not; PEFT reads the cached
+    # weights only in offline mode)
+    cache_repo(tmp_path / "cache", "me/adapter", tmp_path / "fmodel", "a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from_hub = fmodel.AutoModelForCausalLM.from_pretrained(
+        "me/adapter", cache_dir=tmp_path / "cache", local_files_only=True
+    )
+    assert max_diff(_logits(from_hub), theirs["logits"][0]) <= TOL
 
 
 def test_gradient_checkpointing_with_input_require_grads(checkpoint):
