@@ -59,7 +59,7 @@ class _Decoder:
     the whole sequence. Position ids come from the attention mask (Transformers'
     `prepare_inputs_for_generation`): positions count real tokens only."""
 
-    def __init__(self, state, model, mask, rows, total, use_cache) -> None:
+    def __init__(self, state, model, mask, rows, total, use_cache, device) -> None:
         self.model = model
         self.attn = attention.get(state.attn_implementation)
         self.mask = self.positions = None
@@ -68,7 +68,9 @@ class _Decoder:
             self.mask = torch.ones(rows, total, dtype=torch.long, device=mask.device)
             self.mask[:, :p] = mask
             self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
-        self.cache = init_cache(state, rows, total) if use_cache else None
+        # weights offloaded by accelerate sit on meta: the cache goes where the inputs run
+        device = device if state.device.type == "meta" else None
+        self.cache = init_cache(state, rows, total, device=device) if use_cache else None
         self.seen = 0
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ class Run:
             module = skeleton(self.state.config, self.state.architecture)
 
         def loop(model: nn.Module) -> GenerateOutput:
-            decoder = _Decoder(self.state, model, mask, rows, total, self.config.use_cache)
+            decoder = _Decoder(self.state, model, mask, rows, total, self.config.use_cache, input_ids.device)
             if self.config.num_beams > 1:
                 out = self._beams(decoder, input_ids, generator)
             else:

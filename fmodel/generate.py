@@ -244,7 +244,7 @@ def _check_generate(state: ModelState, input_ids, attention_mask, config: Genera
         raise ValueError(f"generate: input_ids must be an integer tensor [batch, seq], got {input_ids!r:.80}")
     if input_ids.shape[1] == 0:
         raise ValueError("generate: the prompt is empty; pass at least one token (e.g. the BOS id)")
-    if input_ids.device != state.device:
+    if input_ids.device != state.device and state.device.type != "meta":  # meta: offloaded (accelerate)
         raise ValueError(f"generate: input_ids are on {input_ids.device} but the model is on {state.device}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(

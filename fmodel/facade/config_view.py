@@ -393,7 +393,10 @@ def view_class(frozen) -> type[ConfigView]:
 def _view_class_for(cls: type) -> type[ConfigView]:
     made = _VIEW_CLASSES.get(cls)
     if made is None:
-        made = type(cls.__name__, (ConfigView,), {"model_type": cls.model_type, "__module__": __name__})
+        attributes = {"model_type": cls.model_type, "__module__": __name__}
+        if cls.model_type != "bert":  # Transformers' decoder configs: Trainer drops the cache from logits
+            attributes["keys_to_ignore_at_inference"] = ["past_key_values"]
+        made = type(cls.__name__, (ConfigView,), attributes)
         _VIEW_CLASSES[cls] = made
     return made
 

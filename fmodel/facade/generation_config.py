@@ -29,6 +29,7 @@ import logging
 import os
 from typing import Any
 
+from ..errors import UnsupportedOptionError
 from ..generation_config import GenerationConfig as FrozenGenerationConfig
 from ..io.generation_config import GENERATION_DEFAULTS, generation_config_from_model_config
 
@@ -268,7 +269,9 @@ class MutableGenerationConfig:
         """Write `generation_config.json` (the differences from the defaults) into the folder;
         refuses, as Transformers, a config with flags that have no effect."""
         if kwargs.get("push_to_hub"):
-            raise NotImplementedError("MutableGenerationConfig.save_pretrained cannot push to the hub")
+            raise UnsupportedOptionError(
+                "MutableGenerationConfig.save_pretrained cannot push to the hub; push the model (model.push_to_hub)"
+            )
         try:
             self.validate(strict=True)
         except ValueError as exc:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..errors import UnsupportedOptionError
 from ..io.auto_class import auto_class_name
 from ..io.card import merge_tags
 from ..io.push import default_commit_message, save_and_push
@@ -150,7 +151,7 @@ class HubMixin:
             return
         if has_adapters(self):  # PEFT adapters added by add_adapter/load_adapter: the adapter only
             if push_to_hub:
-                raise NotImplementedError(
+                raise UnsupportedOptionError(
                     "save_pretrained(push_to_hub=True) of a model with adapters: save it into a folder and "
                     "upload that folder (huggingface_hub.upload_folder)"
                 )

@@ -21,23 +21,28 @@ imports Transformers either way.
 from __future__ import annotations
 
 import os
-from functools import cache
 from types import ModuleType
 
 __all__ = ["interop_class", "transformers_or_none"]
 
 
-@cache
+_FOUND: list[ModuleType | None] = []  # decided once per process (not a functools cache: dynamo warns)
+
+
 def transformers_or_none() -> ModuleType | None:
     """`transformers` when it is importable and not disabled by `FMODEL_NO_TRANSFORMERS=1`."""
-    if os.environ.get("FMODEL_NO_TRANSFORMERS", "") not in ("", "0"):
-        return None
-    try:
-        import transformers
-        import transformers.modeling_utils
-    except ImportError:
-        return None
-    return transformers
+    if not _FOUND:
+        found = None
+        if os.environ.get("FMODEL_NO_TRANSFORMERS", "") in ("", "0"):
+            try:
+                import transformers
+                import transformers.modeling_utils
+
+                found = transformers
+            except ImportError:
+                pass
+        _FOUND.append(found)
+    return _FOUND[0]
 
 
 _INTEROP: dict[type, type] = {}

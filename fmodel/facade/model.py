@@ -111,11 +111,12 @@ class PreTrainedModel(
                 state = transforms.init(
                     frozen, architecture=self._architecture_for(frozen), draw_order="transformers"
                 )
+        fresh = state is None
         runtime = dict(config._runtime) if isinstance(config, ConfigView) else {}
         self.__dict__["_config_view"] = view_class(state.config)(self, **runtime)
         self.__dict__["warnings_issued"] = {}
         self._install(state)
-        self.eval()
+        self.train(fresh)  # as Transformers: a new model trains, a loaded one (from_state) evaluates
 
     # -- the config view ------------------------------------------------------------------
 
@@ -319,8 +320,9 @@ class PreTrainedModel(
         """Transformers' forward for the family: its output class (`.logits` / `.last_hidden_state`,
         `.loss` with `labels`, Transformers' loss and `num_items_in_batch` normalisation).
 
-        `use_cache=True` (or a `past_key_values` cache) returns `past_key_values`: an fmodel
-        `KVCache`, grown as needed when passed back. The module tree runs with its own
+        `use_cache` (default `config.use_cache` in eval mode, False in training) or a
+        `past_key_values` cache returns `past_key_values`: an fmodel `KVCache`, grown as needed
+        when passed back. The module tree runs with its own
         parameters (so hooks, adapters and `torch.func.functional_call` act as on any module).
         """
         return self._forward_module(
@@ -368,15 +370,18 @@ class PreTrainedModel(
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
         return_dict = config.use_return_dict if return_dict is None else return_dict
-        if use_cache is None:
-            use_cache = False  # fmodel allocates a cache only when asked (Transformers: config.use_cache)
         training = module.training
+        if use_cache is None:  # Transformers: config.use_cache; fmodel allocates none for training
+            # (nor under torch.compile, which would trace the cache's attrs bookkeeping)
+            compiled = torch.compiler.is_compiling() or "_runner" in self.__dict__
+            use_cache = bool(getattr(config, "use_cache", False)) and not training and not compiled
         if self.is_gradient_checkpointing and training:
             use_cache = False
         if getattr(module, "supports_cache", False):
             if use_cache and past_key_values is None:
                 batch, length = _batch_and_length(input_ids, inputs_embeds)
-                past_key_values = init_cache(self.state, batch, max(length, 1))
+                ref = input_ids if input_ids is not None else inputs_embeds  # offloaded weights: on meta
+                past_key_values = init_cache(self._call_info(), batch, max(length, 1), device=ref.device)
             if past_key_values is not None:
                 past_key_values = _with_room(past_key_values, _batch_and_length(input_ids, inputs_embeds)[1])
                 kwargs["past_key_values"] = past_key_values

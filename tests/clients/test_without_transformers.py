@@ -56,5 +56,5 @@ def test_the_facade_without_transformers_gives_the_same_numbers(checkpoint):
     assert bridged["module"] == "transformers.modeling_outputs" and "transformers" in bridged["bases"]
     for key in ("class", "keys", "loss", "has_to", "config", "saved_eps", "saved_pad", "generated"):
         assert alone[key] == bridged[key], key
-    assert alone["class"] == "CausalLMOutputWithPast" and alone["keys"] == ["loss", "logits"]
+    assert alone["class"] == "CausalLMOutputWithPast" and alone["keys"] == ["loss", "logits", "past_key_values"]
     assert alone["has_to"] is False and alone["saved_eps"] == 0.5 and alone["saved_pad"] == 3
