@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import time
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from ..generate import generate as functional_generate
 from ..generation_config import GenerationConfig as FrozenGenerationConfig
 from . import generation_config as gc
 from .outputs import ModelOutput
+from .stopping import MaxTime, stop_string_criterion
 
 __all__ = ["GenerationMixin", "saved_generation_config"]
 
@@ -263,9 +263,9 @@ class GenerationMixin:
             if _transformers_type(criterion) == "MaxLengthCriteria" and config.num_beams == 1:
                 changes["max_new_tokens"] = max(criterion.max_length - input_ids.shape[1], 1)
         if config.stop_strings is not None:
-            criteria.insert(0, _stop_string_criterion(config.stop_strings, tokenizer))
+            criteria.insert(0, stop_string_criterion(config.stop_strings, tokenizer))
         if config.max_time is not None:
-            criteria.insert(0, _MaxTime(config.max_time))
+            criteria.insert(0, MaxTime(config.max_time))
         frozen = to_frozen_for_generate(config, changes)
         asked = sorted(set(frozen.ignored_fields()) & set(kwargs))
         if asked:  # from the model's own file they are ignored with a warning (fmodel.generate)
@@ -374,46 +374,6 @@ def _transformers_type(obj: Any) -> str | None:
     """The class name when `obj` is one of Transformers' own processors or criteria."""
     cls = type(obj)
     return cls.__name__ if cls.__module__.startswith("transformers.") else None
-
-
-def _stop_string_criterion(stop_strings, tokenizer):
-    if tokenizer is None:
-        raise ValueError(
-            "There are one or more stop strings, either in the arguments to `generate` or in the "
-            "model's generation config, but we could not locate a tokenizer. When generating with "
-            "stop strings, you must pass the model's tokenizer to the `tokenizer` argument of `generate`."
-        )
-    try:
-        from transformers import StopStringCriteria
-    except ImportError:
-        return _DecodedStopStrings(stop_strings, tokenizer)
-    return StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
-
-
-class _MaxTime:
-    """Transformers' `MaxTimeCriteria`: every row is done once `max_time` seconds have passed."""
-
-    def __init__(self, max_time: float) -> None:
-        self.max_time, self.start = max_time, time.time()
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any) -> bool:
-        return time.time() - self.start > self.max_time
-
-
-class _DecodedStopStrings:
-    """Without Transformers: a row stops when the decoded text of its last tokens ends with a
-    stop string (each token decodes to at least one character, so the last len(longest) tokens
-    hold any match)."""
-
-    def __init__(self, stop_strings, tokenizer) -> None:
-        self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        self.tokenizer = tokenizer
-        self.window = max(len(s) for s in self.stop_strings)
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any) -> torch.Tensor:
-        tails = [self.tokenizer.decode(row[-self.window :].tolist()) for row in input_ids]
-        done = [any(text.endswith(s) for s in self.stop_strings) for text in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _transformers_output(out: GenerateOutput, beams: bool) -> Any:
