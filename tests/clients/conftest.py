@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ..conftest import TINY as BASE_TINY
+
 transformers = pytest.importorskip("transformers")
+
+import fmodel  # noqa: E402  (after the skip: the facade interop imports Transformers)
+
+LIBS = {"transformers": transformers, "fmodel": fmodel}
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["paris", "france", "capital", "city", "the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "he", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know"]
@@ -17,15 +23,18 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
     "{% if add_generation_prompt %}<s> assistant {% endif %}"
 )
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+TINY = {**BASE_TINY, "max_position_embeddings": 128}
+# Sentences for the training clients (Trainer, TRL, accelerate): every word is in VOCAB.
+TRAIN_TEXTS = [
+    "the capital of france is paris",
+    "paris is a city",
+    "the city of paris is in france and it is the capital",
+    "he was in the city",
+    "she said that it was time to go",
+    "they are at the water",
+    "what is the first city",
+    "we can find the way",
+]
 
 
 def make_tokenizer():

@@ -24,23 +24,12 @@ from safetensors import safe_open
 
 import fmodel
 
-from .conftest import max_diff
+from .conftest import LIBS, TRAIN_TEXTS, max_diff
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
 TOL = 1e-4
-TEXTS = [
-    "the capital of france is paris",
-    "paris is a city",
-    "the city of paris is in france and it is the capital",
-    "he was in the city",
-    "she said that it was time to go",
-    "they are at the water",
-    "what is the first city",
-    "we can find the way",
-]
-LIBS = {"transformers": transformers, "fmodel": fmodel}
 STEPS = 4
 
 
@@ -52,7 +41,7 @@ def _loop(lib: str, folder: str, out: str, resume: str | None = None) -> dict:
         cpu=True, dataloader_config=accelerate.DataLoaderConfiguration(use_seedable_sampler=True)
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    rows = [dict(tokenizer(t)) for t in TEXTS]
+    rows = [dict(tokenizer(t)) for t in TRAIN_TEXTS]
     collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
     loader = torch.utils.data.DataLoader(rows, batch_size=2, shuffle=True, collate_fn=collator)
     model = LIBS[lib].AutoModelForCausalLM.from_pretrained(folder)

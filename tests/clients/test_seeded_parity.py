@@ -22,17 +22,11 @@ from fmodel import facade
 from fmodel.models import ARCHITECTURES, get_spec
 from fmodel.transforms import hf_init, hf_resize
 
+from ..conftest import TINY
+
 transformers = pytest.importorskip("transformers")
 
-DECODER = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+DECODER = TINY  # tests/conftest.py's tiny Llama-family shape
 GPT2 = dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32)
 BERT = dict(
     vocab_size=96,

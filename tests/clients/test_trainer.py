@@ -29,22 +29,11 @@ from safetensors import safe_open
 
 import fmodel
 
-from .conftest import max_diff
+from .conftest import LIBS, TRAIN_TEXTS, max_diff
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-TEXTS = [
-    "the capital of france is paris",
-    "paris is a city",
-    "the city of paris is in france and it is the capital",
-    "he was in the city",
-    "she said that it was time to go",
-    "they are at the water",
-    "what is the first city",
-    "we can find the way",
-]
-LIBS = {"transformers": transformers, "fmodel": fmodel}
 
 
 class _Recording(transformers.Trainer):
@@ -61,9 +50,9 @@ class _Recording(transformers.Trainer):
 def _data(kind: str, folder: str):
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     if kind == "llama":
-        rows = [dict(tok(t)) for t in TEXTS]
+        rows = [dict(tok(t)) for t in TRAIN_TEXTS]
         return rows, transformers.DataCollatorForLanguageModeling(tok, mlm=False)
-    rows = [{**tok(t), "labels": i % 2} for i, t in enumerate(TEXTS)]
+    rows = [{**tok(t), "labels": i % 2} for i, t in enumerate(TRAIN_TEXTS)]
     return rows, transformers.DataCollatorWithPadding(tok)
 
 

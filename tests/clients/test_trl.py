@@ -21,32 +21,21 @@ import pytest
 
 import fmodel
 
-from .conftest import max_diff
+from .conftest import LIBS, TRAIN_TEXTS, max_diff
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 TOL = 1e-4
-TEXTS = [
-    "the capital of france is paris",
-    "paris is a city",
-    "the city of paris is in france and it is the capital",
-    "he was in the city",
-    "she said that it was time",
-    "they are at the water",
-    "what is the first city",
-    "we can find the way",
-]
 QUESTIONS = ["what is the capital of france", "where is paris", "what is a city", "who was he"]
 ANSWERS = ["paris is the capital", "paris is in france", "a city is a city", "he was the first"]
-LIBS = {"transformers": transformers, "fmodel": fmodel}
 LOGGED = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
 
 
 def _dataset(kind: str):
     if kind == "text":
-        return datasets.Dataset.from_dict({"text": TEXTS})
+        return datasets.Dataset.from_dict({"text": TRAIN_TEXTS})
     messages = [
         [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         for q, a in zip(QUESTIONS * 2, ANSWERS * 2, strict=True)
