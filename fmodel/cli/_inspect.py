@@ -96,14 +96,17 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def _trainable(state: Any) -> int:
-    """What a facade model over `state` reports as trainable (its floating-point parameters,
-    quantized weights counted as Transformers counts them: not at all)."""
-    from .. import facade
-
-    cls = getattr(facade, state.architecture, None)
-    if cls is None:  # an architecture without a facade class: the floating-point tensors
-        return sum(t.numel() for t in state.unique_params().values() if t.is_floating_point())
-    return cls.from_state(state).num_parameters(only_trainable=True)
+    """What a facade model over `state` reports as trainable: its floating-point parameters
+    (the facade makes exactly those require grad), quantized weights counted as Transformers
+    counts them. Computed on the state, without building a facade model (which would import
+    Transformers, when installed, for its interop)."""
+    marked: dict[int, Any] = {}
+    params = {}
+    for name, tensor in state.params.items():
+        if id(tensor) not in marked:  # one marked tensor per tied group keeps the ties
+            marked[id(tensor)] = tensor.detach().requires_grad_(tensor.is_floating_point())
+        params[name] = marked[id(tensor)]
+    return stats.num_parameters(state.replace(params=params), only_trainable=True)
 
 
 def _quantization(state: Any) -> dict[str, Any] | None:
