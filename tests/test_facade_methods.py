@@ -174,6 +174,7 @@ def test_load_pretrained_model_reads_legacy_names_and_key_mapping(tmp_path):
     )
     assert unexpected == ["something.else"] and mismatched == [] and offload is None and errors == []
     assert "cls.predictions.decoder.weight" not in missing
+    model.eval()  # built by _from_config: in training mode, as Transformers' (its dropout would run)
     ids = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(model(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
@@ -183,6 +184,7 @@ def test_load_pretrained_model_from_checkpoint_files(llama_dir):
     files = [str(llama_dir / "model.safetensors")]
     model, missing, unexpected, *_ = facade.LlamaForCausalLM._load_pretrained_model(model, None, files, llama_dir)
     assert (missing, unexpected) == ([], [])
+    model.eval()
     ids = torch.tensor([[1, 2, 3]])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     torch.testing.assert_close(model(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)

@@ -104,6 +104,7 @@ class PreTrainedModel(
         """A model from `config` (fmodel's, a `ConfigView`, a Transformers config or a dict) with
         fresh weights, or wrapping `state` (then `config` may be None)."""
         nn.Module.__init__(self)
+        fresh = state is None
         if inputs:
             raise TypeError(f"{type(self).__name__}() takes one config, got {len(inputs)} more arguments")
         if state is None:
@@ -114,9 +115,11 @@ class PreTrainedModel(
                 state = empty_state(frozen, self._architecture_for(frozen))
             else:
                 state = transforms.init(
-                    frozen, architecture=self._architecture_for(frozen), draw_order="transformers"
+                    frozen,
+                    architecture=self._architecture_for(frozen),
+                    dtype=torch.get_default_dtype(),  # as Transformers' constructors
+                    draw_order="transformers",
                 )
-        fresh = state is None
         runtime = dict(config._runtime) if isinstance(config, ConfigView) else {}
         self.__dict__["_config_view"] = view_class(state.config)(self, **runtime)
         self.__dict__["warnings_issued"] = {}

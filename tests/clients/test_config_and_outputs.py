@@ -238,3 +238,19 @@ def test_every_family_pickles(kind, auto, checkpoint):
     model = getattr(fmodel, auto).from_pretrained(checkpoint(kind))
     again = pickle.loads(pickle.dumps(model))
     assert type(again) is type(model) and torch.equal(again(IDS).logits, model(IDS).logits)
+
+
+def test_a_new_model_trains_and_a_loaded_one_evaluates(checkpoint):
+    folder = checkpoint("gpt2")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    for lib in (transformers, fmodel):
+        assert lib.AutoModelForCausalLM.from_config(config).training
+        assert not lib.AutoModelForCausalLM.from_pretrained(folder).training
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # the constructor follows the default dtype, from_config the config's, as Transformers'
+        for lib in (transformers, fmodel):
+            assert getattr(lib, "facade", lib).GPT2LMHeadModel(config).dtype == torch.float64
+            assert lib.AutoModelForCausalLM.from_config(config).dtype == config.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
