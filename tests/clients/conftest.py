@@ -43,19 +43,23 @@ def make_tokenizer():
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(
+    tok = _fast(backend, ["input_ids", "attention_mask"], bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok, backend, processors
+
+
+def _fast(backend, input_names: list[str], **tokens: str):
+    """`backend` as a Transformers fast tokenizer with the shared special tokens."""
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
         unk_token="<unk>",
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=input_names,
+        **tokens,
     )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok, backend, processors
 
 
 def bert_tokenizer():
@@ -64,15 +68,7 @@ def bert_tokenizer():
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 4), ("[SEP]", 5)]
     )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
+    return _fast(backend, ["input_ids", "token_type_ids", "attention_mask"])
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):
