@@ -8,13 +8,20 @@ from . import attention
 from .cache import CacheError, KVCache, init_cache, reorder_cache
 from .config import LlamaConfig, MistralConfig, Qwen2Config, config_from_dict, load_config
 from .errors import (
+    ArgumentTypeError,
     AttentionUnavailableError,
+    CheckpointDtypeError,
     CheckpointError,
     ConfigError,
+    CorruptFileError,
     FModelError,
+    HubUnavailableError,
+    InvalidArgumentError,
     QuantizationError,
     QuantizedDtypeError,
     ShapeMismatchError,
+    SizeLimitError,
+    TokenIdError,
     UnknownArchitectureError,
 )
 from .facade import (
@@ -57,17 +64,22 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentTypeError",
     "AttentionUnavailableError",
     "AutoModel",
     "AutoModelForCausalLM",
     "AutoModelForMaskedLM",
     "AutoModelForSequenceClassification",
     "CacheError",
+    "CheckpointDtypeError",
     "CheckpointError",
     "ConfigError",
+    "CorruptFileError",
     "FModelError",
     "GenerateOutput",
     "GenerationConfig",
+    "HubUnavailableError",
+    "InvalidArgumentError",
     "KVCache",
     "LlamaConfig",
     "LoadReport",
@@ -79,8 +91,10 @@ __all__ = [
     "QuantizedDtypeError",
     "Qwen2Config",
     "ShapeMismatchError",
+    "SizeLimitError",
     "StackError",
     "TieError",
+    "TokenIdError",
     "Tokenizer",
     "UnknownArchitectureError",
     "attention",

@@ -4,13 +4,20 @@ what was found and what was expected."""
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentTypeError",
     "AttentionUnavailableError",
+    "CheckpointDtypeError",
     "CheckpointError",
     "ConfigError",
+    "CorruptFileError",
     "FModelError",
+    "HubUnavailableError",
+    "InvalidArgumentError",
     "QuantizationError",
     "QuantizedDtypeError",
     "ShapeMismatchError",
+    "SizeLimitError",
+    "TokenIdError",
     "UnknownArchitectureError",
     "UnsupportedOptionError",
 ]
@@ -57,3 +64,39 @@ class QuantizedDtypeError(QuantizationError, TypeError):
 class UnsupportedOptionError(FModelError, ValueError):
     """An option fmodel deliberately does not offer (e.g. assisted decoding); the message names it and
     the supported value."""
+
+
+class InvalidArgumentError(FModelError, ValueError):
+    """An argument of a public function has a value it cannot take (a negative size, a dtype
+    a model cannot be cast to, a device that does not exist); the message names the argument,
+    what was given and what is accepted."""
+
+
+class ArgumentTypeError(FModelError, TypeError):
+    """An argument of a public function has the wrong type (a None, str or list where a
+    `ModelState`, a mapping or a tensor belongs); the message names the argument and the type
+    expected."""
+
+
+class TokenIdError(InvalidArgumentError, IndexError):
+    """A token id outside [0, vocab_size): the message says which id, where, and the size."""
+
+
+class SizeLimitError(InvalidArgumentError):
+    """A requested size (a config field, a resize, `max_new_tokens`, a file's declared shape)
+    would need more memory than the device has; refused before anything is allocated."""
+
+
+class CheckpointDtypeError(CheckpointError, TypeError):
+    """A stored tensor has a dtype its parameter cannot have (an integer tensor where a float
+    weight belongs, a float where a quantized weight's int8 belongs)."""
+
+
+class CorruptFileError(CheckpointError, ValueError):
+    """A weight file contradicts itself: a header that is not what the format says, tensor
+    offsets or sizes outside the file or overlapping, an unknown tensor type id."""
+
+
+class HubUnavailableError(CheckpointError, ConnectionError):
+    """A hub repo id could not be resolved: the hub is unreachable or offline mode is on and
+    the files are not in the local cache. The message says which and how to use a local copy."""
