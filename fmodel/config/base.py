@@ -12,7 +12,8 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from .._frozen import FrozenDict, freeze, thaw
-from ..errors import ConfigError, UnknownArchitectureError
+from ..errors import ArgumentTypeError, ConfigError, UnknownArchitectureError
+from .json_file import read_json_object
 
 __all__ = ["CONFIG_CLASSES", "BaseConfig", "config_from_dict", "load_config", "register_config"]
 
@@ -32,7 +33,7 @@ def _checker(kind: str, accept: Callable[[Any], bool], nullable: bool) -> Callab
         if not accept(value):
             raise ConfigError(
                 f"{type(instance).__name__}: field {attribute.name!r} expected {kind}"
-                f"{' or null' if nullable else ''}, got {value!r} ({type(value).__name__})"
+                f"{' or null' if nullable else ''}, got {_short(value)} ({type(value).__name__})"
             )
 
     return check
@@ -50,10 +51,56 @@ def _to_float(v: Any) -> Any:
     return float(v) if _is_float(v) else v
 
 
-def int_field(default: Any, *, nullable: bool = False, positive: bool = True) -> Any:
-    accept = (lambda v: _is_int(v) and v > 0) if positive else _is_int
+# Upper bounds of the size fields, generous for real models (the largest public ones, 2025:
+# vocabularies ~262k, hidden 16-26k, FFN ~53k, 126 layers, 128 heads, head_dim 256, 10M
+# positions) and small enough that a mistyped or hostile config.json (vocab_size=2**64+1)
+# is refused at once instead of reaching an allocator. Every other integer field is bounded
+# by INT_MAX (what a 32-bit token id or window can hold).
+VOCAB_MAX = 2**24
+WIDTH_MAX = 2**20  # hidden_size / n_embd
+FFN_MAX = 2**20  # intermediate_size / n_inner
+LAYERS_MAX = 2**10  # num_hidden_layers / n_layer (also bounds the skeleton's build time: ~1 s)
+HEADS_MAX = 2**12  # attention / key-value heads
+HEAD_DIM_MAX = 2**14
+POSITIONS_MAX = 2**24  # max_position_embeddings / n_positions
+INT_MAX = 2**31 - 1
+
+
+def _bound_name(n: int) -> str:
+    exp = n.bit_length() - 1
+    return f"2**{exp}" if n == 2**exp else (f"2**{exp + 1} - 1" if n == 2 ** (exp + 1) - 1 else str(n))
+
+
+def _bounded_checker(kind: str, positive: bool, nullable: bool, maximum: int) -> Callable:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and nullable:
+            return
+        if not _is_int(value) or (positive and value <= 0):
+            raise ConfigError(
+                f"{type(instance).__name__}: field {attribute.name!r} expected {kind}"
+                f"{' or null' if nullable else ''}, got {_short(value)} ({type(value).__name__})"
+            )
+        if abs(value) > maximum:
+            raise ConfigError(
+                f"{type(instance).__name__}: field {attribute.name!r} is {_short(value)}, beyond the bound "
+                f"{'' if positive else '+-'}{maximum} ({_bound_name(maximum)}) fmodel accepts for it"
+            )
+
+    return check
+
+
+def _short(value: Any) -> str:
+    """repr of a value for a message, cut short (a million-digit int must not be printed)."""
+    if _is_int(value) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits (about 10**{int(value.bit_length() * 0.30103)})"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def int_field(default: Any, *, nullable: bool = False, positive: bool = True, maximum: int = INT_MAX) -> Any:
+    """An integer field: positive unless `positive=False`, at most `maximum` in absolute value."""
     kind = "a positive integer" if positive else "an integer"
-    return attrs.field(default=default, validator=_checker(kind, accept, nullable))
+    return attrs.field(default=default, validator=_bounded_checker(kind, positive, nullable, maximum))
 
 
 def float_field(default: Any, *, nullable: bool = False) -> Any:
@@ -209,6 +256,8 @@ class BaseConfig:
             return cls(**known, extra=extra, given=frozenset(known), **bookkeeping)
         except TypeError as exc:  # a converter choked on a value
             raise ConfigError(f"{cls.__name__}: {exc}") from exc
+        except RecursionError:  # freezing a value nested thousands deep
+            raise ConfigError(f"{cls.__name__}: a value is nested too deeply for a config") from None
 
     def to_diff_dict(self) -> dict[str, Any]:
         """The `config.json` dict: the source's keys (modelled ones with current values), plus
@@ -272,13 +321,23 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Any:
         ConfigError: `model_type` is missing, or a field is bad (the message names `source`).
         UnknownArchitectureError: `model_type` is not one fmodel implements.
     """
-    if not isinstance(data, Mapping) or "model_type" not in data:
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: missing field 'model_type': a config must be a mapping (a JSON object) "
+            f"with a 'model_type', got {type(data).__name__}"
+        )
+    if "model_type" not in data:
         raise ConfigError(f"{source}: missing field 'model_type' (one of {sorted(CONFIG_CLASSES)})")
     model_type = data["model_type"]
+    if not isinstance(model_type, str):
+        raise ConfigError(
+            f"{source}: field 'model_type' expected a string (one of {sorted(CONFIG_CLASSES)}), "
+            f"got {_short(model_type)} ({type(model_type).__name__})"
+        )
     cls = CONFIG_CLASSES.get(model_type)
     if cls is None:
         raise UnknownArchitectureError(
-            f"{source}: model_type {model_type!r} is not implemented; fmodel knows {sorted(CONFIG_CLASSES)}"
+            f"{source}: model_type {_short(model_type)} is not implemented; fmodel knows {sorted(CONFIG_CLASSES)}"
         )
     try:
         return cls.from_dict(data)
@@ -289,17 +348,18 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Any:
 def load_config(path: str | os.PathLike) -> Any:
     """Read a `config.json` file (or the one inside a folder).
 
+    The file is read by the rules of `fmodel.config.json_file` (UTF-8, strict JSON, at most
+    64 MiB, an object at the top level), and every field is typed and bounded.
+
     Raises:
-        ConfigError: the file is missing, is not JSON, or holds a bad field.
+        ArgumentTypeError: `path` is not a str or os.PathLike.
+        ConfigError: the file is missing, is not strict JSON, or holds a bad field; the
+            message names the file and the field.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"load_config: path expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json_object(path, what="config file")
     return config_from_dict(data, source=path)

@@ -18,6 +18,13 @@ from .base import (
     ACTIVATIONS as _ACTIVATIONS,
 )
 from .base import (
+    FFN_MAX,
+    HEAD_DIM_MAX,
+    HEADS_MAX,
+    LAYERS_MAX,
+    POSITIONS_MAX,
+    VOCAB_MAX,
+    WIDTH_MAX,
     BaseConfig,
     _is_float,
     bool_field,
@@ -44,15 +51,15 @@ _ROPE_REQUIRED = {
 class DecoderConfig(BaseConfig):
     """Fields shared by the rotary decoder families (Llama, Qwen2, Mistral)."""
 
-    vocab_size: int = int_field(32000)
-    hidden_size: int = int_field(4096)
-    intermediate_size: int = int_field(11008)
-    num_hidden_layers: int = int_field(32)
-    num_attention_heads: int = int_field(32)
-    num_key_value_heads: int | None = int_field(None, nullable=True)
-    head_dim: int | None = int_field(None, nullable=True)
+    vocab_size: int = int_field(32000, maximum=VOCAB_MAX)
+    hidden_size: int = int_field(4096, maximum=WIDTH_MAX)
+    intermediate_size: int = int_field(11008, maximum=FFN_MAX)
+    num_hidden_layers: int = int_field(32, maximum=LAYERS_MAX)
+    num_attention_heads: int = int_field(32, maximum=HEADS_MAX)
+    num_key_value_heads: int | None = int_field(None, nullable=True, maximum=HEADS_MAX)
+    head_dim: int | None = int_field(None, nullable=True, maximum=HEAD_DIM_MAX)
     hidden_act: str = str_field("silu")
-    max_position_embeddings: int = int_field(2048)
+    max_position_embeddings: int = int_field(2048, maximum=POSITIONS_MAX)
     rms_norm_eps: float = float_field(1e-6)
     tie_word_embeddings: bool = bool_field(False)
     rope_theta: float = float_field(10000.0)
@@ -213,9 +220,9 @@ class MistralConfig(DecoderConfig):
 
     model_type: ClassVar[str] = "mistral"
 
-    intermediate_size: int = int_field(14336)
-    num_key_value_heads: int | None = int_field(8, nullable=True)
-    max_position_embeddings: int = int_field(4096 * 32)
+    intermediate_size: int = int_field(14336, maximum=FFN_MAX)
+    num_key_value_heads: int | None = int_field(8, nullable=True, maximum=HEADS_MAX)
+    max_position_embeddings: int = int_field(4096 * 32, maximum=POSITIONS_MAX)
     sliding_window: int | None = int_field(4096, nullable=True)
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
@@ -229,10 +236,10 @@ class Qwen2Config(DecoderConfig):
 
     model_type: ClassVar[str] = "qwen2"
 
-    vocab_size: int = int_field(151936)
-    intermediate_size: int = int_field(22016)
-    num_key_value_heads: int | None = int_field(32, nullable=True)
-    max_position_embeddings: int = int_field(32768)
+    vocab_size: int = int_field(151936, maximum=VOCAB_MAX)
+    intermediate_size: int = int_field(22016, maximum=FFN_MAX)
+    num_key_value_heads: int | None = int_field(32, nullable=True, maximum=HEADS_MAX)
+    max_position_embeddings: int = int_field(32768, maximum=POSITIONS_MAX)
     bos_token_id: Any = token_id_field(None)
     eos_token_id: Any = token_id_field(None)
     use_sliding_window: bool = bool_field(False)

@@ -10,6 +10,12 @@ import attrs
 from ..errors import ConfigError
 from .base import (
     ACTIVATIONS,
+    FFN_MAX,
+    HEADS_MAX,
+    LAYERS_MAX,
+    POSITIONS_MAX,
+    VOCAB_MAX,
+    WIDTH_MAX,
     BaseConfig,
     bool_field,
     float_field,
@@ -52,12 +58,12 @@ class GPT2Config(BaseConfig):
         "num_hidden_layers": "n_layer",
     }
 
-    vocab_size: int = int_field(50257)
-    n_positions: int = int_field(1024)
-    n_embd: int = int_field(768)
-    n_layer: int = int_field(12)
-    n_head: int = int_field(12)
-    n_inner: int | None = int_field(None, nullable=True)
+    vocab_size: int = int_field(50257, maximum=VOCAB_MAX)
+    n_positions: int = int_field(1024, maximum=POSITIONS_MAX)
+    n_embd: int = int_field(768, maximum=WIDTH_MAX)
+    n_layer: int = int_field(12, maximum=LAYERS_MAX)
+    n_head: int = int_field(12, maximum=HEADS_MAX)
+    n_inner: int | None = int_field(None, nullable=True, maximum=FFN_MAX)
     activation_function: str = str_field("gelu_new")
     resid_pdrop: float = float_field(0.1)
     embd_pdrop: float = float_field(0.1)
@@ -88,16 +94,16 @@ class BertConfig(BaseConfig):
 
     model_type: ClassVar[str] = "bert"
 
-    vocab_size: int = int_field(30522)
-    hidden_size: int = int_field(768)
-    num_hidden_layers: int = int_field(12)
-    num_attention_heads: int = int_field(12)
-    intermediate_size: int = int_field(3072)
+    vocab_size: int = int_field(30522, maximum=VOCAB_MAX)
+    hidden_size: int = int_field(768, maximum=WIDTH_MAX)
+    num_hidden_layers: int = int_field(12, maximum=LAYERS_MAX)
+    num_attention_heads: int = int_field(12, maximum=HEADS_MAX)
+    intermediate_size: int = int_field(3072, maximum=FFN_MAX)
     hidden_act: str = str_field("gelu")
     hidden_dropout_prob: float = float_field(0.1)
     attention_probs_dropout_prob: float = float_field(0.1)
-    max_position_embeddings: int = int_field(512)
-    type_vocab_size: int = int_field(2)
+    max_position_embeddings: int = int_field(512, maximum=POSITIONS_MAX)
+    type_vocab_size: int = int_field(2, maximum=VOCAB_MAX)
     layer_norm_eps: float = float_field(1e-12)
     pad_token_id: Any = token_id_field(0)
     position_embedding_type: str = str_field("absolute")
