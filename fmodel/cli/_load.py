@@ -23,6 +23,7 @@ from ..config import load_config
 from ..errors import CheckpointError, FModelError
 from ..generation_config import GenerationConfig, load_generation_config
 from ..io.gguf import GGUFFile, load_gguf, read_gguf, resolve_gguf
+from ..io.hub_fetch import HubFetcher
 from ..io.load import resolve_dtype, state_from_tensors
 from ..io.read import read_tensors
 from ..io.resolve import CheckpointFiles, resolve_checkpoint
@@ -231,22 +232,21 @@ def load_model(
 
 def fetch_extra_files(loaded: LoadedModel, names: Iterable[str]) -> None:
     """For a hub id, bring `names` (tokenizer files, generation_config.json) into the snapshot
-    folder through huggingface_hub's cache; files the repo lacks are skipped."""
+    folder through huggingface_hub's cache; files the repo lacks are skipped, and so is the
+    rest once the hub turns out unreachable (`HubFetcher` probes it once, without retries)."""
     if loaded.repo_id is None:
         return
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     parent = os.path.basename(os.path.dirname(loaded.folder))
     revision = os.path.basename(loaded.folder) if parent == "snapshots" else None
+    cache_dir = os.path.dirname(os.path.dirname(os.path.dirname(loaded.folder))) if revision else None
+    hub = HubFetcher(loaded.repo_id, revision=revision, cache_dir=cache_dir)
     for name in names:
         if os.path.isfile(os.path.join(loaded.folder, name)):
             continue
         try:
-            hf_hub_download(loaded.repo_id, name, revision=revision)
-        except (EntryNotFoundError, LocalEntryNotFoundError):  # not in the repo / not cached offline
-            logger.debug("%s: no %s", loaded.repo_id, name)
-        except Exception as exc:  # the hub cannot be reached: do not retry file after file
+            if hub.fetch(name) is None:
+                logger.debug("%s: no %s%s", loaded.repo_id, name, hub.missing_reason())
+        except CheckpointError as exc:  # the hub cannot be reached / refused: use what is here
             logger.info(
                 "%s: could not fetch %s (%s); using the files already here", loaded.repo_id, name, exc
             )

@@ -29,6 +29,7 @@ from ..config import config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..state import ModelState
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
+from .gguf_meta import check_against_tensors, count as _count, positive as _positive
 
 __all__ = [
     "GGUF_ARCHITECTURES",
@@ -87,31 +88,31 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any]:
     """A config.json-like dict for the file (Transformers' field names)."""
     a = file.architecture
-    n_heads = file.get(f"{a}.attention.head_count", int, required=True)
-    hidden = file.get(f"{a}.embedding_length", int, required=True)
-    n_kv = file.get(f"{a}.attention.head_count_kv", int, default=n_heads)
+    n_heads = _count(file, f"{a}.attention.head_count")
+    hidden = _count(file, f"{a}.embedding_length")
+    n_kv = _count(file, f"{a}.attention.head_count_kv", default=n_heads)
     d: dict[str, Any] = {
         "model_type": arch.model_type,
         "architectures": [arch.architecture],
         "hidden_size": hidden,
-        "intermediate_size": file.get(f"{a}.feed_forward_length", int, required=True),
-        "num_hidden_layers": file.get(f"{a}.block_count", int, required=True),
+        "intermediate_size": _count(file, f"{a}.feed_forward_length"),
+        "num_hidden_layers": _count(file, f"{a}.block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
-        "max_position_embeddings": file.get(f"{a}.context_length", int, required=True),
-        "rms_norm_eps": file.get(f"{a}.attention.layer_norm_rms_epsilon", float, required=True),
-        "rope_theta": file.get(f"{a}.rope.freq_base", float, default=10000.0),
+        "max_position_embeddings": _count(file, f"{a}.context_length"),
+        "rms_norm_eps": _positive(file, f"{a}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _positive(file, f"{a}.rope.freq_base", default=10000.0),
         "tie_word_embeddings": not has_output,
         "vocab_size": _vocab_size(file),
     }
-    head_dim = file.get(f"{a}.attention.key_length", int, default=None)
-    value_dim = file.get(f"{a}.attention.value_length", int, default=head_dim)
+    head_dim = _count(file, f"{a}.attention.key_length", default=None)
+    value_dim = _count(file, f"{a}.attention.value_length", default=head_dim)
     if head_dim != value_dim:
         raise CheckpointError(
             f"{file.path}: key head size {head_dim} ({a}.attention.key_length) differs from value head size "
             f"{value_dim} ({a}.attention.value_length); fmodel's {arch.architecture} needs them equal"
         )
-    rope_dims = file.get(f"{a}.rope.dimension_count", int, default=None)
+    rope_dims = _count(file, f"{a}.rope.dimension_count", default=None)
     head_dim = head_dim or rope_dims or hidden // n_heads
     if rope_dims is not None and rope_dims != head_dim:
         raise CheckpointError(
@@ -120,6 +121,7 @@ def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any
         )
     if head_dim != hidden // n_heads:
         d["head_dim"] = head_dim
+    check_against_tensors(file, arch, d, head_dim)
     rope_scaling = _rope_scaling(file)
     if rope_scaling is not None:
         d["rope_scaling"] = rope_scaling
@@ -133,7 +135,7 @@ def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any
 
 
 def _vocab_size(file: GGUFFile) -> int:
-    size = file.get(f"{file.architecture}.vocab_size", int, default=None)
+    size = _count(file, f"{file.architecture}.vocab_size", default=None)
     if size is not None:
         return size
     tokens = file.get("tokenizer.ggml.tokens", list, default=None)
@@ -150,16 +152,16 @@ def _vocab_size(file: GGUFFile) -> int:
 def _rope_scaling(file: GGUFFile) -> dict[str, Any] | None:
     a = file.architecture
     kind = file.get(f"{a}.rope.scaling.type", str, default=None)
-    factor = file.get(f"{a}.rope.scaling.factor", float, default=None)
+    factor = _positive(file, f"{a}.rope.scaling.factor", default=None)
     if kind is None and file.get(f"{a}.rope.scale_linear", float, default=None) is not None:
-        kind, factor = "linear", file.get(f"{a}.rope.scale_linear", float)  # older files
+        kind, factor = "linear", _positive(file, f"{a}.rope.scale_linear")  # older files
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
         out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
-        orig = file.get(f"{a}.rope.scaling.original_context_length", int, default=None)
+        orig = _count(file, f"{a}.rope.scaling.original_context_length", default=None)
         if orig is not None:
             out["original_max_position_embeddings"] = orig
         for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
@@ -295,27 +297,15 @@ def resolve_gguf(
 
 
 def _hub_file(repo_id: str, filename: str, revision, cache_dir, local_files_only) -> str:
-    """Fetch one file of a hub repo through huggingface_hub's cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """Fetch one file of a hub repo through huggingface_hub's cache (`fmodel.io.hub_fetch`:
+    no hidden retries; HubUnavailableError when offline or unreachable and not cached)."""
+    from .hub_fetch import HubFetcher
 
-    try:
-        return hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-            local_files_only=bool(local_files_only),
-        )
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id}: not a local folder and not a repository on the hub") from None
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        offline = " (offline: it is not in the local cache)" if local_files_only else ""
-        raise CheckpointError(f"{repo_id}: no file {filename!r} found{offline}") from None
-    except Exception as exc:  # network or validation errors from huggingface_hub
-        raise CheckpointError(
-            f"{repo_id}: could not fetch {filename!r} ({type(exc).__name__}: {exc})"
-        ) from None
+    hub = HubFetcher(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    path = hub.fetch(filename, label=f"file {filename!r}")
+    if path is None:
+        raise CheckpointError(f"{repo_id}: no file {filename!r} found{hub.missing_reason()}")
+    return path
 
 
 def load_gguf_with_report(
