@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Mapping
 
-import attrs
 import torch
 
 from ..config import load_config
@@ -21,61 +20,21 @@ from ..models.init import draw_missing_as_transformers, init_tensor
 from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
 from ..state import ModelState
+from .expected import (
+    check_against_config,
+    check_dtypes,
+    check_load_arguments,
+    check_missing_allocation,
+    resolve_dtype,
+)
+from .key_map import map_keys
 from .read import read_tensors
+from .report import LoadReport
 from .resolve import resolve_checkpoint
 
 __all__ = ["LoadReport", "load", "load_with_report", "resolve_dtype", "state_from_tensors"]
 
 logger = logging.getLogger("fmodel")
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-@attrs.frozen
-class LoadReport:
-    """What a load did besides reading tensors under their own names.
-
-    Attributes:
-        missing: expected tensors absent from the checkpoint (initialised; only with allow_missing).
-        unexpected: checkpoint tensors the architecture has no place for (only when strict=False).
-        mismatched: (name, checkpoint shape, expected shape), re-initialised (ignore_mismatched_sizes).
-        renamed: (checkpoint name, new name) for legacy renames and base-prefix changes.
-        unused: head tensors dropped because a head checkpoint was loaded as the base model,
-            tied aliases stored redundantly, and known-harmless extras (old rotary buffers).
-    """
-
-    source: str
-    architecture: str
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
-    renamed: tuple[tuple[str, str], ...] = ()
-    unused: tuple[str, ...] = ()
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """None or "auto" -> None (keep the stored dtype); a name or torch.dtype -> torch.dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ConfigError(
-        f"dtype {dtype!r} is not understood; use a torch.dtype, 'auto', or one of {sorted(_DTYPES)}"
-    )
 
 
 def default_architecture(config) -> str:
@@ -85,36 +44,6 @@ def default_architecture(config) -> str:
     specs = specs_for_model_type(config.model_type)
     heads = [s for s in specs if s.output == "causal_lm"]
     return (heads or specs)[0].name
-
-
-def _map_keys(spec, names, expected) -> tuple[dict[str, str], list[tuple[str, str]], list[str]]:
-    """{checkpoint name: state name} after legacy renames and the base-prefix rule of Transformers:
-    a head checkpoint loaded as the base model loses the prefix (its head tensors are unused);
-    a base checkpoint loaded into a head class gains it."""
-    prefix = spec.prefix + "."
-    renamed: list[tuple[str, str]] = []
-    unused: list[str] = []
-    mapping: dict[str, str] = {}
-    for name in names:
-        new = spec.rename_key(name)
-        if new != name:
-            renamed.append((name, new))
-        mapping[name] = new
-    has_prefix = any(n.startswith(prefix) for n in mapping.values())
-    wants_prefix = any(n.startswith(prefix) for n in expected)
-    if has_prefix and not wants_prefix:
-        for name, new in list(mapping.items()):
-            if new.startswith(prefix):
-                mapping[name] = new[len(prefix) :]
-                renamed.append((name, mapping[name]))
-            else:
-                del mapping[name]
-                unused.append(name)
-    elif wants_prefix and not has_prefix:
-        for name, new in mapping.items():
-            mapping[name] = prefix + new
-            renamed.append((name, mapping[name]))
-    return mapping, renamed, unused
 
 
 def state_from_tensors(
@@ -163,8 +92,20 @@ def state_from_tensors(
         ShapeMismatchError: wrong-shape tensors, each with found and expected shapes.
         ConfigError: the architecture does not belong to the config's model_type.
     """
-    if init_missing not in ("fmodel", "transformers"):
-        raise ValueError(f"init_missing must be 'fmodel' or 'transformers', got {init_missing!r}")
+    check_load_arguments(
+        "state_from_tensors",
+        config=config,
+        tensors=tensors,
+        architecture=architecture,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        allow_missing=allow_missing,
+        strict=strict,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        warn_missing=warn_missing,
+        init_missing=init_missing,
+    )
     architecture = architecture or default_architecture(config)
     spec = get_spec(architecture)
     if spec.model_type != config.model_type:
@@ -179,12 +120,28 @@ def state_from_tensors(
             f"without dtype= (its scales keep their stored dtype), or dequantize after loading"
         )
     origin = origin or {}
+    # Before the skeleton (whose build time grows with the declared layers): the tensors
+    # against what the config declares, and what drawing the absent ones would allocate.
+    check_against_config(
+        config,
+        spec,
+        tensors,
+        source=source,
+        origin=origin,
+        allow_missing=allow_missing,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+    )
+    if allow_missing or ignore_mismatched_sizes:
+        check_missing_allocation(
+            config, tensors, dtype=target_dtype, device=device, what=f"{source}: {architecture}"
+        )
     module = skeleton(config, architecture)
     param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    expected = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
+    meta = module.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in meta.items()}
     ties = dict(spec.ties(config))
 
-    mapping, renamed, unused = _map_keys(spec, tensors, expected)
+    mapping, renamed, unused = map_keys(spec, tensors, expected)
     # A checkpoint that stores a tied tensor only under its alias name (some exporters do)
     # still provides the source: read it from there, and say so.
     stored = set(mapping.values())
@@ -222,6 +179,13 @@ def state_from_tensors(
             f"{source}: {len(unexpected)} tensor(s) that {architecture} has no place for: {sorted(unexpected)[:20]}"
             " (pass strict=False to ignore them, or architecture= to pick the right class)"
         )
+    check_dtypes(
+        found,
+        {name: meta[name].dtype for name in found},
+        names={name: ckpt for ckpt, name in mapping.items()},
+        origin=origin,
+        source=source,
+    )
     missing = sorted(n for n in expected if n not in found and n not in ties)
     really_missing = [n for n in missing if n not in {m[0] for m in mismatched}]
     if really_missing and not allow_missing:
@@ -310,6 +274,22 @@ def load_with_report(
     init_missing: str = "fmodel",
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
+    check_load_arguments(
+        "load",
+        path=path_or_repo_id,
+        config=config,
+        revision=revision,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        device=device,
+        architecture=architecture,
+        attn_implementation=attn_implementation,
+        allow_missing=allow_missing,
+        strict=strict,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+        variant=variant,
+        init_missing=init_missing,
+    )
     if gguf_file is not None or _is_gguf(path_or_repo_id):
         if init_missing != "fmodel":
             raise ValueError("init_missing='transformers' applies to safetensors/pickle files, not GGUF")

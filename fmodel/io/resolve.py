@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import attrs
 
 from ..errors import CheckpointError
+from .shard_index import local_shard_paths, shard_names
 
 __all__ = ["CheckpointFiles", "resolve_checkpoint", "variant_name"]
 
@@ -57,20 +57,6 @@ class CheckpointFiles:
     folder: str
 
 
-def _shards_from_index(index_path: str) -> list[str]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{index_path}: not a valid shard index ({exc}); expected {{'weight_map': {{...}}}}"
-        ) from None
-    return sorted(set(weight_map.values()))
-
-
 def _local(folder: str, variant: str | None = None, require_config: bool = True) -> CheckpointFiles:
     config = os.path.join(folder, CONFIG)
     if not os.path.isfile(config):
@@ -81,7 +67,7 @@ def _local(folder: str, variant: str | None = None, require_config: bool = True)
     for index_name, single, fmt in candidates:
         index = os.path.join(folder, index_name)
         if os.path.isfile(index):
-            shards = [os.path.join(folder, name) for name in _shards_from_index(index)]
+            shards = local_shard_paths(index, folder)  # names checked and confined to the folder
             missing = [s for s in shards if not os.path.isfile(s)]
             if missing:
                 raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
@@ -132,7 +118,7 @@ def _hub(
         index = fetch(index_name)
         if index is not None:
             shards = []
-            for name in _shards_from_index(index):
+            for name in shard_names(index):  # checked: {str: str}, no path outside the snapshot
                 path = fetch(name)
                 if path is None:
                     raise CheckpointError(
