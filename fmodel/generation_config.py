@@ -14,7 +14,6 @@ it is set to a non-neutral value.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -278,11 +277,7 @@ def _find(path: str, name: str, revision, cache_dir, local_files_only) -> str | 
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    # strict JSON, UTF-8, bounded size and depth, an object at the top (fmodel.config.json_file)
+    from .config.json_file import read_json_object
+
+    return read_json_object(path, what="generation config")
