@@ -283,7 +283,9 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_rename_into_place_restores_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", ["fails", "unavailable"])
+def test_failed_rename_into_place_restores_the_previous_checkpoint(tmp_path, monkeypatch, exchange):
+    atomic = importlib.import_module("fmodel.io.atomic")
     good = random_state(seed=1)
     target = tmp_path / "ckpt"
     fmodel.save(good, target)
@@ -295,6 +297,12 @@ def test_failed_rename_into_place_restores_the_previous_checkpoint(tmp_path, mon
             raise OSError("rename failed")
         return real_rename(src, dst)
 
+    def no_exchange(a, b):
+        if exchange == "fails":
+            raise OSError("rename failed")
+        return False  # the fallback's two renames, the second of which fails
+
+    monkeypatch.setattr(atomic, "exchange", no_exchange)
     monkeypatch.setattr(save_module.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         fmodel.save(random_state(seed=2), target)
@@ -308,14 +316,18 @@ def test_resave_keeps_other_files_and_replaces_old_weights(tmp_path):
     target = tmp_path / "ckpt"
     fmodel.save(random_state(seed=1), target, max_shard_size="60KB")
     (target / "tokenizer.json").write_text('{"version": "1.0"}')
-    (target / "generation_config.json").write_text('{"max_new_tokens": 5}')
+    (target / "generation_config.json").write_text('{"max_new_tokens": 5}')  # stale: replaced
     (target / "extras").mkdir()
     (target / "extras" / "notes.txt").write_text("keep me")
 
     second = random_state(seed=2)
     fmodel.save(second, target)  # unsharded now: the old shards and index must go
     assert (target / "tokenizer.json").read_text() == '{"version": "1.0"}'
-    assert (target / "generation_config.json").read_text() == '{"max_new_tokens": 5}'
+    assert json.loads((target / "generation_config.json").read_text()) == {
+        "_from_model_config": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert (target / "extras" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]
     assert_same_params(fmodel.load(target), second)
@@ -719,7 +731,8 @@ def test_transformers5_checkpoint_resaves_in_its_own_spelling(tmp_path):
     original = json.loads((folder / "config.json").read_text())
     assert "rope_parameters" in original and "dtype" in original and "torch_dtype" not in original
     state = fmodel.load(folder)
-    fmodel.save(state, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    fmodel.save(state, folder, generation_config=generation)  # None would write the derived one
     params = dict(original["rope_parameters"])
     compat = {"rope_theta": params.pop("rope_theta"), "rope_scaling": params}  # for Transformers 4 readers
     assert json.loads((folder / "config.json").read_text()) == {**original, **compat}

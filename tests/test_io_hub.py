@@ -148,7 +148,7 @@ def test_given_tensors_are_saved_instead_of_the_state(tmp_path):
 # --------------------------------------------------------------------------- generation config
 
 
-def test_generation_config_written_for_causal_lms_only_and_an_existing_one_kept(tmp_path):
+def test_generation_config_written_for_causal_lms_only_and_a_stale_one_replaced(tmp_path):
     fmodel.save(random_state(), tmp_path / "lm")
     assert json.loads((tmp_path / "lm" / "generation_config.json").read_text()) == {
         "_from_model_config": True,
@@ -156,8 +156,12 @@ def test_generation_config_written_for_causal_lms_only_and_an_existing_one_kept(
         "eos_token_id": 2,
     }
     (tmp_path / "lm" / "generation_config.json").write_text('{"max_new_tokens": 5}')
-    fmodel.save(random_state(seed=3), tmp_path / "lm")
-    assert (tmp_path / "lm" / "generation_config.json").read_text() == '{"max_new_tokens": 5}'
+    fmodel.save(random_state(seed=3), tmp_path / "lm")  # as save_pretrained: rewritten, not kept stale
+    assert json.loads((tmp_path / "lm" / "generation_config.json").read_text()) == {
+        "_from_model_config": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     fmodel.save(random_state(), tmp_path / "lm", generation_config={"do_sample": True, "top_k": 3})
     assert (tmp_path / "lm" / "generation_config.json").read_text() == (
         '{\n  "do_sample": true,\n  "top_k": 3\n}\n'

@@ -7,7 +7,8 @@ tokens), which Transformers' `AutoTokenizer` and `fmodel.Tokenizer.from_folder` 
 which encode exactly as `fmodel.Tokenizer.from_gguf` does. `--quantize int8|int4` applies
 `fmodel.quantize` (weight-only, decoder-layer projections) after the optional dtype cast; such
 a folder loads in fmodel (its config.json carries the `quantization_config`). The whole folder
-is assembled beside DST and renamed into place, so a failure leaves nothing half-written.
+is assembled beside DST and swapped into place crash-safe (as `fmodel.save`), so neither a
+failure nor a kill leaves anything half-written.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from typing import Any, TextIO
 
+from ..io.atomic import atomic_folder
 from ..io.generation_config import generation_config_from_model_config
-from ..io.save import folder_mode, save, swap_into_place
+from ..io.save import save
 from ..state import ModelState
 from ..tokenizer import Tokenizer
 from ..transforms import quantize
@@ -148,7 +149,9 @@ def _stage_tokenizer(loaded: LoadedModel, staging: str) -> tuple[list[str], dict
     if loaded.gguf is not None:
         tokenizer = Tokenizer.from_gguf(loaded.gguf)
         context = getattr(loaded.state.config, "max_position_embeddings", None)
-        files = tokenizer_files(tokenizer, model_max_length=context, model_type=loaded.state.config.model_type)
+        files = tokenizer_files(
+            tokenizer, model_max_length=context, model_type=loaded.state.config.model_type
+        )
         for name, text in files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -204,22 +207,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             state, args.quantize, group_size=args.group_size, include_lm_head=args.quantize_lm_head
         )
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.convert-", dir=parent)
-    try:
+    # The folder is staged beside DST and swapped in crash-safe (fmodel.io.atomic), as fmodel.save.
+    with atomic_folder(dst) as staging:
         tokenizer_names, generation = _stage_tokenizer(loaded, staging)
         # fmodel.save keeps the files already in `staging` and swaps its own output in atomically.
         save(state, staging, max_shard_size=shard_size, generation_config=generation)
-        os.chmod(staging, folder_mode(dst))  # mkdtemp made it private; DST gets a normal folder's mode
         names = sorted(os.listdir(staging))
         total = sum(os.path.getsize(os.path.join(staging, n)) for n in names)
-        if os.path.isdir(dst) and not os.listdir(dst):
-            os.rmdir(dst)
-        swap_into_place(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     shards = [n for n in names if n.endswith(".safetensors")]
     quantized = "" if args.quantize is None else f" ({args.quantize} weights)"
     out.write(

@@ -1,7 +1,8 @@
-"""`fmodel.save`: a `ModelState` -> a Hugging Face checkpoint folder, atomically.
+"""`fmodel.save`: a `ModelState` -> a Hugging Face checkpoint folder, crash-safe.
 
-Everything is written into a temporary folder beside the target and renamed into place, so
-a failure never leaves a half-written checkpoint where a good one stood. The files are those
+Everything is written into a temporary folder beside the target, fsynced, and swapped into
+place atomically (`fmodel.io.atomic`), so neither a failure nor a kill ever leaves a
+half-written checkpoint where a good one stood. The files are those
 Transformers' `save_pretrained` writes: config.json, the weights (safetensors or pickle,
 sharded with an index, optionally a named variant), generation_config.json for causal LMs,
 and a model card when tags are given.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,9 +22,11 @@ from ..errors import CheckpointError
 from ..models import get_spec
 from ..models.skeleton import skeleton
 from ..state import ModelState
+from .atomic import atomic_folder, file_mode
 from .card import merge_tags, new_model_card, tag_model_card
 from .generation_config import generation_config_from_model_config, generation_config_json
 from .resolve import PT_INDEX, PT_SINGLE, SAFE_INDEX, SAFE_SINGLE, variant_name
+from .save_args import check_save_arguments
 
 __all__ = ["checkpoint_tensors", "save", "tensors_to_save", "weight_file_names"]
 
@@ -155,14 +157,28 @@ def save(
     model.safetensors.index.fp16.json), and for a causal LM generation_config.json. Tied tensors
     are written once, under the source name (Transformers re-ties them on load). Files already
     in `directory` are kept, except config.json and the weight files of the same variant (both
-    formats), which are replaced; weights of other variants stay. The folder is swapped in
-    atomically.
+    formats), which are replaced; weights of other variants stay.
+
+    Crash safety: the new folder is written beside `directory` as `.NAME.tmp-XXXXXXXX`, every
+    file and the folder are fsynced, and it is swapped in with one atomic exchange (Linux
+    `renameat2(RENAME_EXCHANGE)`; a plain rename for a new folder); the parent folder is
+    fsynced after. At every instant `directory` holds the complete old or the complete new
+    checkpoint, whatever kills the process. Where the exchange is unavailable (other OSes,
+    filesystems answering EINVAL) two renames are used; a kill between them leaves the old
+    checkpoint as `.NAME.old-XXXXXXXX` and no `directory`, and the next `fmodel.save` to
+    `directory` or `fmodel.load` of it puts the old checkpoint back (the interrupted save
+    never returned). Saves to one `directory` hold an flock on `.NAME.lock` beside it, so
+    concurrent saves run one after another (the last wins), and each save first removes
+    the hidden folders killed saves to that `directory` left. A save that raises leaves
+    `directory` exactly as it was and nothing beside it. Written files get the mode `open()`
+    gives (0o666 less the umask), a new folder 0o777 less the umask, a replaced one keeps its
+    mode.
 
     Arguments:
         state: the model to save (not modified).
         directory: the checkpoint folder; created if absent.
-        max_shard_size: bytes per shard, as an int or a string like "5GB" / "500MB" (decimal
-            units, as Transformers).
+        max_shard_size: bytes per shard (>= 1), as an int or a string like "5GB" / "500MB"
+            (decimal units, as Transformers).
         safe_serialization: safetensors (default) or pickle `.bin` files.
         variant: a variant name for the weight files ("fp16", ...); None for the plain names.
         tensors: save these tensors instead of the state's, by Transformers' names (see
@@ -170,9 +186,9 @@ def save(
         save_function: writes one pickle shard, `save_function(tensors, path)`; default
             `torch.save`. Unused for safetensors.
         generation_config: the generation_config.json dict to write. None: for a causal LM,
-            an existing generation_config.json in `directory` is kept and, when there is none,
-            the one Transformers derives from the config is written
-            (`generation_config_from_model_config`); other architectures get none.
+            the one Transformers derives from the config (`generation_config_from_model_config`),
+            replacing any generation_config.json already in `directory`, as `save_pretrained`
+            does; other architectures get none (an existing one is kept like any other file).
         tags: tags merged into the model card's `tags:` metadata (README.md). A README already
             in `directory` keeps everything else; without one, `model_card` or a new card is
             written. None or empty with `model_card` None: README.md is left alone.
@@ -180,29 +196,40 @@ def save(
         ignore_metadata_errors: see `tag_model_card`.
 
     Returns:
-        The directory path.
+        The directory path (absolute).
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`; `directory` is not a path; `tensors`
+            is not a {str: tensor} mapping; `save_function` is not callable; `variant`,
+            `model_card` not a str, `generation_config` not a mapping.
+        InvalidArgumentError: `max_shard_size` is not a size >= 1 byte (-1, 0, "abc", "5XB",
+            NaN); `variant` is empty or has a path separator.
         CheckpointError: `directory` exists and is a file; a tied alias and its source given
             in `tensors` with different values.
         ValueError: the README.md's metadata is not valid YAML or cannot be interpreted (see
             `tag_model_card`).
+        OSError: writing failed (a full disk, ...); `directory` is then as before.
 
     Example:
         >>> fmodel.save(state, "out/", max_shard_size="2GB", variant="fp16")
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(
-            f"{directory}: exists and is not a folder; fmodel.save writes a checkpoint folder"
-        )
+    directory, shard_bytes = check_save_arguments(
+        state,
+        directory,
+        max_shard_size=max_shard_size,
+        variant=variant,
+        tensors=tensors,
+        save_function=save_function,
+        generation_config=generation_config,
+        model_card=model_card,
+    )
     weights = tensors_to_save(state, tensors) if tensors is not None else checkpoint_tensors(state)
     text_files: dict[str, str] = {}
     if generation_config is not None:
         text_files[GENERATION_CONFIG] = generation_config_json(generation_config)
-    elif get_spec(state.architecture).output == "causal_lm" and not os.path.isfile(
-        os.path.join(directory, GENERATION_CONFIG)
-    ):
+    elif get_spec(state.architecture).output == "causal_lm":
+        # Transformers' save_pretrained always writes a generative model's generation config:
+        # an existing file in `directory` is replaced, never kept stale.
         text_files[GENERATION_CONFIG] = generation_config_json(
             generation_config_from_model_config(state.config)
         )
@@ -220,17 +247,13 @@ def save(
             if new != card:  # an unchanged README is kept as is (same file, same mtime)
                 text_files[MODEL_CARD] = new
 
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    os.chmod(tmp, folder_mode(directory))  # mkdtemp makes it private; the result is a normal folder
-    try:
+    with atomic_folder(directory) as tmp:
         _write_weights(
             tmp,
             _own_storage(weights),
             safe_serialization=safe_serialization,
             variant=variant,
-            max_shard_size=max_shard_size,
+            max_shard_size=shard_bytes,
             save_function=save_function or torch.save,
             total_parameters=sum(t.numel() for t in state.unique_params().values()),
         )
@@ -240,16 +263,24 @@ def save(
         for name, text in text_files.items():  # newline="": a card keeps its own line endings
             with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
                 f.write(text)
+        _normal_modes(tmp)
         is_weight_file = weight_file_names(variant)
         if os.path.isdir(directory):
             for name in os.listdir(directory):
                 if not is_weight_file(name) and not os.path.exists(os.path.join(tmp, name)):
                     _link_or_copy(os.path.join(directory, name), os.path.join(tmp, name))
-        swap_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
+
+
+def _normal_modes(folder: str) -> None:
+    """Give the files written into `folder` the mode `open()` gives (0o666 less the umask):
+    safetensors writes 0o600, a custom `save_function` may write anything."""
+    mode = file_mode()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 def _read_text(path: str) -> str | None:
@@ -306,29 +337,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def swap_into_place(tmp: str, directory: str) -> None:
-    """Rename `tmp` to `directory`. An existing `directory` is first renamed aside and removed
-    only after the new one is in place; if the second rename fails it is put back."""
-    if not os.path.exists(directory):
-        os.rename(tmp, directory)
-        return
-    backup = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
-    os.rmdir(backup)
-    os.rename(directory, backup)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(backup, directory)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def folder_mode(directory: str) -> int:
-    """The mode the saved folder gets: an existing folder's own, else a new folder's (umask)."""
-    if os.path.isdir(directory):
-        return os.stat(directory).st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
