@@ -7,6 +7,7 @@ import os
 import attrs
 
 from ..errors import CheckpointError
+from .atomic import recover
 from .shard_index import local_shard_paths, shard_names
 
 __all__ = ["CheckpointFiles", "resolve_checkpoint", "variant_name"]
@@ -154,6 +155,8 @@ def resolve_checkpoint(
         CheckpointError: nothing found, names what was looked for and where.
     """
     source = os.fspath(path_or_repo_id)
+    if not os.path.exists(source):
+        recover(source)  # a save killed between its fallback renames: put the old folder back
     if os.path.isdir(source):
         return _local(source, variant, require_config)
     if os.path.exists(source):
