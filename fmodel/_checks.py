@@ -22,6 +22,8 @@ from .errors import ArgumentTypeError, InvalidArgumentError, TokenIdError
 
 __all__ = [
     "FLOAT_DTYPES",
+    "ParameterNameError",
+    "check_config",
     "check_device",
     "check_float_dtype",
     "check_int_tensor",
@@ -29,16 +31,29 @@ __all__ = [
     "check_nonnegative_int",
     "check_positive_int",
     "check_state",
+    "check_str",
     "check_token_ids",
     "describe",
 ]
 
+
+class ParameterNameError(InvalidArgumentError, KeyError):
+    """A name that is not a parameter of the state (or is a tied alias where its source is
+    needed); a `KeyError` too, as a dict lookup would raise."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
 FLOAT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float": torch.float32,
+    "fp32": torch.float32,
     "float16": torch.float16,
     "half": torch.float16,
+    "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float64": torch.float64,
     "double": torch.float64,
 }
@@ -72,6 +87,48 @@ def check_state(value: Any, argument: str = "state") -> Any:
     elif isinstance(value, (str, bytes)):
         hint = "; load one with fmodel.load(path)"
     raise ArgumentTypeError(f"{argument} must be a fmodel.ModelState, got {describe(value)}{hint}")
+
+
+def check_config(value: Any, argument: str = "config") -> Any:
+    """Return `value` if it is an fmodel config (`fmodel.LlamaConfig(...)`, `config_from_dict`).
+
+    Raises:
+        ArgumentTypeError: anything else (None, a dict: the message says to use
+            `fmodel.config_from_dict`, a str: `fmodel.load_config`, a Transformers config).
+    """
+    from .config.base import BaseConfig
+
+    if isinstance(value, BaseConfig):
+        return value
+    hint = ""
+    if isinstance(value, Mapping):
+        hint = "; build one from a dict with fmodel.config_from_dict"
+    elif isinstance(value, (str, bytes)):
+        hint = "; read one from a folder with fmodel.load_config"
+    elif hasattr(value, "to_dict"):
+        hint = "; convert it with fmodel.config_from_dict(config.to_dict())"
+    raise ArgumentTypeError(
+        f"{argument} must be an fmodel config (e.g. fmodel.LlamaConfig), got {describe(value)}{hint}"
+    )
+
+
+def check_str(
+    value: Any, argument: str, *, allow_none: bool = False, choices: tuple | None = None
+) -> str | None:
+    """Return `value` if it is a str (one of `choices` when given); None passes when `allow_none`.
+
+    Raises:
+        ArgumentTypeError: not a str.
+        InvalidArgumentError: not one of `choices`.
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        expected = f"one of {list(choices)}" if choices else "a str"
+        raise ArgumentTypeError(f"{argument} must be {expected}, got {describe(value)}")
+    if choices is not None and value not in choices:
+        raise InvalidArgumentError(f"{argument} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def check_float_dtype(dtype: Any, argument: str = "dtype", *, allow_none: bool = True) -> torch.dtype | None:
@@ -218,8 +275,8 @@ def check_int_tensor(value: Any, argument: str, *, allow_none: bool = False) -> 
 def check_token_ids(ids: Any, vocab_size: int | None, argument: str = "input_ids") -> torch.Tensor | None:
     """Check that every id in `ids` lies in [0, vocab_size): one min and one max reduction.
 
-    Skipped under `torch.compile` tracing (a data-dependent branch would break the graph) and for
-    tensors on the meta device; None passes (the caller decides whether ids are required).
+    Skipped under `torch.compile` tracing (a data-dependent branch would break the graph), for a
+    `torch.func` wrapped tensor (vmap over the ids) and on the meta device; None passes (the caller decides whether ids are required).
 
     Raises:
         ArgumentTypeError: `ids` is not an integer tensor.
@@ -229,7 +286,7 @@ def check_token_ids(ids: Any, vocab_size: int | None, argument: str = "input_ids
     if ids is None:
         return None
     check_int_tensor(ids, argument)
-    if vocab_size is None or ids.numel() == 0 or ids.device.type == "meta" or _compiling():
+    if vocab_size is None or ids.numel() == 0 or ids.device.type == "meta" or _traced(ids):
         return ids
     low, high = torch.aminmax(ids)
     low, high = int(low), int(high)
@@ -243,6 +300,11 @@ def check_token_ids(ids: Any, vocab_size: int | None, argument: str = "input_ids
     )
 
 
-def _compiling() -> bool:
+def _traced(ids: torch.Tensor) -> bool:
+    """Under torch.compile, or a torch.func transform's wrapper (vmap over the ids): no
+    data-dependent Python branch is possible there; the eager call outside checked already."""
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    if compiler is not None and compiler.is_compiling():
+        return True
+    functorch = getattr(torch._C, "_functorch", None)
+    return bool(functorch is not None and functorch.is_functorch_wrapped_tensor(ids))

@@ -26,6 +26,8 @@ saved tensors stale, and backward would say so.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 
@@ -212,6 +214,33 @@ def init_cache(
     return KVCache(keys, values, 0)
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_shapes(config, architecture: str) -> tuple[tuple[int, int, int], ...]:
+    """(layer, kv_heads, head_dim) of the first and last layer and of every layer whose shape
+    differs from the one before it (pruned layers): what `_check_layer_shapes` compares.
+    Cached per (config, architecture): configs are frozen and hashable, so this runtime cache
+    never changes a result; it spares a per-layer walk in every decode step."""
+    shapes = _cache_shapes(ModelState(config, architecture, {}))
+    last = len(shapes) - 1
+    return tuple((i, *shape) for i, shape in enumerate(shapes) if i in (0, last) or shape != shapes[i - 1])
+
+
+def _check_layer_shapes(state: ModelState, cache: KVCache) -> None:
+    """Each layer's buffers are [B, kv_heads, max_length, head_dim] of this model (a cache made
+    for another model, e.g. GPT-2's given to a Llama, fails here instead of deep in the
+    attention). Checks the layers where the model's shapes change (first, last, pruned ones)."""
+    batch, length = cache.batch_size, cache.max_length
+    for i, kv_heads, head_dim in _layer_shapes(state.config, state.architecture):
+        for kind, buffers in (("keys", cache.keys), ("values", cache.values)):
+            shape = tuple(buffers[i].shape)
+            if shape != (batch, kv_heads, length, head_dim):
+                raise CacheError(
+                    f"KV cache {kind}[{i}] has shape {list(shape)}; layer {i} of this {state.architecture} "
+                    f"needs [batch {batch}, {kv_heads} kv heads, max_length {length}, {head_dim} head dim]: "
+                    "was the cache made for another model? Make it with fmodel.init_cache(state, ...)"
+                )
+
+
 def check_cache(
     state: ModelState, cache: KVCache, batch_size: int, new_tokens: int, dtype: torch.dtype
 ) -> None:
@@ -225,6 +254,7 @@ def check_cache(
         _cache_shapes(state)  # raises the "not generative" error
     if len(cache.keys) != state.config.num_hidden_layers:
         raise CacheError(f"KV cache has {len(cache.keys)} layers, the model {state.config.num_hidden_layers}")
+    _check_layer_shapes(state, cache)
     if cache.batch_size != batch_size:
         raise CacheError(
             f"KV cache was made for batch size {cache.batch_size}, the input has {batch_size} rows"

@@ -12,7 +12,9 @@ from torch import nn
 from torch.func import functional_call
 
 from . import attention
+from ._checks import check_int_tensor, check_state, check_token_ids, describe
 from .cache import KVCache, check_cache
+from .errors import ArgumentTypeError, InvalidArgumentError
 from .models.skeleton import skeleton
 from .state import ModelState
 
@@ -66,22 +68,36 @@ class ModelOutput:
             object.__setattr__(self, name, value)
 
 
-def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None) -> None:
+def _check_inputs(
+    state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None, extra=None
+) -> None:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("forward: pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            check_int_tensor(input_ids, "forward(input_ids)")
         if input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(
                 f"forward: input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}"
             )
+        check_token_ids(input_ids, _vocab_size(state), "forward(input_ids)")
         shape = tuple(input_ids.shape)
     else:
         hidden = state.config.hidden_size
+        if not isinstance(inputs_embeds, torch.Tensor):
+            raise ArgumentTypeError(
+                f"forward(inputs_embeds) must be a tensor [batch, seq, {hidden}], got {describe(inputs_embeds)}"
+            )
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
             raise ValueError(
                 f"forward: inputs_embeds must be [batch, seq, {hidden}], got {list(inputs_embeds.shape)}"
             )
         shape = tuple(inputs_embeds.shape[:2])
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"forward(attention_mask) must be a tensor [batch, seq], got {describe(attention_mask)}"
+        )
+    _check_extra_ids(state, extra or {}, shape, cache)
     if cache is not None:
         dtype = inputs_embeds.dtype if inputs_embeds is not None else state.dtype
         check_cache(state, cache, shape[0], shape[1], dtype)
@@ -94,6 +110,48 @@ def _check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, c
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
         raise ValueError(
             f"forward: attention_mask must have shape {list(shape)} like the inputs, got {list(attention_mask.shape)}"
+        )
+
+
+def _vocab_size(state: ModelState) -> int | None:
+    """Rows of the input embedding matrix (the ids it can look up); [-2] so that a stacked
+    state's [n, vocab, hidden] reads the same."""
+    from .models import get_spec
+
+    params = getattr(state, "params", None)  # the facade passes a state-like record without them
+    matrix = None if params is None else params.get(get_spec(state.architecture).input_embeddings)
+    if matrix is None or matrix.dim() < 2:
+        return getattr(state.config, "vocab_size", None)
+    return int(matrix.shape[-2])
+
+
+def _check_extra_ids(state: ModelState, extra: dict, shape: tuple, cache) -> None:
+    """`token_type_ids` within the type vocabulary, and for learned positions (GPT-2, BERT)
+    the positions within the table: what an embedding lookup would otherwise fail on."""
+    from .models import get_spec
+
+    types = extra.get("token_type_ids")
+    if types is not None:
+        check_token_ids(types, getattr(state.config, "type_vocab_size", None), "forward(token_type_ids)")
+    table = get_spec(state.architecture).position_embeddings
+    params = getattr(state, "params", None)
+    if table is None:
+        return
+    if params is not None and table in params:
+        rows = int(params[table].shape[-2])
+    else:
+        rows = getattr(state.config, "max_position_embeddings", None)
+        if not isinstance(rows, int):
+            return
+    positions = extra.get("position_ids")
+    if positions is not None:
+        check_token_ids(positions, rows, "forward(position_ids)")
+        return
+    end = shape[1] + (cache.length if isinstance(cache, KVCache) else 0)
+    if end > rows:
+        raise InvalidArgumentError(
+            f"forward: {state.architecture} has {rows} learned positions (max_position_embeddings); "
+            f"the input reaches position {end - 1}. Shorten it or resize_position_embeddings"
         )
 
 
@@ -145,13 +203,20 @@ def forward(
         `past_key_values` when a cache was passed.
 
     Raises:
-        CacheError: the cache does not fit (full, other batch size or dtype, BERT).
+        ArgumentTypeError: `state` is not a `ModelState`, or an input is not a tensor.
+        TokenIdError: an id of `input_ids` (or `token_type_ids`, `position_ids`) outside the
+            table it indexes; the message gives the id, its position and the size.
+        InvalidArgumentError: the input runs past a learned position table (GPT-2, BERT).
+        CacheError: the cache does not fit (full, other batch size, dtype, layer shapes or
+            device, BERT).
+        ValueError: inputs of the wrong shape (both or neither of input_ids / inputs_embeds).
 
     Example:
         >>> out = fmodel.forward(state, input_ids=ids, attention_mask=mask)
         >>> out.logits.shape
         torch.Size([2, 7, 32000])
     """
+    check_state(state, "forward(state)")
     module, args, kwargs = prepare_call(
         state,
         input_ids,
@@ -190,7 +255,14 @@ def prepare_call(
     """What `forward` calls: `(module, args, kwargs)` such that running `module(*args, **kwargs)`
     with the state's tensors in place (`functional_call`, or a module that already holds them)
     and passing the result to `to_output` is `forward(state, ...)`. Same arguments as `forward`."""
-    _check_inputs(state, input_ids, attention_mask, inputs_embeds, model_inputs.get("past_key_values"))
+    _check_inputs(
+        state,
+        input_ids,
+        attention_mask,
+        inputs_embeds,
+        model_inputs.get("past_key_values"),
+        {"position_ids": position_ids, "token_type_ids": model_inputs.get("token_type_ids")},
+    )
     name = attn_implementation or state.attn_implementation
     if output_attentions and name in _NO_WEIGHTS:
         logger.info("forward: %s does not compute attention weights; using eager for this call", name)
@@ -236,7 +308,9 @@ def run_bound(state: ModelState, module: nn.Module, fn: Callable[[nn.Module], T]
     return functional_call(_Bound(module), tensors, (fn,), tie_weights=False, strict=False)
 
 
-def bind_forward(state: ModelState, fn: Callable[[Callable[..., ModelOutput]], T], *, training: bool = False) -> T:
+def bind_forward(
+    state: ModelState, fn: Callable[[Callable[..., ModelOutput]], T], *, training: bool = False
+) -> T:
     """Run `fn(forward)`, where `forward(input_ids, **kwargs)` is `fmodel.forward(state,
     input_ids, **kwargs)` but the state's tensors are bound to the skeleton once, around the
     whole of `fn`, instead of once per call.
@@ -266,13 +340,18 @@ def bind_forward(state: ModelState, fn: Callable[[Callable[..., ModelOutput]], T
         ...     return out
         >>> last = fmodel.bind_forward(state, greedy)
     """
+    check_state(state, "bind_forward(state)")
+    if not callable(fn):
+        raise ArgumentTypeError(f"bind_forward(fn) must be a callable taking forward, got {describe(fn)}")
     skel = skeleton(state.config, state.architecture, training)
 
     def body(bound: nn.Module) -> T:
         def step(input_ids: torch.Tensor | None = None, **kwargs: Any) -> ModelOutput:
             for fixed in ("module", "training"):
                 if fixed in kwargs:
-                    raise TypeError(f"bind_forward: {fixed!r} is fixed for the binding; pass it to bind_forward")
+                    raise TypeError(
+                        f"bind_forward: {fixed!r} is fixed for the binding; pass it to bind_forward"
+                    )
             module, args, call_kwargs = prepare_call(state, input_ids, module=bound, **kwargs)
             return to_output(module(*args, **call_kwargs))
 
@@ -286,12 +365,16 @@ def to_output(out: dict) -> ModelOutput:
     return ModelOutput(**{k: out.get(k) for k in _OUTPUT_FIELDS})
 
 
-def _head_mask_attention(state: ModelState, head_mask: torch.Tensor, inputs_embeds) -> attention.AttentionFunction:
+def _head_mask_attention(
+    state: ModelState, head_mask: torch.Tensor, inputs_embeds
+) -> attention.AttentionFunction:
     from .attention.head_mask import with_head_mask
     from .models import get_spec
 
     if not get_spec(state.architecture).takes_head_mask:
-        raise ValueError(f"forward: {state.architecture} does not take a head_mask (Transformers' does not either)")
+        raise ValueError(
+            f"forward: {state.architecture} does not take a head_mask (Transformers' does not either)"
+        )
     dtype = inputs_embeds.dtype if inputs_embeds is not None else state.dtype
     return with_head_mask(head_mask, state.config.num_hidden_layers, dtype)
 

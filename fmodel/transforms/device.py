@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .._checks import check_device, check_float_dtype, check_state
 from ..errors import QuantizedDtypeError
-from ..io.load import resolve_dtype
 from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from ._common import spec_of
@@ -25,6 +25,9 @@ def to(
     alias points at the result.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, or `device` / `dtype` of the wrong type.
+        InvalidArgumentError: `dtype` is not a floating dtype (int8, bool, ...), or `device` is
+            not one torch knows or that exists here ("nodevice", cuda without a GPU).
         QuantizedDtypeError: `dtype` is given and the state is quantized (a device move is fine).
 
     Returns:
@@ -34,14 +37,15 @@ def to(
     Example:
         >>> half = fmodel.to(state, dtype=torch.bfloat16)
     """
-    target = resolve_dtype(dtype)
+    check_state(state, "to(state)")
+    target = check_float_dtype(dtype, "to(dtype)")
+    device = check_device(device, "to(device)")
     if target is not None and quantization_config(state.config) is not None:
         raise QuantizedDtypeError(
             f"to: cannot cast a quantized model ({quantization_config(state.config)['scheme']}) to {target}: "
             "its integer weights and scales only mean something as they are. Move it with "
             "fmodel.to(state, device=...) (no dtype), or fmodel.dequantize(state, dtype=...) first"
         )
-    device = torch.device(device) if device is not None else None
     computed = set(spec_of(state).computed_buffers(state.config, "meta"))
     converted: dict[int, torch.Tensor] = {}
 

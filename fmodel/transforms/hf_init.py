@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .._checks import check_state
 from ..errors import FModelError, QuantizationError
 from ..io.load import state_from_tensors
 from ..models import get_spec
@@ -48,6 +49,7 @@ from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
 from ..state import ModelState
 from ._common import spec_of, with_params
+from .prune import _checked_request
 from .prune import prune_heads as _pure_prune_heads
 
 __all__ = ["init", "init_module", "init_weights", "prune_heads"]
@@ -271,7 +273,8 @@ def prune_heads(
     Raises:
         FModelError, ConfigError: as `fmodel.prune_heads`, before anything is drawn.
     """
-    heads_to_prune = {layer: list(heads) for layer, heads in heads_to_prune.items()}
+    check_state(state, "prune_heads(state)")
+    heads_to_prune = _checked_request(heads_to_prune)
     pruned = _pure_prune_heads(state, heads_to_prune)
     spec = spec_of(state)
     rules = transformers_rules(spec.model_type)

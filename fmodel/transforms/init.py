@@ -6,7 +6,18 @@ from collections.abc import Iterable
 
 import torch
 
-from ..io.load import state_from_tensors
+from .._checks import (
+    ParameterNameError,
+    check_config,
+    check_float_dtype,
+    check_nonnegative_int,
+    check_state,
+    check_str,
+    describe,
+)
+from .._limits import check_allocation
+from ..errors import ArgumentTypeError
+from ..io.load import default_architecture, state_from_tensors
 from ..models.init import init_tensor
 from ..state import ModelState
 from . import hf_init
@@ -47,6 +58,9 @@ def init(
         generator: random source for draw order "transformers" (None: torch's global one).
 
     Raises:
+        ArgumentTypeError: `config` is not an fmodel config, or an argument of the wrong type.
+        InvalidArgumentError: `dtype` is not a floating dtype (int8, bool, ...), a negative seed.
+        SizeLimitError: the weights would not fit in memory (checked before drawing any).
         ValueError: an unknown `draw_order`, a `seed` with draw order "transformers", or a
             `generator` with draw order "fmodel".
 
@@ -54,6 +68,17 @@ def init(
         >>> state = fmodel.init(fmodel.LlamaConfig(hidden_size=64, num_hidden_layers=2,
         ...     num_attention_heads=4, intermediate_size=128, vocab_size=100), seed=1)
     """
+    check_config(config, "init(config)")
+    dtype = check_float_dtype(dtype, "init(dtype)") or torch.float32
+    check_nonnegative_int(seed, "init(seed)")
+    check_str(architecture, "init(architecture)", allow_none=True)
+    check_str(attn_implementation, "init(attn_implementation)")
+    check_str(draw_order, "init(draw_order)", choices=("fmodel", "transformers"))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"init(generator) must be a torch.Generator or None, got {describe(generator)}"
+        )
+    _check_fits(config, architecture or default_architecture(config), dtype)
     if draw_order == "transformers":
         if seed != 0:
             raise ValueError(
@@ -85,6 +110,19 @@ def init(
     return state
 
 
+def _check_fits(config, architecture: str, dtype: torch.dtype) -> None:
+    """Refuse a model whose weights exceed the memory of the CPU (their sizes come from the
+    meta skeleton, which holds no storage)."""
+    from ..models.skeleton import skeleton
+
+    module = skeleton(config, architecture)
+    numel = sum(p.numel() for p in module.parameters())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    check_allocation(
+        numel * itemsize, what=f"init: the {architecture} weights ({numel:,} parameters, {dtype})"
+    )
+
+
 def init_weights(state: ModelState, *, seed: int = 0, names: Iterable[str] | None = None) -> ModelState:
     """Re-initialise the named parameters (default: all) by the architecture's init rules.
 
@@ -99,17 +137,34 @@ def init_weights(state: ModelState, *, seed: int = 0, names: Iterable[str] | Non
         A new state; the named tensors are new, the others shared.
 
     Raises:
-        KeyError: a name is not a parameter (the message lists close names), or is a tied alias.
+        ArgumentTypeError: `state` is not a `ModelState`, `names` is not a list of str.
+        InvalidArgumentError: a negative seed.
+        ParameterNameError: (a KeyError) a name is not a parameter, or is a tied alias.
     """
+    check_state(state, "init_weights(state)")
+    check_nonnegative_int(seed, "init_weights(seed)")
+    if names is not None:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise ArgumentTypeError(
+                f"init_weights(names) must be a list of parameter names, got {describe(names)}"
+            )
+        names = list(names)
+        for name in names:
+            if not isinstance(name, str):
+                raise ArgumentTypeError(
+                    f"init_weights(names) must hold parameter names (str), got {describe(name)}"
+                )
     spec = spec_of(state)
     chosen = sorted(state.unique_params() if names is None else set(names))
     for name in chosen:
         if name in state.ties:
-            raise KeyError(
+            raise ParameterNameError(
                 f"init_weights: {name!r} is tied to {state.ties[name]!r}; re-initialise the source"
             )
         if name not in state.params:
-            raise KeyError(f"init_weights: {name!r} is not a parameter of {state.architecture}")
+            raise ParameterNameError(
+                f"init_weights(names): {name!r} is not a parameter of {state.architecture}"
+            )
     generator = torch.Generator().manual_seed(seed)
     changed = {}
     for name in chosen:

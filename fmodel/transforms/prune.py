@@ -6,7 +6,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..errors import FModelError
+from .._checks import check_state, describe
+from ..errors import ArgumentTypeError, FModelError, InvalidArgumentError, QuantizationError
+from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from ._common import spec_of, with_params
 
@@ -15,6 +17,32 @@ __all__ = ["prune_heads"]
 
 def _block_index(positions: list[int], head_dim: int, offset: int = 0) -> list[int]:
     return [offset + p * head_dim + i for p in positions for i in range(head_dim)]
+
+
+def _checked_request(heads_to_prune) -> dict[int, list[int]]:
+    """{layer: [heads]} as plain lists, or an `ArgumentTypeError` naming what is wrong."""
+    if not isinstance(heads_to_prune, Mapping):
+        raise ArgumentTypeError(
+            f"prune_heads(heads_to_prune) must be a mapping {{layer: [head ids]}}, got {describe(heads_to_prune)}"
+        )
+    request = {}
+    for layer, heads in heads_to_prune.items():
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ArgumentTypeError(
+                f"prune_heads(heads_to_prune): layer keys must be ints, got {describe(layer)}"
+            )
+        if isinstance(heads, (str, bytes, Mapping)) or not isinstance(heads, Iterable):
+            raise ArgumentTypeError(
+                f"prune_heads(heads_to_prune)[{layer}] must be a list of head ids, got {describe(heads)}"
+            )
+        heads = list(heads)
+        for h in heads:
+            if isinstance(h, bool) or not isinstance(h, int):
+                raise ArgumentTypeError(
+                    f"prune_heads(heads_to_prune)[{layer}]: head ids must be ints, got {describe(h)}"
+                )
+        request[layer] = heads
+    return request
 
 
 def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) -> ModelState:
@@ -36,7 +64,12 @@ def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) 
         A new state; only the attention tensors of the touched layers are new.
 
     Raises:
-        FModelError: the architecture does not support pruning, a layer or head id is out of range.
+        ArgumentTypeError: `state` is not a `ModelState`, `heads_to_prune` is not a mapping of
+            int layers to lists of int head ids.
+        QuantizationError: the state is quantized (its projections are packed integers:
+            dequantize, prune, then quantize again).
+        FModelError: the architecture does not support pruning.
+        InvalidArgumentError: (an FModelError) a layer or head id is out of range.
         ConfigError: a grouped-query layer would lose part of a key/value group (the message
             lists the groups).
 
@@ -45,6 +78,13 @@ def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) 
         >>> dict(pruned.config.pruned_heads)
         {0: (1, 2), 3: (0,)}
     """
+    check_state(state, "prune_heads(state)")
+    heads_to_prune = _checked_request(heads_to_prune)
+    if quantization_config(state.config) is not None:
+        raise QuantizationError(
+            f"prune_heads: the state is quantized ({quantization_config(state.config)['scheme']}); its "
+            "projections are packed integers. Call fmodel.dequantize first, prune, then quantize again"
+        )
     spec = spec_of(state)
     if spec.head_layout is None:
         raise FModelError(
@@ -57,14 +97,14 @@ def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) 
     new_pruned = dict(pruned)
     for layer, heads in heads_to_prune.items():
         if not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise FModelError(
+            raise InvalidArgumentError(
                 f"prune_heads: layer {layer!r} is out of range (the model has {n_layers} layers)"
             )
         layout = spec.head_layout(config, layer)
         heads = set(heads)
         bad = sorted(h for h in heads if not isinstance(h, int) or not 0 <= h < layout.original_heads)
         if bad:
-            raise FModelError(
+            raise InvalidArgumentError(
                 f"prune_heads: layer {layer}: head ids {bad} out of range 0..{layout.original_heads - 1}"
             )
         new_pruned[layer] = pruned.get(layer, set()) | heads

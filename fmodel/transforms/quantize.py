@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import QuantizationError
+from .._checks import check_float_dtype, check_state, describe
+from ..errors import ArgumentTypeError, QuantizationError
 from ..models.quant_linear import (
     QUANT_METHOD,
     Int4Linear,
@@ -88,16 +89,21 @@ def quantize(
         A new, quantized `ModelState`.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `scheme` not a str, `skip` not a list
+            of str.
         QuantizationError: unknown scheme, group size not in (32, 64, 128), an already quantized
-            state, or nothing to quantize.
+            state, a `skip` pattern that is no regular expression, or nothing to quantize.
 
     Example:
         >>> q = fmodel.quantize(state, "int4", group_size=64)
         >>> fmodel.forward(q, input_ids=ids).logits
     """
+    check_state(state, "quantize(state)")
+    if not isinstance(scheme, str):
+        raise ArgumentTypeError(f"quantize(scheme) must be one of {list(SCHEMES)}, got {describe(scheme)}")
     if scheme not in SCHEMES:
         raise QuantizationError(f"quantize: unknown scheme {scheme!r}; expected one of {list(SCHEMES)}")
-    if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
+    if scheme == "int4" and (isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES):
         raise QuantizationError(
             f"quantize: group_size={group_size!r} is not supported for int4; use one of {list(INT4_GROUP_SIZES)}"
         )
@@ -106,7 +112,7 @@ def quantize(
             f"quantize: the state is already quantized ({dict(quantization_config(state.config))['scheme']}); "
             "call fmodel.dequantize first"
         )
-    patterns = [re.compile(p) for p in (skip or ())]
+    patterns = _skip_patterns(skip)
     spec = spec_of(state)
     head = spec.output_embeddings.rsplit(".", 1)[0] if spec.output_embeddings else None
     module = skeleton(state.config, state.architecture)
@@ -186,11 +192,15 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
         A new, unquantized `ModelState`.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+        InvalidArgumentError: `dtype` is not a floating dtype (int8, bool, ...).
         QuantizationError: the state is not quantized.
 
     Example:
         >>> float_again = fmodel.dequantize(fmodel.quantize(state, "int8"))
     """
+    check_state(state, "dequantize(state)")
+    check_float_dtype(dtype, "dequantize(dtype)")
     qc = quantization_config(state.config)
     if qc is None:
         raise QuantizationError(
@@ -226,6 +236,25 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
             params[n] = t
     out = state.replace(config=config, params=params)
     return out if dtype is None else to(out, dtype=dtype)
+
+
+def _skip_patterns(skip) -> list[re.Pattern]:
+    if skip is None:
+        return []
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
+        raise ArgumentTypeError(
+            f"quantize(skip) must be a list of regular expressions (str), got {describe(skip)}"
+            + ("; wrap it in a list" if isinstance(skip, str) else "")
+        )
+    patterns = []
+    for p in skip:
+        if not isinstance(p, str):
+            raise ArgumentTypeError(f"quantize(skip) must hold regular expressions (str), got {describe(p)}")
+        try:
+            patterns.append(re.compile(p))
+        except re.error as err:
+            raise QuantizationError(f"quantize(skip): {p!r} is not a regular expression ({err})") from None
+    return patterns
 
 
 # --------------------------------------------------------------------------- the math
