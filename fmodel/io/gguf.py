@@ -29,7 +29,9 @@ from ..config import config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..state import ModelState
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
-from .gguf_meta import check_against_tensors, count as _count, positive as _positive
+from .gguf_meta import check_against_tensors
+from .gguf_meta import count as _count
+from .gguf_meta import positive as _positive
 
 __all__ = [
     "GGUF_ARCHITECTURES",
@@ -131,6 +133,11 @@ def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any
         ("tokenizer.ggml.padding_token_id", "pad_token_id"),
     ):
         d[field] = file.get(key, int, default=None)  # an absent id is null, not the class default
+        if d[field] is not None and not 0 <= d[field] < d["vocab_size"]:
+            raise ConfigError(
+                f"{file.path}: GGUF metadata key {key!r} is {d[field]}, outside the vocabulary of "
+                f"{d['vocab_size']} tokens"
+            )
     return d
 
 

@@ -1,7 +1,9 @@
-"""The GGUF format layer: parse a file's header with `gguf.GGUFReader` and dequantize its tensors.
+"""The GGUF format layer: read a file's header and tensor table, checked, and dequantize tensors.
 
-`gguf` (the reader maintained with llama.cpp) is an optional dependency, imported on first use.
-Mapping the tensors to a model is `fmodel.io.gguf`'s business.
+The header is parsed by `fmodel.io.gguf_parse` (every count and length bounded by the file) and
+the tensor table checked against the data section by `fmodel.io.gguf_layout`; `gguf` (the
+package maintained with llama.cpp, an optional dependency imported on first use) gives the type
+table and dequantizes. Mapping the tensors to a model is `fmodel.io.gguf`'s business.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import torch
 
 from .._frozen import FrozenDict
 from ..errors import CheckpointError
+from .gguf_layout import GGUFTensor, map_tensors
+from .gguf_parse import parse_header
 
 __all__ = [
     "GGUF_MAGIC",
     "INSTALL_HINT",
     "GGUFFile",
+    "GGUFTensor",
     "check_tensor_types",
     "dequantize",
     "is_gguf_file",
@@ -48,12 +53,13 @@ class GGUFFile:
         path: the file.
         metadata: read-only {key: value}: str, int, float, bool, or a list of them
             (`tokenizer.ggml.tokens` is a list of str).
-        tensors: gguf's `ReaderTensor`s (name, tensor_type, shape, memory-mapped data) in file order.
+        tensors: `GGUFTensor`s (name, tensor_type, shape, memory-mapped data; the attributes of
+            gguf's `ReaderTensor`) in file order, checked against the file by `read_gguf`.
     """
 
     path: str
     metadata: FrozenDict
-    tensors: tuple[Any, ...]
+    tensors: tuple[GGUFTensor, ...]
 
     @property
     def architecture(self) -> str:
@@ -66,18 +72,20 @@ class GGUFFile:
         """The metadata value under `key`, checked to be of `kind`.
 
         Raises:
-            CheckpointError: the key is absent (when `required`) or holds another type;
-                names the file, the key, what was found and what was expected.
+            CheckpointError: the key is absent (when `required`) or holds another type (an
+                integer is not a float, a bool is neither); names the file, the key, what was
+                found and what was expected.
         """
         if key not in self.metadata:
             if required:
                 raise CheckpointError(f"{self.path}: GGUF metadata key {key!r} is missing")
             return default
         value = self.metadata[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is int and isinstance(value, bool):
+        if isinstance(value, bool) and kind in (int, float):
             value = None  # a bool is not a count
+        # An integer where a float belongs is refused, as llama.cpp's loader refuses it: a
+        # FLOAT32 field whose type id was changed to UINT32 would otherwise read its bits as a
+        # (huge) number.
         if value is None or not isinstance(value, kind):
             want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise CheckpointError(
@@ -109,7 +117,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         file's header once for both.
 
     Raises:
-        CheckpointError: not a file, or not a GGUF file (wrong magic, unsupported version, corrupt).
+        CorruptFileError: a header that contradicts itself or the file: counts or lengths past
+            the end, an unknown value or tensor type, tensor offsets misaligned, outside the data
+            section, overlapping or leaving holes; names the file, the key or tensor, the offset,
+            the size and the file size.
+        CheckpointError: not a file, not a GGUF file, or a GGUF version other than 2 and 3.
         ImportError: the `gguf` package is not installed.
     """
     path = os.fspath(path)
@@ -120,16 +132,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             f"{path}: not a GGUF file (it does not start with the magic bytes {GGUF_MAGIC!r})"
         )
     gguf = _gguf()
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        metadata = {}
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):  # header bookkeeping (version, counts), not metadata
-                continue
-            metadata[key] = field.contents()
-    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    return GGUFFile(path, FrozenDict(metadata), tuple(reader.tensors))
+    header = parse_header(path)
+    return GGUFFile(path, FrozenDict(header.metadata), map_tensors(header, path, gguf))
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
