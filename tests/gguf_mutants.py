@@ -270,9 +270,9 @@ _KEYS = (
 )
 
 
-def rewrite(path: str, out: str, key: str, value: Any, vtype: Any) -> None:
+def rewrite(path: str, out: str, key: str, value: Any, vtype: Any, drop: tuple[str, ...] = ()) -> None:
     """Copy the GGUF file `path` to `out` with metadata `key` set to `value` of GGUF type
-    `vtype` (a `gguf.GGUFValueType`; None drops the key)."""
+    `vtype` (a `gguf.GGUFValueType`; None drops the key) and the keys in `drop` left out."""
     import gguf
 
     src = read_gguf(path)
@@ -286,6 +286,8 @@ def rewrite(path: str, out: str, key: str, value: Any, vtype: Any) -> None:
         if t == gguf.GGUFValueType.ARRAY:
             sub = gguf.GGUFValueType.STRING if v and isinstance(v[0], str) else gguf.GGUFValueType.INT32
         w.add_key_value(k, v, t, sub)
+    for k in drop:
+        w.kv_data[0].pop(k, None)
     if vtype is None:
         w.kv_data[0].pop(key, None)
     else:

@@ -54,10 +54,10 @@ _PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _INTS = {"I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
-def _describe(path: str, t: TensorInfo, qtype: Any, nbytes: int) -> str:
+def _describe(path: str, t: TensorInfo, qtype: Any, nbytes: int, header: GGUFHeader) -> str:
     return (
-        f"{path}: tensor {t.name!r} ({qtype.name}, ggml shape {list(t.dims)}, {nbytes} bytes) at data "
-        f"offset {t.offset}"
+        f"{path} ({header.file_size} bytes): tensor {t.name!r} ({qtype.name}, ggml shape {list(t.dims)}, "
+        f"{nbytes} bytes) at data offset {t.offset}"
     )
 
 
@@ -84,12 +84,12 @@ def _sizes(header: GGUFHeader, path: str, gguf: Any) -> list[tuple[TensorInfo, A
         nbytes = n // block * type_size
         if t.offset % header.alignment:
             raise CorruptFileError(
-                f"{_describe(path, t, qtype, nbytes)}: the offset is not a multiple of the file's "
+                f"{_describe(path, t, qtype, nbytes, header)}: the offset is not a multiple of the file's "
                 f"alignment {header.alignment}"
             )
         if t.offset > end_of_file or nbytes > end_of_file - t.offset:
             raise CorruptFileError(
-                f"{_describe(path, t, qtype, nbytes)}: it would end at byte {header.data_offset + t.offset + nbytes} "
+                f"{_describe(path, t, qtype, nbytes, header)}: it would end at byte {header.data_offset + t.offset + nbytes} "
                 f"of the file, but the file has {header.file_size} bytes (data section from byte "
                 f"{header.data_offset}): a truncated file or a wrong offset, type or shape"
             )
@@ -100,13 +100,17 @@ def _sizes(header: GGUFHeader, path: str, gguf: Any) -> list[tuple[TensorInfo, A
 def _check_packing(header: GGUFHeader, path: str, sized: list) -> None:
     """No overlaps, no holes between tensors, nothing but padding after the last one."""
     align = header.alignment
+    ordered = sorted(sized, key=lambda s: s[0].offset)
     at, prev = 0, None
-    for t, qtype, _, nbytes in sorted(sized, key=lambda s: s[0].offset):
+    for t, qtype, _, nbytes in ordered:  # overlaps first: they name the moved tensor
         if t.offset < at:
             raise CorruptFileError(
-                f"{_describe(path, t, qtype, nbytes)} overlaps tensor {prev!r}, which ends at data offset "
-                f"{at} (file size {header.file_size} bytes)"
+                f"{_describe(path, t, qtype, nbytes, header)} overlaps tensor {prev!r}, which ends at data "
+                f"offset {at}"
             )
+        at, prev = t.offset + nbytes, t.name
+    at, prev = 0, None
+    for t, qtype, _, nbytes in ordered:
         if t.offset - at >= align or (prev is None and t.offset):
             after = (
                 f"after tensor {prev!r} (which ends at data offset {at})"
@@ -114,9 +118,8 @@ def _check_packing(header: GGUFHeader, path: str, sized: list) -> None:
                 else "at the start of the data section"
             )
             raise CorruptFileError(
-                f"{_describe(path, t, qtype, nbytes)}: there are {t.offset - at} unused bytes {after}; "
-                "GGUF writers pack tensors back to back, so an offset, type or shape was changed "
-                f"(file size {header.file_size} bytes)"
+                f"{_describe(path, t, qtype, nbytes, header)}: there are {t.offset - at} unused bytes {after}; "
+                "GGUF writers pack tensors back to back, so an offset, type or shape was changed"
             )
         at, prev = -(-(t.offset + nbytes) // align) * align, t.name
     tail = header.file_size - header.data_offset - at
