@@ -22,7 +22,7 @@ from ..errors import CheckpointError
 from ..models import get_spec
 from ..models.skeleton import skeleton
 from ..state import ModelState
-from .atomic import atomic_folder, file_mode
+from .atomic import atomic_folder, file_mode, recover
 from .card import merge_tags, new_model_card, tag_model_card
 from .generation_config import generation_config_from_model_config, generation_config_json
 from .resolve import PT_INDEX, PT_SINGLE, SAFE_INDEX, SAFE_SINGLE, variant_name
@@ -223,6 +223,7 @@ def save(
         generation_config=generation_config,
         model_card=model_card,
     )
+    recover(directory)  # a save killed mid-swap: its files (README.md) are read from the old folder
     weights = tensors_to_save(state, tensors) if tensors is not None else checkpoint_tensors(state)
     text_files: dict[str, str] = {}
     if generation_config is not None:
