@@ -178,9 +178,10 @@ def check_device(device: Any, argument: str = "device", *, allow_none: bool = Tr
         raise InvalidArgumentError(f"{argument}={device} is not a device index (must be >= 0)")
     try:
         resolved = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    except (RuntimeError, ValueError, TypeError) as err:
+    except (RuntimeError, ValueError, TypeError):
         raise InvalidArgumentError(
-            f"{argument}={device!r} is not a device torch knows ({err}); available: {_available()}"
+            f"{argument}={device!r} is not a device torch knows (e.g. 'cpu', 'cuda:0', 'mps', 'meta'); "
+            f"available here: {_available()}"
         ) from None
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

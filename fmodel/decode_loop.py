@@ -59,22 +59,39 @@ class _Decoder:
     the whole sequence. Position ids come from the attention mask (Transformers'
     `prepare_inputs_for_generation`): positions count real tokens only."""
 
-    def __init__(self, state, model, mask, rows, total, use_cache, device) -> None:
+    def __init__(self, state, model, mask, rows, total, use_cache, device, capacity=None) -> None:
         self.model = model
         self.attn = attention.get(state.attn_implementation)
+        self.total = total
+        self.capacity = total if capacity is None else min(capacity, total)
         self.mask = self.positions = None
         if mask is not None and not bool(mask.all()):
             p = mask.shape[1]
-            self.mask = torch.ones(rows, total, dtype=torch.long, device=mask.device)
+            self.mask = torch.ones(rows, self.capacity, dtype=torch.long, device=mask.device)
             self.mask[:, :p] = mask
-            self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+            self.positions = _positions(self.mask)
         # weights offloaded by accelerate sit on meta: the cache goes where the inputs run
         device = device if state.device.type == "meta" else None
-        self.cache = init_cache(state, rows, total, device=device) if use_cache else None
+        self.cache = init_cache(state, rows, self.capacity, device=device) if use_cache else None
         self.seen = 0
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` positions: double the capacity (at most `total`), copying what the
+        cache and the mask hold. Only long generations (more new tokens than were allocated
+        up front, see `initial_capacity`) get here; amortised, a few copies in all."""
+        size = min(self.total, max(need, 2 * self.capacity))
+        if self.mask is not None:
+            mask = torch.ones(self.mask.shape[0], size, dtype=self.mask.dtype, device=self.mask.device)
+            mask[:, : self.capacity] = self.mask
+            self.mask, self.positions = mask, _positions(mask)
+        if self.cache is not None:
+            self.cache = _grown_cache(self.cache, size)
+        self.capacity = size
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         length = tokens.shape[1]
+        if length > self.capacity:
+            self._grow(length)
         start = self.seen if self.cache is not None else 0
         out = self.model(
             tokens[:, start:],
@@ -93,6 +110,50 @@ class _Decoder:
             self.cache = reorder_cache(self.cache, rows)
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (padding slots get 1, as Transformers)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _grown_cache(cache: KVCache, size: int) -> KVCache:
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        new = t.new_zeros(t.shape[0], t.shape[1], size, t.shape[3])
+        new[:, :, : cache.length] = t[:, :, : cache.length]
+        return new
+
+    return KVCache(tuple(grow(k) for k in cache.keys), tuple(grow(v) for v in cache.values), cache.length)
+
+
+PREALLOCATED_NEW_TOKENS = 4096
+"""Greedy / sampled generation allocates the cache, mask and token buffers for this many new
+tokens up front (all of them when fewer are asked for) and doubles them when a longer
+generation gets there: `max_new_tokens=10**9` then runs as in Transformers (until EOS or a
+stopping criterion) instead of trying to allocate 10**9 positions. Beam search allocates its
+buffers whole, as Transformers' does."""
+
+
+def initial_capacity(prompt: int, new: int, num_beams: int) -> int:
+    """Positions allocated before the first step (see `PREALLOCATED_NEW_TOKENS`)."""
+    if num_beams > 1 or new <= PREALLOCATED_NEW_TOKENS:
+        return prompt + new
+    return prompt + PREALLOCATED_NEW_TOKENS
+
+
+def buffer_bytes(state: ModelState, rows: int, capacity: int, config: GenerationConfig) -> int:
+    """Bytes `generate` allocates up front for `rows` sequences of `capacity` positions: the
+    KV cache, the token / mask / position buffers and, for beam search, its running buffers.
+    For `fmodel._limits.check_allocation` before anything is allocated."""
+    from .cache import _cache_shapes
+
+    itemsize = torch.empty((), dtype=state.dtype).element_size()
+    per_position = 8 * 3  # tokens, mask, positions (int64)
+    if config.use_cache:
+        per_position += sum(2 * heads * dim for heads, dim in _cache_shapes(state)) * itemsize
+    if config.num_beams > 1:
+        per_position += 8 * (2 + 2 * max(2, 1 + len(config.eos_token_ids))) + 4 * 2
+    return rows * capacity * per_position
+
+
 @attrs.frozen
 class Run:
     """One `generate` call's settings; `__call__` runs the decoding (under inference mode)."""
@@ -108,11 +169,14 @@ class Run:
 
     def __call__(self, input_ids, mask, generator, streamer, module) -> GenerateOutput:
         rows, total = input_ids.shape[0], self.prompt + self.new
+        capacity = initial_capacity(self.prompt, self.new, self.config.num_beams)
         if module is None:
             module = skeleton(self.state.config, self.state.architecture)
 
         def loop(model: nn.Module) -> GenerateOutput:
-            decoder = _Decoder(self.state, model, mask, rows, total, self.config.use_cache, input_ids.device)
+            decoder = _Decoder(
+                self.state, model, mask, rows, total, self.config.use_cache, input_ids.device, capacity
+            )
             if self.config.num_beams > 1:
                 out = self._beams(decoder, input_ids, generator)
             else:
@@ -140,7 +204,9 @@ class Run:
     def _sample(self, decoder: _Decoder, input_ids, generator, streamer) -> GenerateOutput:
         config, p = self.config, self.prompt
         rows = input_ids.shape[0]
-        tokens = torch.empty(rows, p + self.new, dtype=torch.long, device=input_ids.device)
+        tokens = torch.empty(
+            rows, min(p + self.new, decoder.capacity), dtype=torch.long, device=input_ids.device
+        )
         tokens[:, :p] = input_ids
         # as Transformers: finished rows get padding when a criterion is about EOS
         pad_finished = self.eos is not None or any(hasattr(c, "eos_token_id") for c in self.criteria)
@@ -160,6 +226,12 @@ class Run:
                 scores += (step_scores,)
             if raw is not None:
                 raw += (logits,)
+            if length == tokens.shape[1]:  # a long generation outgrew the first allocation
+                wider = torch.empty(
+                    rows, min(p + self.new, 2 * length), dtype=torch.long, device=tokens.device
+                )
+                wider[:, :length] = tokens[:, :length]
+                tokens = wider
             if config.do_sample:
                 probs = torch.softmax(step_scores, dim=-1)
                 next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -23,8 +23,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .decode_loop import GenerateOutput, Run, StoppingCriterion, outside_inference
-from .errors import ConfigError, FModelError
+from ._checks import check_int_tensor, check_state, check_token_ids, describe
+from ._limits import check_allocation
+from .decode_loop import (
+    GenerateOutput,
+    Run,
+    StoppingCriterion,
+    buffer_bytes,
+    initial_capacity,
+    outside_inference,
+)
+from .errors import ArgumentTypeError, ConfigError, FModelError, InvalidArgumentError
 from .generation_config import GenerationConfig
 from .logits_process import LogitsProcessor
 from .models import get_spec
@@ -125,7 +134,18 @@ def generate(
     Purity: `state`, `input_ids` and `attention_mask` are never written; the KV cache is
     private to the call. The global RNG is consumed only when sampling without `generator`.
 
+    Long generations: the cache and buffers are allocated for at most
+    `decode_loop.PREALLOCATED_NEW_TOKENS` new tokens up front and doubled as needed, so a huge
+    `max_new_tokens` runs (until EOS) as in Transformers; beam search allocates its buffers
+    whole (as Transformers), and what cannot fit in memory is refused before allocating.
+
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `input_ids` / `attention_mask` not
+            integer tensors, `generator` / `streamer` / processors of the wrong type.
+        TokenIdError: a prompt id outside the vocabulary (which id, where, the vocabulary size).
+        InvalidArgumentError: a model with learned positions (GPT-2) cannot address prompt +
+            new tokens.
+        SizeLimitError: the buffers allocated up front would not fit in the device's memory.
         FModelError: the architecture cannot generate.
         ConfigError: contradictory settings (no room for a new token, num_return_sequences > 1
             with greedy decoding or above num_beams, a streamer with beam search).
@@ -156,6 +176,8 @@ def generate(
         "max_length": max_length,
         "min_length": min_length,
     }
+    check_state(state, "generate(state)")
+    _check_callables(generator, streamer, logits_processor, stopping_criteria)
     config = _resolve_config(state, generation_config, {k: v for k, v in overrides.items() if v is not None})
     _check_generate(state, input_ids, attention_mask, config)
     if streamer is not None and config.num_beams > 1:
@@ -166,10 +188,18 @@ def generate(
         config = config.replace(min_length=p + config.min_new_tokens)
     positions = getattr(state.config, "n_positions", None)
     if positions is not None and p + new > positions:
-        raise FModelError(
+        raise InvalidArgumentError(
             f"generate: {state.architecture} has {positions} learned positions; the prompt ({p}) plus "
-            f"{new} new tokens do not fit"
+            f"{new} new tokens do not fit (max_new_tokens <= {positions - p})"
         )
+    rows = input_ids.shape[0] * max(config.num_beams, config.num_return_sequences)
+    capacity = initial_capacity(p, new, config.num_beams)
+    device = input_ids.device if state.device.type == "meta" else state.device
+    check_allocation(
+        buffer_bytes(state, rows, capacity, config),
+        what=f"generate(max_new_tokens={new}): {rows} rows x {capacity} positions of KV cache and buffers",
+        device=device,
+    )
     eos = torch.tensor(config.eos_token_ids, device=input_ids.device) if config.eos_token_ids else None
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or (None,))[0]
     if attention_mask is None:
@@ -193,7 +223,9 @@ def _resolve_config(state: ModelState, given, overrides: dict[str, Any]) -> Gene
     elif isinstance(given, Mapping):
         config = GenerationConfig.from_dict(given)
     else:
-        raise TypeError(f"generation_config must be a GenerationConfig or a dict, got {type(given).__name__}")
+        raise ArgumentTypeError(
+            f"generate(generation_config) must be a GenerationConfig or a dict, got {describe(given)}"
+        )
     config = config.replace(**overrides)
     n, beams = config.num_return_sequences, config.num_beams
     if n != 1 and beams == 1 and not config.do_sample:
@@ -240,17 +272,55 @@ def _check_generate(state: ModelState, input_ids, attention_mask, config: Genera
             f"generate: {state.architecture} has no language-model head and cannot generate; load the "
             f"checkpoint as a causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel)"
         )
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+    check_int_tensor(input_ids, "generate(input_ids)")
+    if input_ids.dim() != 2:
         raise ValueError(f"generate: input_ids must be an integer tensor [batch, seq], got {input_ids!r:.80}")
     if input_ids.shape[1] == 0:
         raise ValueError("generate: the prompt is empty; pass at least one token (e.g. the BOS id)")
     if input_ids.device != state.device and state.device.type != "meta":  # meta: offloaded (accelerate)
         raise ValueError(f"generate: input_ids are on {input_ids.device} but the model is on {state.device}")
+    check_token_ids(input_ids, _vocab_size(state), "generate(input_ids)")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"generate(attention_mask) must be a tensor [batch, seq], got {describe(attention_mask)}"
+        )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"generate: attention_mask must have the prompt's shape {list(input_ids.shape)}, "
             f"got {list(attention_mask.shape)}"
         )
+
+
+def _vocab_size(state: ModelState) -> int | None:
+    matrix = state.params.get(get_spec(state.architecture).input_embeddings)
+    return int(matrix.shape[-2]) if matrix is not None and matrix.dim() >= 2 else None
+
+
+def _check_callables(generator, streamer, logits_processor, stopping_criteria) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"generate(generator) must be a torch.Generator or None, got {describe(generator)}"
+        )
+    if streamer is not None and not (
+        callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))
+    ):
+        raise ArgumentTypeError(
+            f"generate(streamer) must have put() and end() methods, got {describe(streamer)}"
+        )
+    for name, given in (("logits_processor", logits_processor), ("stopping_criteria", stopping_criteria)):
+        if isinstance(given, (str, bytes)) or (callable(given) and not isinstance(given, (list, tuple))):
+            raise ArgumentTypeError(
+                f"generate({name}) must be a list of callables, got {describe(given)}; wrap it in a list"
+            )
+        try:
+            items = list(given or ())
+        except TypeError:
+            raise ArgumentTypeError(
+                f"generate({name}) must be a list of callables, got {describe(given)}"
+            ) from None
+        for item in items:
+            if not callable(item):
+                raise ArgumentTypeError(f"generate({name}) must hold callables, got {describe(item)}")
 
 
 def _infer_attention_mask(

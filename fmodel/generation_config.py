@@ -20,8 +20,9 @@ from typing import Any
 
 import attrs
 
+from ._checks import describe
 from ._frozen import FrozenDict, freeze, thaw
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationConfig", "load_generation_config"]
 
@@ -128,6 +129,14 @@ class GenerationConfig:
                 raise ConfigError(
                     f"GenerationConfig: field {name!r} must be an integer >= 0 or null, got {value!r}"
                 )
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"GenerationConfig: {name!r} must be a number or null, got {value!r:.80}")
+        if self.output_logits is not None and not isinstance(self.output_logits, bool):
+            raise ConfigError(
+                f"GenerationConfig: 'output_logits' must be true, false or null, got {self.output_logits!r:.80}"
+            )
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"GenerationConfig: 'temperature' must be > 0, got {self.temperature!r}")
         if self.top_p is not None and not 0 <= self.top_p <= 1:
@@ -164,8 +173,13 @@ class GenerationConfig:
         """From a generation_config.json dict; unknown keys go to `extra`.
 
         Raises:
+            ArgumentTypeError: `data` is not a mapping.
             ConfigError: a modelled field has a bad value (names `source` and the field).
         """
+        if not isinstance(data, Mapping):
+            raise ArgumentTypeError(
+                f"GenerationConfig.from_dict(data) must be a mapping, got {describe(data)}"
+            )
         fields = {f.name for f in attrs.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in fields}
         for key in (
@@ -200,10 +214,15 @@ class GenerationConfig:
         return cls.from_dict(data, source=f"{type(config).__name__}")
 
     def replace(self, **changes: Any) -> GenerationConfig:
-        """A new config with `changes` (field names); this one is unchanged."""
+        """A new config with `changes` (field names); this one is unchanged.
+
+        Raises:
+            ArgumentTypeError: (a TypeError) a name that is not a field.
+            ConfigError: a bad value (names the field).
+        """
         unknown = set(changes) - {f.name for f in attrs.fields(type(self))}
         if unknown:
-            raise TypeError(f"GenerationConfig has no field(s) {sorted(unknown)}")
+            raise ArgumentTypeError(f"GenerationConfig has no field(s) {sorted(unknown)}")
         return attrs.evolve(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +256,7 @@ def load_generation_config(
         A `GenerationConfig`; nothing is written.
 
     Raises:
+        ArgumentTypeError: `path_or_repo_id` is not a str or path.
         ConfigError: a file is not valid JSON or has a bad value (the message names it).
         CheckpointError: neither file can be found.
 
@@ -244,7 +264,16 @@ def load_generation_config(
         >>> gen = fmodel.load_generation_config("path/to/checkpoint")
         >>> fmodel.generate(state, ids, generation_config=gen, max_new_tokens=20)
     """
+    if not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"load_generation_config(path_or_repo_id) must be a folder or a hub repo id (str), "
+            f"got {describe(path_or_repo_id)}"
+        )
     path = os.fspath(path_or_repo_id)
+    if not isinstance(path, str):
+        raise ArgumentTypeError(
+            f"load_generation_config(path_or_repo_id) must be a str path, got {describe(path)}"
+        )
     gen_file = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
     if gen_file is not None:
         return GenerationConfig.from_dict(_read_json(gen_file), source=gen_file)

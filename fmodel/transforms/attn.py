@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import attention
+from .._checks import check_state, check_str
 from ..state import ModelState
 
 __all__ = ["set_attn_implementation"]
@@ -15,10 +16,13 @@ def set_attn_implementation(state: ModelState, name: str) -> ModelState:
     no module is rebuilt.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `name` is not a str.
         AttentionUnavailableError: `name` is not registered or cannot run here (says what is missing).
 
     Example:
         >>> eager_state = fmodel.set_attn_implementation(state, "eager")
     """
+    check_state(state, "set_attn_implementation(state)")
+    check_str(name, "set_attn_implementation(name)")
     attention.get(name)
     return state.replace(attn_implementation=name)

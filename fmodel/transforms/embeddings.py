@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from ..errors import FModelError, ShapeMismatchError
+from .._checks import check_positive_int, check_state, describe
+from .._limits import check_allocation
+from ..errors import ArgumentTypeError, FModelError, ShapeMismatchError
 from ..models.init import init_tensor
 from ..state import ModelState, TieError
 from ._common import fresh_generator, spec_of, with_params
@@ -22,12 +24,22 @@ __all__ = [
 
 
 def get_input_embeddings(state: ModelState) -> torch.Tensor:
-    """The input embedding matrix [vocab, hidden] (the state's own tensor; do not write into it)."""
+    """The input embedding matrix [vocab, hidden] (the state's own tensor; do not write into it).
+
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+    """
+    check_state(state, "get_input_embeddings(state)")
     return state.params[spec_of(state).input_embeddings]
 
 
 def get_output_embeddings(state: ModelState) -> torch.Tensor | None:
-    """The output projection [vocab, hidden], or None for models without an LM head."""
+    """The output projection [vocab, hidden], or None for models without an LM head.
+
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+    """
+    check_state(state, "get_output_embeddings(state)")
     name = spec_of(state).output_embeddings
     return None if name is None else state.params[name]
 
@@ -46,8 +58,11 @@ def set_input_embeddings(state: ModelState, embeddings: torch.Tensor) -> ModelSt
     vocab'; with an untied output projection vocab' must equal its rows (resize first).
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `embeddings` not a floating tensor.
         ShapeMismatchError: wrong hidden size, or vocab' disagrees with an untied output projection.
     """
+    check_state(state, "set_input_embeddings(state)")
+    _check_float_matrix(embeddings, "set_input_embeddings(embeddings)")
     spec = spec_of(state)
     old = state.params[spec.input_embeddings]
     _check_matrix(embeddings, old.shape[1], spec.input_embeddings)
@@ -75,10 +90,18 @@ def set_output_embeddings(
             True/None keep it, which is only possible when `embeddings` is the input matrix.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `embeddings` not a floating tensor,
+            `tie` not a bool or None.
         TieError: the model is tied and `embeddings` is another tensor, without tie=False.
         ShapeMismatchError: the shape differs from the current output projection.
         FModelError: the model has no output projection.
     """
+    check_state(state, "set_output_embeddings(state)")
+    _check_float_matrix(embeddings, "set_output_embeddings(embeddings)")
+    if tie is not None and not isinstance(tie, bool):
+        raise ArgumentTypeError(
+            f"set_output_embeddings(tie) must be True, False or None, got {describe(tie)}"
+        )
     spec = spec_of(state)
     name = spec.output_embeddings
     if name is None:
@@ -102,10 +125,31 @@ def set_output_embeddings(
     return with_params(state, {name: embeddings}, ties=ties, config=config)
 
 
+def _check_float_matrix(t, argument: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentTypeError(f"{argument} must be a floating tensor [rows, hidden], got {describe(t)}")
+    if not t.is_floating_point():
+        raise ArgumentTypeError(
+            f"{argument} must be a floating tensor (embeddings are looked up, not indexed), got dtype {t.dtype}"
+        )
+
+
 def _check_matrix(t: torch.Tensor, hidden: int, name: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != hidden:
         got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ShapeMismatchError(f"{name!r}: expected a matrix [rows, {hidden}], got {got}")
+
+
+def _check_generator(generator, argument: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"{argument} must be a torch.Generator or None, got {describe(generator)}")
+
+
+def _check_rows_fit(old: torch.Tensor, rows: int, copies: int, what: str) -> None:
+    """Refuse before allocating: `copies` matrices of `rows` rows like `old` (and, growing, the
+    drawn rows) must fit in the memory of `old`'s device."""
+    row_bytes = math.prod(old.shape[1:]) * old.element_size()
+    check_allocation(2 * copies * rows * row_bytes, what=what, device=old.device)
 
 
 def _grow_rows(
@@ -169,24 +213,29 @@ def resize_token_embeddings(
         A new state; only the embedding, output projection and output bias are new tensors.
 
     Raises:
-        ValueError: a non-positive size or multiple.
+        ArgumentTypeError: `state` is not a `ModelState`, a size that is not an int, a
+            `generator` that is not a `torch.Generator`.
+        InvalidArgumentError: (a ValueError) a non-positive size or multiple.
+        SizeLimitError: the new matrices would not fit in memory (checked before allocating).
 
     Example:
         >>> bigger = fmodel.resize_token_embeddings(state, 32003, pad_to_multiple_of=64)
         >>> bigger.config.vocab_size
         32064
     """
+    check_state(state, "resize_token_embeddings(state)")
+    check_positive_int(new_num_tokens, "resize_token_embeddings(new_num_tokens)", allow_none=True)
+    check_positive_int(pad_to_multiple_of, "resize_token_embeddings(pad_to_multiple_of)", allow_none=True)
+    _check_generator(generator, "resize_token_embeddings(generator)")
     spec = spec_of(state)
     old = state.params[spec.input_embeddings]
-    size = old.shape[0] if new_num_tokens is None else new_num_tokens
+    size = old.shape[0] if new_num_tokens is None else int(new_num_tokens)
     if pad_to_multiple_of is not None:
-        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
-            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
-        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"new_num_tokens must be a positive int, got {size!r}")
+        size = -(-size // int(pad_to_multiple_of)) * int(pad_to_multiple_of)  # exact for huge ints
     if size == old.shape[0]:
         return state
+    untied = spec.output_embeddings is not None and not _is_tied(state)
+    _check_rows_fit(old, size, (2 if untied else 1), f"resize_token_embeddings(new_num_tokens={size})")
     generator = fresh_generator(generator)
     std = state.config.initializer_range
     grow = dict(mean_resizing=mean_resizing, std=std, generator=generator)
@@ -213,16 +262,22 @@ def resize_position_embeddings(
     `max_position_embeddings` changes (and buffers derived from it are recomputed).
 
     Raises:
-        ValueError: a non-positive size.
+        ArgumentTypeError: `state` is not a `ModelState`, the size is not an int.
+        InvalidArgumentError: (a ValueError) a non-positive size.
+        SizeLimitError: a learned table of that size would not fit in memory.
     """
-    if not isinstance(new_num_position_embeddings, int) or new_num_position_embeddings <= 0:
-        raise ValueError(
-            f"new_num_position_embeddings must be a positive int, got {new_num_position_embeddings!r}"
-        )
-    n = new_num_position_embeddings
+    check_state(state, "resize_position_embeddings(state)")
+    check_positive_int(new_num_position_embeddings, "resize_position_embeddings(new_num_position_embeddings)")
+    _check_generator(generator, "resize_position_embeddings(generator)")
+    n = int(new_num_position_embeddings)
     if n == state.config.max_position_embeddings:
         return state
     spec = spec_of(state)
+    what = f"resize_position_embeddings(new_num_position_embeddings={n})"
+    if spec.position_embeddings is not None:
+        _check_rows_fit(state.params[spec.position_embeddings], n, 1, what)
+    if spec.position_ids_buffer is not None:
+        check_allocation(2 * n * 8, what=what)  # the position_ids / token_type_ids buffers
     config = state.config.replace(max_position_embeddings=n)
     changed = {}
     if spec.position_embeddings is not None:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .._checks import check_mapping_of_tensors, check_state
 from ..errors import CheckpointError, ShapeMismatchError
 from ..state import ModelState, TieError
 from ._common import with_params
@@ -52,6 +53,7 @@ def replace_params(state: ModelState, params: Mapping[str, torch.Tensor]) -> Mod
         A new state: config, buffers, ties and every unnamed parameter shared with `state`.
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, `params` not a mapping of names to tensors.
         CheckpointError: names that are not parameters of the state (all listed; buffers are
             pointed out as such).
         TieError: a name is a tied alias; replace its source instead.
@@ -62,6 +64,8 @@ def replace_params(state: ModelState, params: Mapping[str, torch.Tensor]) -> Mod
         >>> new.params["model.embed_tokens.weight"] is state.params["model.embed_tokens.weight"]
         True
     """
+    check_state(state, "replace_params(state)")
+    check_mapping_of_tensors(params, "replace_params(params)")
     unknown = sorted(name for name in params if name not in state.params)
     if unknown:
         buffers = [name for name in unknown if name in state.buffers]

@@ -16,17 +16,18 @@ ids), so the template's own buffers serve every member.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch.func import vmap
 
-from ..errors import FModelError
+from .._checks import check_state, check_token_ids, describe
+from ..errors import ArgumentTypeError, FModelError
 from ..forward import ModelOutput, forward
 from ..state import ModelState
-from ._common import with_params
+from ._common import spec_of, with_params
 
 __all__ = ["StackError", "stack_states", "unstack_state", "vmap_forward"]
 
@@ -60,6 +61,8 @@ def stack_states(states: Sequence[ModelState]) -> ModelState:
         A new state whose tensors have shape [n, *shape] (dtype and device kept), n = len(states).
 
     Raises:
+        ArgumentTypeError: `states` is not a sequence of `ModelState`s (a single state: wrap it
+            in a list).
         StackError: no states, or the first difference found, named: the state's index and the
             field (`config.<field>` for configs), tie or tensor that differs.
 
@@ -69,7 +72,11 @@ def stack_states(states: Sequence[ModelState]) -> ModelState:
         torch.Size([4, 32])
         >>> fmodel.vmap_forward(ensemble, ids).logits.shape   # [4, B, T, vocab]
     """
+    if isinstance(states, (str, bytes, ModelState)) or not isinstance(states, Iterable):
+        raise ArgumentTypeError(f"stack_states(states) must be a list of ModelState, got {describe(states)}")
     states = list(states)
+    for i, member in enumerate(states):
+        check_state(member, f"stack_states(states[{i}])")
     if not states:
         raise StackError("stack_states: no states given")
     first = states[0]
@@ -103,6 +110,7 @@ def unstack_state(stacked: ModelState) -> list[ModelState]:
         A list of n new states, tensors of shape `shape[1:]`; config and other fields shared.
 
     Raises:
+        ArgumentTypeError: `stacked` is not a `ModelState`.
         StackError: a tensor is a scalar, or leading sizes differ (not a stacked state).
 
     Example:
@@ -110,6 +118,7 @@ def unstack_state(stacked: ModelState) -> list[ModelState]:
         >>> torch.equal(members[1].params["model.norm.weight"], b.params["model.norm.weight"])
         True
     """
+    check_state(stacked, "unstack_state(stacked)")
     tensors = stacked.tensors
     scalars = sorted(name for name, t in tensors.items() if t.dim() == 0)
     if scalars:
@@ -149,10 +158,28 @@ def vmap_forward(stacked: ModelState, input_ids: torch.Tensor | None = None, **k
         tuples of [n, ...] for hidden states / attentions. Member i equals
         `forward(unstack_state(stacked)[i], input_ids, **kwargs)`.
 
+    Raises:
+        ArgumentTypeError: `stacked` is not a `ModelState`, `input_ids` not an integer tensor.
+        StackError: `stacked` is a plain state, not a `stack_states` result.
+        TokenIdError: an id outside the vocabulary (which id, where, the vocabulary size).
+        FModelError: whatever `forward` raises for these inputs.
+
     Example:
         >>> logits = fmodel.vmap_forward(ensemble, ids, attention_mask=mask).logits
         >>> probs = logits.softmax(-1).mean(0)   # the ensemble's averaged prediction
     """
+
+    check_state(stacked, "vmap_forward(stacked)")
+    embeddings = stacked.params.get(spec_of(stacked).input_embeddings)
+    if embeddings is not None and embeddings.dim() != 3:
+        raise StackError(
+            f"vmap_forward: the state is not stacked (its input embeddings are {list(embeddings.shape)}, "
+            "a stack's are [n, vocab, hidden]); make one with fmodel.stack_states([...]) or call fmodel.forward"
+        )
+    if input_ids is not None:
+        check_token_ids(
+            input_ids, None if embeddings is None else embeddings.shape[-2], "vmap_forward(input_ids)"
+        )
 
     def run(params, buffers):
         member = with_params(stacked, params, buffers=buffers)

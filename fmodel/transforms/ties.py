@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..state import ModelState
+from .._checks import check_state
+from ..state import ModelState, TieError
 from ._common import spec_of, with_params
 
 __all__ = ["tie_weights", "untie_weights"]
@@ -22,12 +23,26 @@ def tie_weights(state: ModelState) -> ModelState:
     Returns:
         A new state (or `state` itself when every tie already holds). Tensors are shared.
 
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+        TieError: a tie's source and alias differ in shape or dtype (they cannot be one tensor).
+
     Example:
         >>> tied = fmodel.tie_weights(state.replace(config=state.config.replace(tie_word_embeddings=True)))
         >>> tied.params["lm_head.weight"] is tied.params["model.embed_tokens.weight"]
         True
     """
+    check_state(state, "tie_weights(state)")
     wanted = dict(spec_of(state).ties(state.config))
+    for alias, source in wanted.items():
+        if alias in state.ties or alias not in state.params or source not in state.params:
+            continue
+        a, b = state.params[alias], state.params[source]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise TieError(
+                f"tie_weights: {alias!r} ({list(a.shape)} {a.dtype}) cannot be tied to {source!r} "
+                f"({list(b.shape)} {b.dtype}); resize or cast one first"
+            )
     if wanted == dict(state.ties):
         return state
     changed = {alias: state.params[alias].clone() for alias in state.ties if alias not in wanted}
@@ -44,11 +59,15 @@ def untie_weights(state: ModelState) -> ModelState:
         A new state: each untied alias is a new tensor equal to its source; the sources and
         all other tensors are shared with `state`.
 
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+
     Example:
         >>> untied = fmodel.untie_weights(state)
         >>> untied.params["lm_head.weight"] is untied.params["model.embed_tokens.weight"]
         False
     """
+    check_state(state, "untie_weights(state)")
     config = state.config.replace(tie_word_embeddings=False)
     keep = dict(spec_of(state).ties(config))
     if keep == dict(state.ties) and config == state.config:
