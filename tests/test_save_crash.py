@@ -146,6 +146,16 @@ def test_save_recovers_and_cleans_after_a_kill_between_the_fallback_renames(tmp_
     fmodel.save(new, target)
     assert same_params(fmodel.load(target), new)
     assert beside(target) == [".ckpt.tmp-1.tmp-bbbb2222", ".ckpt2.tmp-aaaa1111", "ckpt2"]
+
+
+def test_leftovers_of_a_save_into_a_leftover_are_removed_too(tmp_path):
+    # what a killed `fmodel convert` leaves: its staging folder and its inner save's folders
+    target = tmp_path / "out"
+    for name in (".out.tmp-aaaa1111", "..out.tmp-aaaa1111.tmp-bbbb2222", "..out.tmp-aaaa1111.old-cccc3333"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "..out.tmp-aaaa1111.lock").write_text("")
+    fmodel.save(random_state(), target)
+    assert beside(target) == []
     assert atomic.recover(target) is False
 
 

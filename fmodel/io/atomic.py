@@ -273,7 +273,17 @@ def _clean_locked(target: str) -> None:
     leftover (no other save to this target can be running)."""
     _recover_locked(target)
     for path in leftovers(target):
-        _remove(path)
+        _remove_with_leftovers(path)
+
+
+def _remove_with_leftovers(path: str) -> None:
+    """Remove a stale folder and what a save *into* it left beside it (`fmodel convert` saves
+    into its `.NAME.tmp-*` folder): its own hidden folders and lock file."""
+    for nested in leftovers(path):
+        _remove_with_leftovers(nested)
+    parent, name = os.path.split(path)
+    _remove(os.path.join(parent, f".{name}.lock"))
+    _remove(path)
 
 
 def _new_folder(parent: str, name: str, kind: str) -> str:
