@@ -31,7 +31,9 @@ import functools
 import attrs
 import torch
 
-from .errors import FModelError
+from ._checks import check_device, check_float_dtype, check_positive_int, check_state, describe
+from ._limits import check_allocation
+from .errors import ArgumentTypeError, FModelError
 from .models import get_spec
 from .state import ModelState
 
@@ -135,8 +137,13 @@ def reorder_cache(cache: KVCache, rows: torch.Tensor) -> KVCache:
         its buffers are not written (they stay valid).
 
     Raises:
+        ArgumentTypeError: `cache` is not a `KVCache`, `rows` not a tensor.
         CacheError: `rows` is not a 1-D integer tensor of indices in [0, batch).
     """
+    if not isinstance(cache, KVCache):
+        raise ArgumentTypeError(f"reorder_cache(cache) must be an fmodel.KVCache, got {describe(cache)}")
+    if not isinstance(rows, torch.Tensor):
+        raise ArgumentTypeError(f"reorder_cache(rows) must be a 1-D integer tensor, got {describe(rows)}")
     if rows.dim() != 1 or rows.is_floating_point():
         raise CacheError(
             f"reorder_cache: rows must be a 1-D integer tensor, got {rows.dtype} {list(rows.shape)}"
@@ -196,7 +203,11 @@ def init_cache(
         (zeros, so that no uninitialised memory ever reaches a kernel, even a masked one).
 
     Raises:
+        ArgumentTypeError: `state` is not a `ModelState`, a size not an int, a `dtype` /
+            `device` of the wrong type.
         CacheError: the architecture is not generative (BERT), or a size is not positive.
+        InvalidArgumentError: `dtype` is not a floating dtype, `device` does not exist here.
+        SizeLimitError: the buffers would not fit in the device's memory (before allocating).
 
     Example:
         >>> cache = fmodel.init_cache(state, batch_size=1, max_length=64)
@@ -204,11 +215,20 @@ def init_cache(
         >>> out.past_key_values.length == prompt.shape[1]
         True
     """
+    check_state(state, "init_cache(state)")
+    check_positive_int(batch_size, "init_cache(batch_size)", minimum=-(2**63))
+    check_positive_int(max_length, "init_cache(max_length)", minimum=-(2**63))
     if batch_size < 1 or max_length < 1:
         raise CacheError(f"init_cache: batch_size ({batch_size}) and max_length ({max_length}) must be >= 1")
+    dtype = check_float_dtype(dtype, "init_cache(dtype)") or state.dtype
+    device = check_device(device, "init_cache(device)") or state.device
     shapes = _cache_shapes(state)
-    dtype = dtype or state.dtype
-    device = torch.device(device) if device is not None else state.device
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    check_allocation(
+        2 * batch_size * max_length * sum(h * d for h, d in shapes) * itemsize,
+        what=f"init_cache(batch_size={batch_size}, max_length={max_length})",
+        device=device,
+    )
     keys = tuple(torch.zeros(batch_size, h, max_length, d, dtype=dtype, device=device) for h, d in shapes)
     values = tuple(torch.zeros(batch_size, h, max_length, d, dtype=dtype, device=device) for h, d in shapes)
     return KVCache(keys, values, 0)

@@ -72,12 +72,12 @@ def _check_inputs(
     state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None, extra=None
 ) -> None:
     if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("forward: pass exactly one of input_ids or inputs_embeds")
+        raise InvalidArgumentError("forward: pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor):
             check_int_tensor(input_ids, "forward(input_ids)")
         if input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"forward: input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}"
             )
         check_token_ids(input_ids, _vocab_size(state), "forward(input_ids)")
@@ -89,7 +89,7 @@ def _check_inputs(
                 f"forward(inputs_embeds) must be a tensor [batch, seq, {hidden}], got {describe(inputs_embeds)}"
             )
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"forward: inputs_embeds must be [batch, seq, {hidden}], got {list(inputs_embeds.shape)}"
             )
         shape = tuple(inputs_embeds.shape[:2])
@@ -103,12 +103,12 @@ def _check_inputs(
         check_cache(state, cache, shape[0], shape[1], dtype)
         shape = (shape[0], cache.length + shape[1])  # the mask covers the cached positions too
         if attention_mask is not None and tuple(attention_mask.shape) != shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"forward: with a KV cache of length {cache.length}, attention_mask must cover the "
                 f"cached and the new positions: shape {list(shape)}, got {list(attention_mask.shape)}"
             )
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"forward: attention_mask must have shape {list(shape)} like the inputs, got {list(attention_mask.shape)}"
         )
 
@@ -372,7 +372,7 @@ def _head_mask_attention(
     from .models import get_spec
 
     if not get_spec(state.architecture).takes_head_mask:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"forward: {state.architecture} does not take a head_mask (Transformers' does not either)"
         )
     dtype = inputs_embeds.dtype if inputs_embeds is not None else state.dtype

@@ -197,7 +197,10 @@ def generate(
     device = input_ids.device if state.device.type == "meta" else state.device
     check_allocation(
         buffer_bytes(state, rows, capacity, config),
-        what=f"generate(max_new_tokens={new}): {rows} rows x {capacity} positions of KV cache and buffers",
+        what=(
+            f"generate(max_new_tokens={new}, num_beams={config.num_beams}, num_return_sequences="
+            f"{config.num_return_sequences}): {rows} rows x {capacity} positions of KV cache and buffers"
+        ),
         device=device,
     )
     eos = torch.tensor(config.eos_token_ids, device=input_ids.device) if config.eos_token_ids else None
@@ -274,18 +277,22 @@ def _check_generate(state: ModelState, input_ids, attention_mask, config: Genera
         )
     check_int_tensor(input_ids, "generate(input_ids)")
     if input_ids.dim() != 2:
-        raise ValueError(f"generate: input_ids must be an integer tensor [batch, seq], got {input_ids!r:.80}")
+        raise InvalidArgumentError(
+            f"generate: input_ids must be an integer tensor [batch, seq], got {input_ids!r:.80}"
+        )
     if input_ids.shape[1] == 0:
-        raise ValueError("generate: the prompt is empty; pass at least one token (e.g. the BOS id)")
+        raise InvalidArgumentError("generate: the prompt is empty; pass at least one token (e.g. the BOS id)")
     if input_ids.device != state.device and state.device.type != "meta":  # meta: offloaded (accelerate)
-        raise ValueError(f"generate: input_ids are on {input_ids.device} but the model is on {state.device}")
+        raise InvalidArgumentError(
+            f"generate: input_ids are on {input_ids.device} but the model is on {state.device}"
+        )
     check_token_ids(input_ids, _vocab_size(state), "generate(input_ids)")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ArgumentTypeError(
             f"generate(attention_mask) must be a tensor [batch, seq], got {describe(attention_mask)}"
         )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"generate: attention_mask must have the prompt's shape {list(input_ids.shape)}, "
             f"got {list(attention_mask.shape)}"
         )

@@ -12,6 +12,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidArgumentError
 from .registry import register
 
 __all__ = ["eager_attention", "flash_attention", "flex_attention", "repeat_kv", "sdpa_attention"]
@@ -84,7 +85,7 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, drop
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
     if dropout > 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             "flex_attention does not support dropout; use eager or sdpa for training with dropout"
         )
     groups = getattr(module, "num_key_value_groups", 1)

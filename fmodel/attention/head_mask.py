@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .builtin import eager_attention
 from .legacy_masks import convert_head_mask_to_5d
 from .registry import AttentionFunction
@@ -29,7 +30,7 @@ def with_head_mask(head_mask: torch.Tensor, num_layers: int, dtype: torch.dtype)
     """
     per_layer = convert_head_mask_to_5d(head_mask, num_layers, dtype)
     if per_layer.shape[0] != num_layers:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"head_mask: expected {num_layers} layers in dimension 0, got shape {list(head_mask.shape)}"
         )
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 __all__ = [
     "convert_head_mask_to_5d",
     "create_extended_attention_mask_for_decoder",
@@ -56,7 +58,7 @@ def get_extended_attention_mask(
         else:
             extended = attention_mask[:, None, None, :]
     else:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"Wrong shape for input_ids (shape {tuple(input_shape)}) or attention_mask (shape {tuple(attention_mask.shape)})"
         )
     extended = extended.to(dtype)
@@ -72,7 +74,7 @@ def convert_head_mask_to_5d(
     elif head_mask.dim() == 2:
         head_mask = head_mask[:, None, :, None, None]
     if head_mask.dim() != 5:
-        raise ValueError(f"head_mask must have 1, 2 or 5 dimensions, got {head_mask.dim()}")
+        raise InvalidArgumentError(f"head_mask must have 1, 2 or 5 dimensions, got {head_mask.dim()}")
     return head_mask.to(dtype)
 
 

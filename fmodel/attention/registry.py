@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ..errors import AttentionUnavailableError
+from ..errors import ArgumentTypeError, AttentionUnavailableError, InvalidArgumentError
 
 __all__ = ["AttentionFunction", "available", "get", "register", "unregister"]
 
@@ -67,21 +67,44 @@ def register(
         mask_kind: which mask form `fn` receives: "additive" (default), "bool", "block" or "padding".
         check: optional; returns None when `fn` can run here, else why not (checked at `get`).
 
+    Raises:
+        ArgumentTypeError: (a TypeError) `name` is not a str, `fn` or `check` not callable.
+        InvalidArgumentError: (a ValueError) an empty name, an unknown `mask_kind`.
+
     Example:
         >>> def my_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kw): ...
         >>> fmodel.attention.register("mine", my_attention)
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"attention name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"attention.register(name): the attention name must be a non-empty string, got {name!r:.80}"
+        )
+    if not name:
+        raise InvalidArgumentError(
+            f"attention.register(name): the attention name must be a non-empty string, got {name!r}"
+        )
     if not callable(fn):
-        raise TypeError(f"attention function for {name!r} must be callable, got {type(fn).__name__}")
-    if mask_kind not in MASK_KINDS:
-        raise ValueError(f"mask_kind for {name!r} must be one of {MASK_KINDS}, got {mask_kind!r}")
+        raise ArgumentTypeError(
+            f"attention.register(fn): attention function for {name!r} must be callable, got {type(fn).__name__}"
+        )
+    if not isinstance(mask_kind, str) or mask_kind not in MASK_KINDS:
+        raise InvalidArgumentError(
+            f"attention.register(mask_kind): mask_kind for {name!r} must be one of {MASK_KINDS}, got {mask_kind!r:.80}"
+        )
+    if check is not None and not callable(check):
+        raise ArgumentTypeError(
+            f"attention.register(check) must be a callable or None, got {type(check).__name__}"
+        )
     _REGISTRY[name] = AttentionFunction(name, fn, mask_kind, check)
 
 
 def unregister(name: str) -> None:
-    """Remove a registration (no error if absent)."""
+    """Remove a registration (no error if absent).
+
+    Raises:
+        ArgumentTypeError: `name` is not a str.
+    """
+    _check_name(name, "attention.unregister(name)")
     _REGISTRY.pop(name, None)
 
 
@@ -94,8 +117,10 @@ def get(name: str) -> AttentionFunction:
     """The registered function `name`.
 
     Raises:
+        ArgumentTypeError: `name` is not a str.
         AttentionUnavailableError: `name` is not registered, or its package / hardware is missing.
     """
+    _check_name(name, "attn_implementation")
     entry = _REGISTRY.get(name)
     if entry is None:
         raise AttentionUnavailableError(
@@ -109,4 +134,13 @@ def get(name: str) -> AttentionFunction:
 
 
 def known(name: str) -> bool:
-    return name in _REGISTRY
+    """True when `name` is registered (whether or not it can run here); False for a non-str."""
+    return isinstance(name, str) and name in _REGISTRY
+
+
+def _check_name(name, argument: str) -> None:
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"{argument} must be the name (str) of a registered attention function, got "
+            f"{type(name).__name__} {name!r:.60}; registered: {sorted(_REGISTRY)}"
+        )

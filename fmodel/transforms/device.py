@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from .._checks import check_device, check_float_dtype, check_state
-from ..errors import QuantizedDtypeError
+from ..errors import InvalidArgumentError, QuantizedDtypeError
 from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from ._common import spec_of
@@ -91,7 +91,7 @@ def place(state: ModelState, device_map: Mapping[str, torch.device | str | int])
     names = [*state.params, *state.buffers]
     unmapped = [n for n in names if n not in state.ties and device_for(n) is _UNMAPPED]
     if unmapped:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"device_map does not cover {len(unmapped)} tensor(s), e.g. {unmapped[:5]}; "
             'add their modules (or "" for the rest)'
         )

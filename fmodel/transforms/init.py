@@ -16,7 +16,7 @@ from .._checks import (
     describe,
 )
 from .._limits import check_allocation
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..io.load import default_architecture, state_from_tensors
 from ..models.init import init_tensor
 from ..state import ModelState
@@ -81,7 +81,7 @@ def init(
     _check_fits(config, architecture or default_architecture(config), dtype)
     if draw_order == "transformers":
         if seed != 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "init: seed applies to draw_order='fmodel'; with 'transformers' pass "
                 "generator=torch.Generator().manual_seed(seed) (None draws from torch's global generator)"
             )
@@ -93,9 +93,11 @@ def init(
             generator=generator,
         )
     if draw_order != "fmodel":
-        raise ValueError(f"init: draw_order must be 'fmodel' or 'transformers', got {draw_order!r}")
+        raise InvalidArgumentError(f"init: draw_order must be 'fmodel' or 'transformers', got {draw_order!r}")
     if generator is not None:
-        raise ValueError("init: generator applies to draw_order='transformers'; pass seed= for 'fmodel'")
+        raise InvalidArgumentError(
+            "init: generator applies to draw_order='transformers'; pass seed= for 'fmodel'"
+        )
     state, _ = state_from_tensors(
         config,
         {},
