@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_state
 from .models.skeleton import skeleton
 from .state import ModelState
 
@@ -40,7 +41,11 @@ def num_parameters(
     Arguments:
         only_trainable: count only tensors with `requires_grad`.
         exclude_embeddings: leave out every embedding matrix.
+
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
     """
+    check_state(state, "num_parameters(state)")
     skip = embedding_names(state) if exclude_embeddings else set()
     logical = _quantized_numel(state)
     return sum(
@@ -72,7 +77,12 @@ def get_memory_footprint(state: ModelState, *, return_buffers: bool = True) -> i
     """Bytes held by the model's distinct tensors (tied tensors once), buffers included by default.
 
     Real bytes as stored: a quantized weight counts its int8 / packed uint8 data and its scales
-    and zero points (the CPU kernels' packed copies, a runtime cache, are not counted)."""
+    and zero points (the CPU kernels' packed copies, a runtime cache, are not counted).
+
+    Raises:
+        ArgumentTypeError: `state` is not a `ModelState`.
+    """
+    check_state(state, "get_memory_footprint(state)")
     tensors = state.tensors if return_buffers else dict(state.params)
     seen: set[int] = set()
     total = 0

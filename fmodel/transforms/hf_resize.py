@@ -11,13 +11,12 @@ a new nn.Linear (its kaiming init draws).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from .._checks import check_positive_int, check_state
 from ..models.init import (
     TransformersInit,
     construction_draws,
@@ -28,6 +27,7 @@ from ..models.init import (
 from ..models.skeleton import _SkipInit, skeleton
 from ..state import ModelState
 from ._common import spec_of, with_params
+from .embeddings import _check_generator, _check_rows_fit
 
 __all__ = ["replaced_modules", "resize_token_embeddings"]
 
@@ -62,20 +62,25 @@ def resize_token_embeddings(
         A new state (`state` itself when the size does not change).
 
     Raises:
-        ValueError: a non-integer multiple, or a non-positive size.
+        ArgumentTypeError: `state` is not a `ModelState`, a size that is not an int, a
+            `generator` that is not a `torch.Generator`.
+        InvalidArgumentError: (a ValueError) a non-positive size or multiple.
+        SizeLimitError: the new matrices would not fit in memory (checked before allocating).
     """
+    check_state(state, "resize_token_embeddings(state)")
+    check_positive_int(new_num_tokens, "resize_token_embeddings(new_num_tokens)", allow_none=True)
+    check_positive_int(pad_to_multiple_of, "resize_token_embeddings(pad_to_multiple_of)", allow_none=True)
+    _check_generator(generator, "resize_token_embeddings(generator)")
     spec = spec_of(state)
     old = state.params[spec.input_embeddings]
     size = new_num_tokens
     if pad_to_multiple_of is not None:
-        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0:
-            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         size = old.shape[0] if size is None else size
-        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
+        size = -(-size // pad_to_multiple_of) * pad_to_multiple_of  # exact for huge ints
     if size is None or size == old.shape[0]:
         return state
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"new_num_tokens must be a positive int, got {size!r}")
+    untied = spec.output_embeddings is not None and not state.config.tie_word_embeddings
+    _check_rows_fit(old, size, 2 if untied else 1, f"resize_token_embeddings(new_num_tokens={size})")
     config, rules = state.config, transformers_rules(spec.model_type)
     grow = dict(mean_resizing=mean_resizing, config=config, rules=rules, generator=generator)
     changed = {spec.input_embeddings: _resized(old, None, size, kind="embedding", **grow)[0]}
