@@ -317,10 +317,19 @@ class KillHarness:
 
 
 def _table(results: list[KillResult]) -> str:
-    rows = collections.Counter((r.point.split(" #")[0], r.outcome, r.target, r.loads) for r in results)
-    lines = [f"{'kill point':<34} {'outcome':<10} {'target held':<12} {'load gave':<10} count"]
-    for (point, outcome, target, loads), count in sorted(rows.items()):
-        lines.append(f"{point:<34} {outcome:<10} {target:<12} {loads[:40]:<10} {count}")
+    groups: dict[tuple[str, ...], list[KillResult]] = collections.defaultdict(list)
+    for r in results:
+        groups[(r.point.split(" #")[0], r.outcome, r.target, r.loads[:40])].append(r)
+    lines = [
+        f"{'kill point':<30} {'outcome':<10} {'target held':<12} {'load gave':<10} {'kills':>5} "
+        f"{'left beside (max)':>17} {'after next save':>15}"
+    ]
+    for (point, outcome, target, loads), rs in sorted(groups.items()):
+        before = max(r.leftovers_before for r in rs)
+        after = sum(r.leftovers_after for r in rs)
+        lines.append(
+            f"{point:<30} {outcome:<10} {target:<12} {loads:<10} {len(rs):>5} {before:>17} {after:>15}"
+        )
     return "\n".join(lines)
 
 
