@@ -283,3 +283,26 @@ def test_written_files_and_the_folder_get_normal_modes(tmp_path, umask):
             assert len(modes) > 3 and set(modes.values()) == {0o666 & ~umask}, modes
     finally:
         os.umask(old)
+
+
+# --------------------------------------------------------------------------- generation config
+
+
+def test_resaving_rewrites_a_stale_generation_config_but_a_loaded_models_survives(tmp_path):
+    import json
+
+    import fmodel.facade as facade
+
+    target = tmp_path / "ckpt"
+    fmodel.save(random_state(1), target)
+    derived = json.loads((target / "generation_config.json").read_text())
+    (target / "generation_config.json").write_text('{"max_new_tokens": 5, "do_sample": true}')
+    model = facade.AutoModelForCausalLM.from_pretrained(target)
+    model.save_pretrained(target)  # the model carries the file it was loaded with
+    assert json.loads((target / "generation_config.json").read_text()) == {
+        "max_new_tokens": 5,
+        "do_sample": True,
+    }
+    fmodel.save(random_state(2), target)  # a bare state carries none: the config's, not the stale file
+    assert json.loads((target / "generation_config.json").read_text()) == derived
+    assert beside(target) == []
