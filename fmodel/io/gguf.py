@@ -2,11 +2,13 @@
 
 A GGUF file holds the config as metadata (`llama.embedding_length`, ...), the tokenizer
 (`tokenizer.ggml.*`) and the weights, many of them block-quantized (Q4_0, Q8_0, Q4_K, ...).
-Loading reads the metadata with `gguf.GGUFReader` (the reader maintained with llama.cpp,
-an optional dependency: `pip install 'fmodel[gguf]'`), dequantizes every weight with
+Loading reads the header with fmodel's own bounded parser and checks the tensor table against
+the file (`fmodel.io.gguf_parse`, `fmodel.io.gguf_layout`), checks the metadata against the
+tensors before building a config (`fmodel.io.gguf_meta`), dequantizes every weight with
 `gguf.quants.dequantize` to float32, renames it to Transformers' name and undoes the row
-permutation llama.cpp applies to the query and key projections of Llama models. The result
-is an ordinary floating-point state, equal to what Transformers builds from the same file.
+permutation llama.cpp applies to the query and key projections of Llama models (`gguf`, the
+package maintained with llama.cpp, is an optional dependency: `pip install 'fmodel[gguf]'`).
+The result is an ordinary floating-point state, equal to what Transformers builds from the same file.
 
 Supported: general.architecture "llama" (Llama, Mistral and SmolLM GGUFs) and "qwen2";
 tensor types F32, F16, BF16 and every block quantization `gguf.quants` can dequantize
@@ -19,7 +21,6 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
 import torch
@@ -28,10 +29,8 @@ from .._frozen import FrozenDict
 from ..config import config_from_dict
 from ..errors import CheckpointError, ConfigError
 from ..state import ModelState
+from .gguf_config import config_dict as _config_dict
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
-from .gguf_meta import check_against_tensors
-from .gguf_meta import count as _count
-from .gguf_meta import positive as _positive
 
 __all__ = [
     "GGUF_ARCHITECTURES",
@@ -82,103 +81,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _config_dict(file: GGUFFile, arch: _Arch, has_output: bool) -> dict[str, Any]:
-    """A config.json-like dict for the file (Transformers' field names)."""
-    a = file.architecture
-    n_heads = _count(file, f"{a}.attention.head_count")
-    hidden = _count(file, f"{a}.embedding_length")
-    n_kv = _count(file, f"{a}.attention.head_count_kv", default=n_heads)
-    d: dict[str, Any] = {
-        "model_type": arch.model_type,
-        "architectures": [arch.architecture],
-        "hidden_size": hidden,
-        "intermediate_size": _count(file, f"{a}.feed_forward_length"),
-        "num_hidden_layers": _count(file, f"{a}.block_count"),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "max_position_embeddings": _count(file, f"{a}.context_length"),
-        "rms_norm_eps": _positive(file, f"{a}.attention.layer_norm_rms_epsilon"),
-        "rope_theta": _positive(file, f"{a}.rope.freq_base", default=10000.0),
-        "tie_word_embeddings": not has_output,
-        "vocab_size": _vocab_size(file),
-    }
-    head_dim = _count(file, f"{a}.attention.key_length", default=None)
-    value_dim = _count(file, f"{a}.attention.value_length", default=head_dim)
-    if head_dim != value_dim:
-        raise CheckpointError(
-            f"{file.path}: key head size {head_dim} ({a}.attention.key_length) differs from value head size "
-            f"{value_dim} ({a}.attention.value_length); fmodel's {arch.architecture} needs them equal"
-        )
-    rope_dims = _count(file, f"{a}.rope.dimension_count", default=None)
-    head_dim = head_dim or rope_dims or hidden // n_heads
-    if rope_dims is not None and rope_dims != head_dim:
-        raise CheckpointError(
-            f"{file.path}: {a}.rope.dimension_count is {rope_dims} but the head size is {head_dim}; "
-            f"partial rotary embeddings are not supported for {arch.architecture}"
-        )
-    if head_dim != hidden // n_heads:
-        d["head_dim"] = head_dim
-    check_against_tensors(file, arch, d, head_dim)
-    rope_scaling = _rope_scaling(file)
-    if rope_scaling is not None:
-        d["rope_scaling"] = rope_scaling
-    for key, field in (
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ):
-        d[field] = file.get(key, int, default=None)  # an absent id is null, not the class default
-        if d[field] is not None and not 0 <= d[field] < d["vocab_size"]:
-            raise ConfigError(
-                f"{file.path}: GGUF metadata key {key!r} is {d[field]}, outside the vocabulary of "
-                f"{d['vocab_size']} tokens"
-            )
-    return d
-
-
-def _vocab_size(file: GGUFFile) -> int:
-    size = _count(file, f"{file.architecture}.vocab_size", default=None)
-    if size is not None:
-        return size
-    tokens = file.get("tokenizer.ggml.tokens", list, default=None)
-    if tokens:
-        return len(tokens)
-    embd = next((t for t in file.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise CheckpointError(
-            f"{file.path}: no vocab size: no {file.architecture}.vocab_size, tokens or token_embd"
-        )
-    return int(embd.shape[-1])  # ggml order: [hidden, vocab]
-
-
-def _rope_scaling(file: GGUFFile) -> dict[str, Any] | None:
-    a = file.architecture
-    kind = file.get(f"{a}.rope.scaling.type", str, default=None)
-    factor = _positive(file, f"{a}.rope.scaling.factor", default=None)
-    if kind is None and file.get(f"{a}.rope.scale_linear", float, default=None) is not None:
-        kind, factor = "linear", _positive(file, f"{a}.rope.scale_linear")  # older files
-    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": factor}
-    if kind == "yarn":
-        out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
-        orig = _count(file, f"{a}.rope.scaling.original_context_length", default=None)
-        if orig is not None:
-            out["original_max_position_embeddings"] = orig
-        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            value = file.get(f"{a}.rope.scaling.{key}", float, default=None)
-            if value is not None:
-                out[name] = value
-        return out
-    raise CheckpointError(
-        f"{file.path}: {a}.rope.scaling.type is {kind!r}; fmodel reads 'none', 'linear' and 'yarn' from GGUF"
-    )
 
 
 # --------------------------------------------------------------------------- tensors
@@ -401,8 +303,19 @@ def load_gguf(
         A new `ModelState`; the file is never written.
 
     Raises:
-        CheckpointError: not a GGUF file, unsupported architecture or tensor type, missing
-            metadata, or tensors that do not fit the config; each names the file and the key or tensor.
+        CorruptFileError: the header or tensor table contradicts itself or the file (counts or
+            lengths past the end, unknown value or tensor type ids, tensor offsets misaligned,
+            outside the data section, overlapping or leaving holes); names the file, the key or
+            tensor, the offset, the byte size and the file size. Raised by `read_gguf` before
+            anything is allocated.
+        ConfigError: metadata out of range (a count < 1, an epsilon or base that is not a
+            finite positive number, a token id outside the vocabulary, head counts that do not
+            divide); names the file and the key.
+        ShapeMismatchError: a tensor's shape contradicts the metadata (names the GGUF tensor).
+        CheckpointError: not a GGUF file, unsupported version, architecture or tensor type,
+            missing or wrongly typed metadata (`llama.block_count` as a string), more blocks
+            declared than the file holds, or tensors that do not fit the config; each names the
+            file and the key or tensor.
         ImportError: the `gguf` package is missing (`pip install 'fmodel[gguf]'`).
 
     Example:
