@@ -7,9 +7,20 @@ Run it as `fmodel ...` (the console script) or `python -m fmodel ...`:
     fmodel convert model.Q4_1.gguf out/ --dtype bfloat16 --max-shard-size 500MB
 
 Output goes to stdout; logging (quiet by default: warnings only; `-v` info, `-vv` debug) and
-progress bars (tqdm, when installed and stderr is a terminal) go to stderr. Bad input (fmodel's
-errors, missing files, bad arguments) prints one line, `fmodel <command>: error: ...`, and exits
-with status 1 (2 for usage errors); `--traceback` or `-vv` shows the traceback too.
+progress bars (tqdm, when installed and stderr is a terminal) go to stderr. An error prints one
+line on stderr, `fmodel <command>: error: ...`, and never a traceback unless `--traceback` (or
+`-vv`) is given.
+
+Exit status:
+    0    success.
+    1    bad input: fmodel's errors (a checkpoint that cannot be read, a bad option value such
+         as `--device banana`, `--dtype int8`, `--max-new-tokens -1`), missing files, an
+         unreachable hub, out of memory.
+    2    usage error: an unknown option, a missing required argument, a value of the wrong
+         type (argparse's convention, as for most Unix commands).
+    70   internal error: an exception fmodel did not expect, i.e. a bug in fmodel; the line
+         names the exception type (`--traceback` shows where). (70 is EX_SOFTWARE of sysexits.h.)
+    130  interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,16 +31,43 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+import torch
+
 from ..errors import FModelError
 from . import _convert, _generate, _inspect
 from ._load import CLIError
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CLIError",
+    "build_parser",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2  # argparse's own status for usage errors
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): a bug in fmodel
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """exit status:
+  0    success
+  1    bad input (a checkpoint that cannot be read, a bad option value, a missing file,
+       an unreachable hub, out of memory): one line on stderr
+  2    usage error (unknown option, missing argument, wrong value type)
+  70   internal error: a bug in fmodel (the line names the exception; --traceback shows it)
+  130  interrupted (Ctrl-C)
+"""
 
 logger = logging.getLogger("fmodel")
 
 # Errors that are the user's input, not fmodel's bugs: one line, no traceback.
-_USER_ERRORS = (FModelError, OSError, ValueError, ImportError)
+# (MemoryError and torch's OutOfMemoryError: the model or the request does not fit this machine.)
+_USER_ERRORS = (FModelError, OSError, ValueError, ImportError, MemoryError, torch.OutOfMemoryError)
 _LOGGERS = ("fmodel", "huggingface_hub")
 
 
@@ -66,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmodel",
         description="fmodel: generate text with, inspect and convert Hugging Face and GGUF checkpoints.",
         parents=[_common_options(None)],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from .. import __version__
 
@@ -111,20 +151,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "path/to/checkpoint", "--json"])
         0
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors: SystemExit(2), argparse's message
     handler, previous = _configure_logging(args.verbose, args.quiet)
+    show_traceback = args.traceback or args.verbose >= 2
     try:
         return args.run(args)
     except KeyboardInterrupt:
         print(f"fmodel {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
-        return 0
+        return EXIT_OK
     except _USER_ERRORS as exc:
-        if args.traceback or args.verbose >= 2:
+        if show_traceback:
             traceback.print_exc(file=sys.stderr)
         print(f"fmodel {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # anything else is fmodel's bug: say so, in one line
+        if show_traceback:
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if show_traceback else "; rerun with --traceback for the details"
+        print(
+            f"fmodel {args.command}: error: internal error ({type(exc).__module__}.{type(exc).__qualname__}: "
+            f"{_one_line(exc)[:300]}); this is a bug in fmodel, please report it{hint}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     finally:
         logger.removeHandler(handler)
         for name, level in previous.items():

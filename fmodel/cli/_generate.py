@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import TextIO
 
 import torch
 
+from .._checks import check_device
 from ..errors import FModelError
 from ..tokenizer import Tokenizer
 from ._load import CLIError, load_generation_defaults, load_model, load_tokenizer
@@ -159,13 +161,34 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
+MAX_THREADS = 1024  # more CPU threads than any machine has cores; libgomp would abort allocating them
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds wrap around)
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    """Refuse option values no library call would reject by itself, before anything is loaded.
+
+    Raises:
+        CLIError: the message names the option, what was given and what is accepted.
+        InvalidArgumentError: `--device` names no device torch knows or none present here.
+    """
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise CLIError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and math.isnan(args.top_p):  # ranges: GenerationConfig checks them
+        raise CLIError("--top-p must be a number in [0, 1], got nan")
+    if args.seed is not None and not -(2**63) <= args.seed <= MAX_SEED:
+        raise CLIError(f"--seed must be in [-2**63, 2**64 - 1], got {args.seed}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise CLIError(
+            f"--threads must be between 1 and {MAX_THREADS}, got {args.threads} "
+            f"(this machine has {os.cpu_count()} cores)"
+        )
+    if args.device is not None:
+        device = check_device(args.device, "--device")
+        if device is not None and device.type == "meta":
+            raise CLIError("--device meta holds no data and cannot generate; use cpu, cuda or mps")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -60,6 +60,10 @@ class HubFetcher:
         revision: a branch, tag or commit hash (default "main").
         cache_dir: the hub cache folder (default huggingface_hub's).
         local_files_only: never use the network (also on when `HF_HUB_OFFLINE=1`).
+
+    Raises:
+        CheckpointError: `repo_id` is not a valid hub repo id (checked here; nothing is fetched
+            before `fetch`).
     """
 
     def __init__(
@@ -71,7 +75,14 @@ class HubFetcher:
         local_files_only: bool | None = None,
     ) -> None:
         from huggingface_hub.file_download import repo_folder_name
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise CheckpointError(
+                f"{repo_id!r}: no such folder, and not a valid hub repo id 'org/name' ({_first_line(exc)})"
+            ) from None
         self.repo_id = repo_id
         self.revision = revision
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)

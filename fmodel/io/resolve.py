@@ -8,6 +8,7 @@ import attrs
 
 from ..errors import CheckpointError
 from .atomic import recover
+from .hub_fetch import HubFetcher
 from .shard_index import local_shard_paths, shard_names
 
 __all__ = ["CheckpointFiles", "resolve_checkpoint", "variant_name"]
@@ -85,52 +86,41 @@ def _expected(candidates: tuple[tuple[str, str, str], ...]) -> str:
 
 
 def _hub(
-    repo_id: str, revision, cache_dir, local_files_only, variant: str | None = None, require_config: bool = True
+    repo_id: str,
+    revision,
+    cache_dir,
+    local_files_only,
+    variant: str | None = None,
+    require_config: bool = True,
 ) -> CheckpointFiles:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    def fetch(filename: str) -> str | None:
-        try:
-            return hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=bool(local_files_only),
-            )
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            return None
-
-    try:
-        config = fetch(CONFIG)
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id}: not a local folder and not a repository on the hub") from None
-    except Exception as exc:  # network or validation errors from huggingface_hub
-        raise CheckpointError(
-            f"{repo_id}: could not resolve on the hub ({type(exc).__name__}: {exc})"
-        ) from None
+    # HubFetcher: one HEAD probe without hidden retries, cache-only when offline or unreachable,
+    # HubUnavailableError when the cache does not hold the repo, damaged cache entries named.
+    hub = HubFetcher(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config = hub.fetch(CONFIG)
     if config is None and require_config:
-        offline = " (offline: it is not in the local cache)" if local_files_only else ""
-        raise CheckpointError(f"{repo_id}: no {CONFIG} found{offline}")
+        raise CheckpointError(f"{repo_id}: no {CONFIG} found{hub.missing_reason()}")
     folder = None if config is None else os.path.dirname(config)
     candidates = _candidates(variant)
     for index_name, single, fmt in candidates:
-        index = fetch(index_name)
+        index = hub.fetch(index_name)
         if index is not None:
             shards = []
             for name in shard_names(index):  # checked: {str: str}, no path outside the snapshot
-                path = fetch(name)
+                path = hub.fetch(name)
                 if path is None:
                     raise CheckpointError(
-                        f"{repo_id}: shard {name} listed in {index_name} could not be fetched"
+                        f"{repo_id}: shard {name} listed in {index_name} could not be fetched{hub.missing_reason()}"
                     )
                 shards.append(path)
-            return CheckpointFiles(repo_id, config, tuple(shards), index, fmt, folder or os.path.dirname(index))
-        path = fetch(single)
+            return CheckpointFiles(
+                repo_id, config, tuple(shards), index, fmt, folder or os.path.dirname(index)
+            )
+        path = hub.fetch(single)
         if path is not None:
             return CheckpointFiles(repo_id, config, (path,), None, fmt, folder or os.path.dirname(path))
-    raise CheckpointError(f"{repo_id}: no weights found; expected {_expected(candidates)}")
+    raise CheckpointError(
+        f"{repo_id}: no weights found; expected {_expected(candidates)}{hub.missing_reason()}"
+    )
 
 
 def resolve_checkpoint(
@@ -151,8 +141,15 @@ def resolve_checkpoint(
     `variant` ("fp16", ...) picks Transformers' variant files (model.fp16.safetensors, ...)
     and only those.
 
+    Hub ids go through `fmodel.io.hub_fetch.HubFetcher`: an unreachable hub is detected with
+    one request (no hidden retries) and the local cache is used instead.
+
     Raises:
-        CheckpointError: nothing found, names what was looked for and where.
+        HubUnavailableError: a hub id whose repo is not in the local cache while offline mode
+            is on or the hub cannot be reached; says which, the cache folder, and how to use a
+            local copy.
+        CheckpointError: nothing found, names what was looked for and where; a damaged hub
+            cache (a ref to a missing snapshot, a broken blob symlink, a folder for a file).
     """
     source = os.fspath(path_or_repo_id)
     if not os.path.exists(source):
