@@ -31,6 +31,7 @@ __all__ = [
     "check_nonnegative_int",
     "check_positive_int",
     "check_state",
+    "check_state_like",
     "check_str",
     "check_token_ids",
     "describe",
@@ -87,6 +88,18 @@ def check_state(value: Any, argument: str = "state") -> Any:
     elif isinstance(value, (str, bytes)):
         hint = "; load one with fmodel.load(path)"
     raise ArgumentTypeError(f"{argument} must be a fmodel.ModelState, got {describe(value)}{hint}")
+
+
+def check_state_like(value: Any, argument: str = "state") -> Any:
+    """`check_state`, also accepting a record with a state's `config` and `architecture`
+    (what the facade passes to `prepare_call` / `init_cache` instead of building a state)."""
+    from .state import ModelState
+
+    if isinstance(value, ModelState) or (
+        hasattr(value, "config") and isinstance(getattr(value, "architecture", None), str)
+    ):
+        return value
+    return check_state(value, argument)
 
 
 def check_config(value: Any, argument: str = "config") -> Any:

@@ -31,7 +31,7 @@ import functools
 import attrs
 import torch
 
-from ._checks import check_device, check_float_dtype, check_positive_int, check_state, describe
+from ._checks import check_device, check_float_dtype, check_positive_int, check_state_like, describe
 from ._limits import check_allocation
 from .errors import ArgumentTypeError, FModelError
 from .models import get_spec
@@ -215,7 +215,7 @@ def init_cache(
         >>> out.past_key_values.length == prompt.shape[1]
         True
     """
-    check_state(state, "init_cache(state)")
+    check_state_like(state, "init_cache(state)")
     check_positive_int(batch_size, "init_cache(batch_size)", minimum=-(2**63))
     check_positive_int(max_length, "init_cache(max_length)", minimum=-(2**63))
     if batch_size < 1 or max_length < 1:
@@ -223,12 +223,13 @@ def init_cache(
     dtype = check_float_dtype(dtype, "init_cache(dtype)") or state.dtype
     device = check_device(device, "init_cache(device)") or state.device
     shapes = _cache_shapes(state)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    check_allocation(
-        2 * batch_size * max_length * sum(h * d for h, d in shapes) * itemsize,
-        what=f"init_cache(batch_size={batch_size}, max_length={max_length})",
-        device=device,
-    )
+    itemsize = dtype.itemsize
+    if not torch.compiler.is_compiling():  # sizes are static under compile; the eager call checked
+        check_allocation(
+            2 * batch_size * max_length * sum(h * d for h, d in shapes) * itemsize,
+            what=f"init_cache(batch_size={batch_size}, max_length={max_length})",
+            device=device,
+        )
     keys = tuple(torch.zeros(batch_size, h, max_length, d, dtype=dtype, device=device) for h, d in shapes)
     values = tuple(torch.zeros(batch_size, h, max_length, d, dtype=dtype, device=device) for h, d in shapes)
     return KVCache(keys, values, 0)

@@ -145,7 +145,7 @@ def buffer_bytes(state: ModelState, rows: int, capacity: int, config: Generation
     For `fmodel._limits.check_allocation` before anything is allocated."""
     from .cache import _cache_shapes
 
-    itemsize = torch.empty((), dtype=state.dtype).element_size()
+    itemsize = state.dtype.itemsize
     per_position = 8 * 3  # tokens, mask, positions (int64)
     if config.use_cache:
         per_position += sum(2 * heads * dim for heads, dim in _cache_shapes(state)) * itemsize

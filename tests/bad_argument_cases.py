@@ -249,6 +249,7 @@ def _argument_cases() -> list[Case]:
             InvalidArgumentError,
             "lm_head.weight",
         ),
+        _c("init_weights-int8-state", lambda: f.init_weights(Q), QuantizationError, "init_weights"),
         # init_cache / reorder_cache
         _c("init_cache-batch-0", lambda: f.init_cache(L, 0, 8), FModelError, "batch_size"),
         _c("init_cache-batch-negative", lambda: f.init_cache(L, -1, 8), FModelError, "batch_size"),
@@ -446,6 +447,13 @@ def _forward_cases() -> list[Case]:
             lambda: f.forward(L, IDS, head_mask=torch.ones(4)),
             ValueError,
             "head_mask",
+        ),
+        _c("forward-stacked-state", lambda: f.forward(STACKED, IDS), InvalidArgumentError, "vmap_forward"),
+        _c(
+            "bind_forward-stacked-state",
+            lambda: f.bind_forward(STACKED, lambda fw: fw(IDS)),
+            InvalidArgumentError,
+            "stacked",
         ),
         _c("vmap_forward-plain-state", lambda: f.vmap_forward(L, IDS), fmodel.StackError, "stack"),
         _c(

@@ -16,12 +16,13 @@ from .._checks import (
     describe,
 )
 from .._limits import check_allocation
-from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..errors import ArgumentTypeError, InvalidArgumentError, QuantizationError
 from ..io.load import default_architecture, state_from_tensors
 from ..models.init import init_tensor
 from ..state import ModelState
 from . import hf_init
 from ._common import spec_of, with_params
+from .quantize import is_quantized
 
 __all__ = ["init", "init_weights"]
 
@@ -112,6 +113,9 @@ def init(
     return state
 
 
+_QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale", ".weight_zero")
+
+
 def _check_fits(config, architecture: str, dtype: torch.dtype) -> None:
     """Refuse a model whose weights exceed the memory of the CPU (their sizes come from the
     meta skeleton, which holds no storage)."""
@@ -119,7 +123,7 @@ def _check_fits(config, architecture: str, dtype: torch.dtype) -> None:
 
     module = skeleton(config, architecture)
     numel = sum(p.numel() for p in module.parameters())
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     check_allocation(
         numel * itemsize, what=f"init: the {architecture} weights ({numel:,} parameters, {dtype})"
     )
@@ -142,6 +146,7 @@ def init_weights(state: ModelState, *, seed: int = 0, names: Iterable[str] | Non
         ArgumentTypeError: `state` is not a `ModelState`, `names` is not a list of str.
         InvalidArgumentError: a negative seed.
         ParameterNameError: (a KeyError) a name is not a parameter, or is a tied alias.
+        QuantizationError: a chosen name is a quantized weight, scale or zero point.
     """
     check_state(state, "init_weights(state)")
     check_nonnegative_int(seed, "init_weights(seed)")
@@ -167,6 +172,13 @@ def init_weights(state: ModelState, *, seed: int = 0, names: Iterable[str] | Non
             raise ParameterNameError(
                 f"init_weights(names): {name!r} is not a parameter of {state.architecture}"
             )
+    packed = [n for n in chosen if n.endswith(_QUANTIZED_SUFFIXES)] if is_quantized(state) else []
+    if packed:
+        raise QuantizationError(
+            f"init_weights: {packed[0]!r} (and {len(packed) - 1} more) are quantized entries; drawing them as "
+            "floats would zero the weights. Re-initialise a float model (fmodel.dequantize first) and "
+            "quantize it again, or pass names= of unquantized parameters"
+        )
     generator = torch.Generator().manual_seed(seed)
     changed = {}
     for name in chosen:
