@@ -1,8 +1,11 @@
-"""Checkpoint names -> state names: legacy renames and Transformers' base-prefix rule."""
+"""Checkpoint names -> state names (legacy renames and Transformers' base-prefix rule), and
+the architecture a config loads as by default."""
 
 from __future__ import annotations
 
-__all__ = ["map_keys"]
+from ..models import specs_for_model_type
+
+__all__ = ["default_architecture", "map_keys"]
 
 
 def map_keys(spec, names, expected) -> tuple[dict[str, str], list[tuple[str, str]], list[str]]:
@@ -33,3 +36,12 @@ def map_keys(spec, names, expected) -> tuple[dict[str, str], list[tuple[str, str
             mapping[name] = prefix + new
             renamed.append((name, mapping[name]))
     return mapping, renamed, unused
+
+
+def default_architecture(config) -> str:
+    """`architectures[0]` of the config, else the family's causal-LM class, else its base."""
+    if config.architectures:
+        return config.architectures[0]
+    specs = specs_for_model_type(config.model_type)
+    heads = [s for s in specs if s.output == "causal_lm"]
+    return (heads or specs)[0].name

@@ -15,7 +15,7 @@ import torch
 
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError, QuantizedDtypeError, ShapeMismatchError
-from ..models import get_spec, specs_for_model_type
+from ..models import get_spec
 from ..models.init import draw_missing_as_transformers, init_tensor
 from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
@@ -27,7 +27,7 @@ from .expected import (
     check_missing_allocation,
     resolve_dtype,
 )
-from .key_map import map_keys
+from .key_map import default_architecture, map_keys
 from .read import read_tensors
 from .report import LoadReport
 from .resolve import resolve_checkpoint
@@ -35,15 +35,6 @@ from .resolve import resolve_checkpoint
 __all__ = ["LoadReport", "load", "load_with_report", "resolve_dtype", "state_from_tensors"]
 
 logger = logging.getLogger("fmodel")
-
-
-def default_architecture(config) -> str:
-    """`architectures[0]` of the config, else the family's causal-LM class, else its base."""
-    if config.architectures:
-        return config.architectures[0]
-    specs = specs_for_model_type(config.model_type)
-    heads = [s for s in specs if s.output == "causal_lm"]
-    return (heads or specs)[0].name
 
 
 def state_from_tensors(
@@ -87,9 +78,13 @@ def state_from_tensors(
     Returns:
         (state, report).
 
-    Raises:
-        CheckpointError: missing or unexpected tensors, each listed by name.
+    Raises (checks in `fmodel.io.expected`, in this order, before the skeleton is built):
+        ArgumentTypeError / InvalidArgumentError: a bad argument (DtypeArgumentError for dtype).
+        CheckpointError: the config declares layers the tensors lack; missing or unexpected
+            tensors, each listed by name.
         ShapeMismatchError: wrong-shape tensors, each with found and expected shapes.
+        SizeLimitError: the tensors to draw (allow_missing) would not fit the device.
+        CheckpointDtypeError: a stored dtype its parameter cannot have (an int norm weight).
         ConfigError: the architecture does not belong to the config's model_type.
     """
     check_load_arguments(
@@ -377,7 +372,9 @@ def load(
         A new `ModelState`; the checkpoint files are never written.
 
     Raises:
-        CheckpointError, ShapeMismatchError, ConfigError: each names the file and tensor or field.
+        CheckpointError (ShapeMismatchError, CheckpointDtypeError), ConfigError, SizeLimitError,
+            ArgumentTypeError, InvalidArgumentError: each names the file and tensor, field or
+            argument (see `state_from_tensors`); all before a large allocation.
 
     Example:
         >>> state = fmodel.load("path/to/checkpoint", dtype="bfloat16")
