@@ -9,6 +9,7 @@ from ..config import CONFIG_CLASSES, load_config
 from ..io.resolve import resolve_checkpoint
 from ..models import ARCHITECTURES, specs_for_model_type
 from .adapters import adapter_source
+from .arg_checks import check_config_argument, check_pretrained_path
 from .model import PreTrainedModel
 
 __all__ = [
@@ -49,6 +50,7 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        check_pretrained_path(pretrained_model_name_or_path, f"{cls.__name__}.from_pretrained")
         config = kwargs.get("config")
         if config is None and (
             kwargs.get("gguf_file") or os.fspath(pretrained_model_name_or_path).endswith(".gguf")
@@ -57,7 +59,9 @@ class _Auto:
         if config is None:
             # an adapter folder: the family is the base model's (the class loads both)
             base = adapter_source(
-                os.fspath(pretrained_model_name_or_path), revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
+                os.fspath(pretrained_model_name_or_path),
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
             )
             files = resolve_checkpoint(
                 base or pretrained_model_name_or_path,
@@ -81,6 +85,7 @@ class _Auto:
 
     @classmethod
     def from_config(cls, config, **kwargs: Any) -> PreTrainedModel:
+        check_config_argument(config, f"{cls.__name__}.from_config")
         return cls._pick(config)._from_config(config, **kwargs)
 
 

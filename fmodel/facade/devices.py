@@ -24,6 +24,7 @@ from ..io.load import state_from_tensors
 from ..models import get_spec
 from ..models.skeleton import skeleton
 from ..state import ModelState
+from .arg_checks import check_to_arguments
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -70,7 +71,6 @@ def empty_state(config, architecture: str, attn_implementation: str = "sdpa") ->
     return state
 
 
-
 class DeviceMixin:
     """Devices and dtypes; the host class provides `state`."""
 
@@ -107,8 +107,15 @@ class DeviceMixin:
         return super().double()
 
     def to(self, *args: Any, **kwargs: Any) -> PreTrainedModel:
-        """`nn.Module.to`; a dtype argument on a quantized model raises `QuantizedDtypeError`."""
-        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        """`nn.Module.to`; a dtype argument on a quantized model raises `QuantizedDtypeError`.
+
+        Raises:
+            DeviceArgumentError: an unknown device or one not present here (a `RuntimeError`,
+                as torch's).
+            CastDtypeError: an integer or bool dtype (a `TypeError`, as `nn.Module.to`'s).
+            QuantizedDtypeError: any dtype on a quantized model.
+        """
+        _, dtype = check_to_arguments(args, kwargs)
         if dtype is not None:
             self._refuse_quantized_cast(f"to({dtype})")
         return super().to(*args, **kwargs)
@@ -159,4 +166,3 @@ class DeviceMixin:
         self._install(transforms.place(self.state, device_map))
         self._add_device_hooks(device_map)
         self.hf_device_map = dict(device_map)
-

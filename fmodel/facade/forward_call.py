@@ -13,6 +13,7 @@ from .. import losses
 from ..cache import KVCache, init_cache
 from ..forward import prepare_call, to_output
 from ..models import get_spec
+from .arg_checks import check_model_inputs
 from .outputs import output_class
 
 __all__ = ["ForwardMixin"]
@@ -72,7 +73,13 @@ class ForwardMixin:
         `past_key_values` cache returns `past_key_values`: an fmodel `KVCache`, grown as needed
         when passed back. The module tree runs with its own
         parameters (so hooks, adapters and `torch.func.functional_call` act as on any module).
+
+        Raises:
+            ArgumentTypeError / InvalidArgumentError: `input_ids` not an integer tensor [batch,
+                seq] (a list, a float tensor, another rank), `inputs_embeds` not [batch, seq, hidden].
+            TokenIdError: an id outside [0, vocab_size).
         """
+        check_model_inputs(input_ids, inputs_embeds)
         return self._forward_module(
             self._tree,
             get_spec(self._architecture).output,
@@ -211,14 +218,22 @@ def _with_room(cache: KVCache, new_tokens: int) -> KVCache:
     return KVCache(tuple(map(grown, cache.keys)), tuple(map(grown, cache.values)), cache.length)
 
 
-def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+def _causal_lm_loss(
+    logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+):
     return losses.causal_lm_loss(
-        logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels
+        logits,
+        labels,
+        num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
     )
 
 
 def _masked_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
-    return losses.masked_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+    return losses.masked_lm_loss(
+        logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index
+    )
 
 
 def _sequence_classification_loss(labels, pooled_logits, config, **kwargs):
@@ -230,7 +245,11 @@ def _sequence_classification_loss(labels, pooled_logits, config, **kwargs):
     )
 
 
-_LOSS_TYPES = {"causal_lm": "ForCausalLM", "masked_lm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification"}
+_LOSS_TYPES = {
+    "causal_lm": "ForCausalLM",
+    "masked_lm": "ForMaskedLM",
+    "sequence_classification": "ForSequenceClassification",
+}
 _LOSS_FUNCTIONS = {
     "causal_lm": _causal_lm_loss,
     "masked_lm": _masked_lm_loss,

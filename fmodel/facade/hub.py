@@ -26,6 +26,7 @@ from ..io.push import default_commit_message, save_and_push
 from ..io.push import push_to_hub as _push_to_hub
 from ..io.save import save
 from .adapters import has_adapters, save_adapter
+from .arg_checks import check_repo_id
 from .generation import saved_generation_config
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ class HubMixin:
             TypeError: other keyword arguments (Transformers' long-deprecated `repo_url`,
                 `organization`, `repo_path_or_name` are not supported).
         """
+        check_repo_id(repo_id)
         token = _token(token, deprecated_kwargs)
         ignore_metadata_errors = bool(deprecated_kwargs.pop("ignore_metadata_errors", False))
         if deprecated_kwargs:

@@ -19,6 +19,7 @@ from ..io.read import read_weight_file
 from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
 from .adapters import adapter_source, with_adapter
+from .arg_checks import check_pretrained_path
 from .config_view import ConfigView, DetachedConfig, as_fmodel_config
 from .devices import DEVICE_MAP_STRATEGIES, registers_on_meta
 
@@ -53,7 +54,9 @@ class LoadingMixin:
         attn = kwargs.pop("attn_implementation", None)
         kwargs.pop("trust_remote_code", None)
         if kwargs:
-            raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
+            raise TypeError(
+                f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
+            )
         dtype = _config_dtype(config) if dtype in (None, "auto") else dtype
         dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
         if dtype is None or dtype == torch.float32 or registers_on_meta():
@@ -102,8 +105,12 @@ class LoadingMixin:
         """
         adapter_name = kwargs.pop("adapter_name", "default")
         adapter_kwargs = kwargs.pop("adapter_kwargs", None) or {}
-        source = os.fspath(pretrained_model_name_or_path)
-        base = None if kwargs.get("gguf_file") else adapter_source(source, revision=revision, cache_dir=cache_dir)
+        source = check_pretrained_path(pretrained_model_name_or_path, f"{cls.__name__}.from_pretrained")
+        base = (
+            None
+            if kwargs.get("gguf_file")
+            else adapter_source(source, revision=revision, cache_dir=cache_dir)
+        )
         if base is not None:
             loaded = cls.from_pretrained(
                 base, *model_args, config=config, cache_dir=cache_dir, torch_dtype=torch_dtype, dtype=dtype,
@@ -124,7 +131,11 @@ class LoadingMixin:
             config = as_fmodel_config(config)
         elif kwargs and not is_gguf:
             files = resolve_checkpoint(
-                source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, variant=variant
+                source,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                variant=variant,
             )
             config = load_config(files.config)
         if kwargs:  # config attributes (num_labels, id2label, ...), as Transformers' config kwargs

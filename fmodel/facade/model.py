@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from .. import transforms
+from ..errors import ArgumentTypeError
 from ..models import get_spec
 from ..models.skeleton import _SkipInit, build_module
 from ..state import ModelState
+from .arg_checks import check_config_argument
 from .attention_choice import AttentionMixin
 from .base_call import bind_base_call
 from .config_binding import ConfigBindingMixin
@@ -109,7 +111,9 @@ class PreTrainedModel(
             raise TypeError(f"{type(self).__name__}() takes one config, got {len(inputs)} more arguments")
         if state is None:
             if config is None:
-                raise TypeError(f"{type(self).__name__}() needs a config (or state=)")
+                raise ArgumentTypeError(f"{type(self).__name__}(config) needs a config (or state=), got None")
+            if not isinstance(config, dict):
+                check_config_argument(config, type(self).__name__)
             frozen = as_fmodel_config(config)
             if registers_on_meta():  # accelerate's init_empty_weights: no values to draw
                 state = empty_state(frozen, self._architecture_for(frozen))
@@ -203,7 +207,9 @@ class PreTrainedModel(
         params = dict(self.named_parameters(remove_duplicate=False))
         buffers = dict(self.named_buffers(remove_duplicate=False))
         ties = {a: s for a, s in self._ties.items() if params.get(a) is params.get(s)}
-        return ModelState(self._frozen_config, self._architecture, params, buffers, ties, self._attn_implementation)
+        return ModelState(
+            self._frozen_config, self._architecture, params, buffers, ties, self._attn_implementation
+        )
 
     def _apply_transform(self, transform, *args: Any, **kwargs: Any) -> ModelState:
         new = transform(self.state, *args, **kwargs)
