@@ -142,12 +142,12 @@ def test_long_generation_grows_its_buffers_exactly(monkeypatch) -> None:
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
 
     def both():
-        greedy = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0)
+        greedy = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
         sampled = fmodel.generate(
             state,
             ids,
             attention_mask=mask,
-            max_new_tokens=30,
+            max_new_tokens=12,
             do_sample=True,
             pad_token_id=0,
             generator=torch.Generator().manual_seed(0),
