@@ -181,17 +181,17 @@ def test_a_fetcher_probes_once(tmp_path, refused, monkeypatch):
     assert len(heads) == 1 and hub.unreachable is not None and hub.cache_only
 
 
-def _closed_port() -> int:
+@pytest.fixture
+def closed_port():
     """A local port nothing listens on: bound (so nobody else takes it) but never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    _closed_port.sock = sock  # type: ignore[attr-defined]  # kept open for the test's life
-    return sock.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
-def test_closed_endpoint_in_a_fresh_process(tmp_path, cached):
+def test_closed_endpoint_in_a_fresh_process(tmp_path, cached, closed_port):
     cache, _ = cached
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{closed_port}"
     script = textwrap.dedent(
         f"""
         import time, fmodel
@@ -215,3 +215,16 @@ def test_closed_endpoint_in_a_fresh_process(tmp_path, cached):
     assert "CACHED-OK" in lines
     assert float(lines[lines.index("FAILED-IN") + 1]) < 2
     assert "Retrying in" not in result.stderr
+
+
+def test_facade_from_pretrained_unreachable_uses_the_cache_without_retries(cached, refused):
+    from fmodel.facade import AutoModelForCausalLM
+
+    cache, snapshot = cached
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(REPO, cache_dir=cache)
+    assert time.perf_counter() - started < 10
+    assert refused == []  # no backoff sleeps (generation_config.json included)
+    assert sorted(model.state.params) == sorted(fmodel.load(snapshot).params)
+    with pytest.raises(fmodel.HubUnavailableError, match="could not be reached"):
+        AutoModelForCausalLM.from_pretrained(ABSENT, cache_dir=cache)

@@ -285,7 +285,17 @@ def _saved_generation_config(path, revision, cache_dir, local_files_only) -> dic
     path = os.fspath(path)
     if path.endswith(".gguf"):
         return None
-    found = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
+    if os.path.isdir(path):
+        found = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
+    else:  # a hub id: one probe, no hidden retries (the weights were found, so the cache is good)
+        from ..errors import CheckpointError
+        from ..io.hub_fetch import HubFetcher
+
+        try:
+            hub = HubFetcher(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+            found = hub.fetch(GENERATION_CONFIG_NAME)
+        except CheckpointError:  # the hub unreachable and the file not cached: none
+            found = None
     return None if found is None else _read_json(found)
 
 
