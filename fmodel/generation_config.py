@@ -292,16 +292,13 @@ def _find(path: str, name: str, revision, cache_dir, local_files_only) -> str | 
     if os.path.isdir(path):
         candidate = os.path.join(path, name)
         return candidate if os.path.isfile(candidate) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from .errors import CheckpointError
+    from .io.hub_fetch import HubFetcher  # one probe, no hidden retries on a dead network
 
     try:
-        return hf_hub_download(
-            path, name, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only)
-        )
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-    except Exception:  # not a repo, no network: let the config.json lookup say what is wrong
+        hub = HubFetcher(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        return hub.fetch(name)
+    except CheckpointError:  # not a repo, no network: let the config.json lookup say what is wrong
         return None
 
 
