@@ -197,6 +197,48 @@ def cases(checkpoint, model, quantized):
             TypeError,
             "set_attn_implementation",
         ),
+        "from_pretrained(device_map='banana')": (
+            lambda: LlamaForCausalLM.from_pretrained(checkpoint, device_map="banana"),
+            RuntimeError,
+            "device_map",
+        ),
+        "from_pretrained(dtype=torch.int8)": (
+            lambda: LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.int8),
+            ValueError,
+            "dtype",
+        ),
+        "from_config(dtype='banana')": (
+            lambda: AutoModelForCausalLM.from_config(CONFIG, dtype="banana"),
+            ValueError,
+            "from_config(dtype)",
+        ),
+        "generate(attention_mask=list)": (
+            lambda: model.generate(IDS, max_new_tokens=2, attention_mask=[[1, 1, 1]]),
+            TypeError,
+            "attention_mask",
+        ),
+        "generate(num_beams=-1)": (
+            lambda: model.generate(IDS, max_new_tokens=2, num_beams=-1),
+            ValueError,
+            "num_beams",
+        ),
+        "forward(attention_mask=list)": (
+            lambda: model(IDS, attention_mask=[[1, 1, 1]]),
+            TypeError,
+            "attention_mask",
+        ),
+        "forward(labels=list)": (lambda: model(IDS, labels=[[1, 1, 1]]), TypeError, "labels"),
+        "resize_token_embeddings(1.5)": (
+            lambda: model.resize_token_embeddings(1.5),
+            TypeError,
+            "new_num_tokens",
+        ),
+        "resize_position_embeddings(-1)": (
+            lambda: model.resize_position_embeddings(-1),
+            ValueError,
+            "new_num_position_embeddings",
+        ),
+        "dequantize() of a float model": (lambda: model.dequantize(), ValueError, "quantize"),
         "Tokenizer.from_folder(nonexistent)": (lambda: fmodel.Tokenizer.from_folder(nope), OSError, nope),
         "Tokenizer.from_folder(no tokenizer)": (
             lambda: fmodel.Tokenizer.from_folder(checkpoint),
@@ -239,7 +281,7 @@ def test_bad_arguments_give_named_errors_and_change_nothing(checkpoint, model, q
         assert_unchanged(model, before, case)
         assert_unchanged(quantized, before_q, case)
     assert counts["foreign"] == [], counts
-    assert counts["named"] == counts["tried"] >= 50
+    assert counts["named"] == counts["tried"] >= 60
 
 
 def test_model_to_keeps_torch_exception_families(model):

@@ -130,15 +130,20 @@ def check_generate_lengths(kwargs: dict) -> None:
             check_positive_int(kwargs[name], f"generate({name})", minimum=minimum)
 
 
-def check_model_inputs(input_ids: Any, inputs_embeds: Any, call: str = "forward") -> None:
+def check_model_inputs(input_ids: Any, inputs_embeds: Any, call: str = "forward", **tensors: Any) -> None:
     """`input_ids` (an integer tensor [batch, seq]) or `inputs_embeds` ([batch, seq, hidden]):
     types and ranks only (static: nothing for torch.compile to break on); values are
     `fmodel.forward_checks`' business.
 
     Raises:
-        ArgumentTypeError: `input_ids` is not a tensor (a list: wrap it with torch.tensor).
+        ArgumentTypeError: `input_ids` is not a tensor (a list: wrap it with torch.tensor), or
+            one of `tensors` (attention_mask=, labels=, ...) is given and not a tensor.
         InvalidArgumentError: a tensor of the wrong rank or dtype.
     """
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            hint = "; wrap it with torch.tensor([...])" if isinstance(value, (list, tuple)) else ""
+            raise ArgumentTypeError(f"{call}({name}) must be a tensor, got {describe(value)}{hint}")
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor):
             hint = "; wrap it with torch.tensor([...])" if isinstance(input_ids, (list, tuple)) else ""

@@ -79,7 +79,7 @@ class ForwardMixin:
                 seq] (a list, a float tensor, another rank), `inputs_embeds` not [batch, seq, hidden].
             TokenIdError: an id outside [0, vocab_size).
         """
-        check_model_inputs(input_ids, inputs_embeds)
+        check_model_inputs(input_ids, inputs_embeds, labels=labels, attention_mask=attention_mask)
         return self._forward_module(
             self._tree,
             get_spec(self._architecture).output,

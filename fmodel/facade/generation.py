@@ -24,7 +24,7 @@ from ..generate import GenerateOutput
 from ..generate import generate as functional_generate
 from ..generation_config import GenerationConfig as FrozenGenerationConfig
 from . import generation_config as gc
-from .arg_checks import check_generate_lengths
+from .arg_checks import check_generate_lengths, check_model_inputs
 from .outputs import ModelOutput
 from .stopping import MaxTime, stop_string_criterion
 
@@ -235,6 +235,7 @@ class GenerationMixin:
         if synced_gpus:
             raise UnsupportedOptionError("generate: synced_gpus=True is not supported by fmodel")
         check_generate_lengths(kwargs)
+        check_model_inputs(None, None, "generate", attention_mask=kwargs.get("attention_mask"))
         tokenizer = kwargs.pop("tokenizer", None)
         kwargs.pop("assistant_tokenizer", None)
         kwargs.pop("trust_remote_code", None)

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import transforms
+from .._checks import check_device, check_float_dtype
 from ..config import load_config
+from ..errors import InvalidArgumentError
 from ..io import load_with_report
 from ..io.legacy_keys import modern_key
 from ..io.load import default_architecture, logger, state_from_tensors
@@ -19,7 +21,7 @@ from ..io.read import read_weight_file
 from ..io.resolve import resolve_checkpoint
 from ..state import ModelState
 from .adapters import adapter_source, with_adapter
-from .arg_checks import check_pretrained_path
+from .arg_checks import DeviceArgumentError, check_pretrained_path
 from .config_view import ConfigView, DetachedConfig, as_fmodel_config
 from .devices import DEVICE_MAP_STRATEGIES, registers_on_meta
 
@@ -58,7 +60,7 @@ class LoadingMixin:
                 f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
             )
         dtype = _config_dtype(config) if dtype in (None, "auto") else dtype
-        dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+        dtype = check_float_dtype(dtype, f"{cls.__name__}.from_config(dtype)")
         if dtype is None or dtype == torch.float32 or registers_on_meta():
             model = cls(config)
             if dtype is not None:
@@ -305,8 +307,13 @@ def _device_from_map(device_map: Any) -> torch.device | None:
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return torch.device("cuda") if torch.cuda.is_available() else None
     if isinstance(device_map, (str, int, torch.device)):
-        return torch.device(device_map)
-    raise ValueError(
+        try:
+            return check_device(device_map, "from_pretrained(device_map)")
+        except InvalidArgumentError as exc:  # also a RuntimeError, as torch.device's own
+            raise DeviceArgumentError(
+                f"{exc}; device_map also takes 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict"
+            ) from None
+    raise InvalidArgumentError(
         f"device_map {device_map!r}: expected None, 'auto', a device, or a dict of module name -> device"
     )
 

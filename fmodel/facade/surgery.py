@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .. import transforms
+from ..errors import QuantizationError
 from ..models import get_spec
 from ..transforms import hf_init, hf_resize
 
@@ -172,8 +173,8 @@ class SurgeryMixin:
 
     def dequantize(self) -> PreTrainedModel:
         """Undo quantization (`fmodel.dequantize`) and return the model. Raises ValueError for a
-        model that is not quantized (as Transformers)."""
+        model that is not quantized (as Transformers; a `QuantizationError`)."""
         if not transforms.is_quantized(self.state):
-            raise ValueError("You need to first quantize your model in order to dequantize it")
+            raise QuantizationError("You need to first quantize your model in order to dequantize it")
         self._apply_transform(transforms.dequantize)
         return self
