@@ -207,6 +207,11 @@ def cases(checkpoint, model, quantized):
             ValueError,
             "dtype",
         ),
+        "from_pretrained(attn_implementation='banana')": (
+            lambda: LlamaForCausalLM.from_pretrained(checkpoint, attn_implementation="banana"),
+            RuntimeError,
+            "banana",
+        ),
         "from_config(dtype='banana')": (
             lambda: AutoModelForCausalLM.from_config(CONFIG, dtype="banana"),
             ValueError,

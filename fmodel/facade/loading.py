@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import transforms
+from .. import attention, transforms
 from .._checks import check_device, check_float_dtype
 from ..config import load_config
 from ..errors import InvalidArgumentError
@@ -108,6 +108,8 @@ class LoadingMixin:
         adapter_name = kwargs.pop("adapter_name", "default")
         adapter_kwargs = kwargs.pop("adapter_kwargs", None) or {}
         source = check_pretrained_path(pretrained_model_name_or_path, f"{cls.__name__}.from_pretrained")
+        if isinstance(attn_implementation, str):  # refused before loading, as set_attn_implementation
+            attention.get(attn_implementation)
         base = (
             None
             if kwargs.get("gguf_file")
