@@ -15,8 +15,10 @@ from . import attention
 from ._checks import check_state, describe
 from .cache import KVCache
 from .errors import ArgumentTypeError, InvalidArgumentError
+from .forward_checks import check_head_mask, check_module_inputs, check_options
 from .forward_checks import check_inputs as _check_inputs
 from .forward_checks import check_not_stacked as _check_not_stacked
+from .models import get_spec
 from .models.skeleton import skeleton
 from .state import ModelState
 
@@ -179,6 +181,9 @@ def prepare_call(
         model_inputs.get("past_key_values"),
         {"position_ids": position_ids, "token_type_ids": model_inputs.get("token_type_ids")},
     )
+    check_options(
+        input_ids, inputs_embeds, position_ids, logits_to_keep, training, model_inputs.get("head_mask")
+    )
     name = attn_implementation or state.attn_implementation
     if output_attentions and name in _NO_WEIGHTS:
         logger.info("forward: %s does not compute attention weights; using eager for this call", name)
@@ -186,9 +191,13 @@ def prepare_call(
     attn = attention.get(name)
     head_mask = model_inputs.pop("head_mask", None)
     if head_mask is not None:
+        check_head_mask(state, head_mask)
         attn = _head_mask_attention(state, head_mask, inputs_embeds)
     if module is None:
         module = skeleton(state.config, state.architecture, training)
+    check_module_inputs(
+        module, [k for k, v in model_inputs.items() if v is not None], get_spec(state.architecture).prefix
+    )
     kwargs = dict(
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -257,6 +266,8 @@ def bind_forward(
         >>> last = fmodel.bind_forward(state, greedy)
     """
     check_state(state, "bind_forward(state)")
+    if not isinstance(training, bool):
+        raise ArgumentTypeError(f"bind_forward(training) must be True or False, got {describe(training)}")
     _check_not_stacked(state, "bind_forward")
     if not callable(fn):
         raise ArgumentTypeError(f"bind_forward(fn) must be a callable taking forward, got {describe(fn)}")

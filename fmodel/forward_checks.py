@@ -6,14 +6,25 @@ table, and the KV cache against the model. `state` may be a state-like record wi
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+from torch import nn
 
 from ._checks import check_int_tensor, check_token_ids, describe
 from .cache import KVCache, check_cache
 from .errors import ArgumentTypeError, InvalidArgumentError
 from .state import ModelState
 
-__all__ = ["check_inputs", "check_not_stacked", "vocab_size"]
+__all__ = [
+    "check_head_mask",
+    "check_inputs",
+    "check_module_inputs",
+    "check_not_stacked",
+    "check_options",
+    "vocab_size",
+]
 
 
 def check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, cache=None, extra=None) -> None:
@@ -112,3 +123,86 @@ def _check_extra_ids(state: ModelState, extra: dict, shape: tuple, cache) -> Non
             f"forward: {state.architecture} has {rows} learned positions (max_position_embeddings); "
             f"the input reaches position {end - 1}. Shorten it or resize_position_embeddings"
         )
+
+
+def check_options(input_ids, inputs_embeds, position_ids, logits_to_keep, training, head_mask) -> None:
+    """The non-tensor options and the optional tensors of a forward: types and shapes."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, torch.Tensor)):
+        raise ArgumentTypeError(
+            f"forward(logits_to_keep) must be an int >= 0 (or a 1-D tensor of positions), got {describe(logits_to_keep)}"
+        )
+    if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+        raise InvalidArgumentError(
+            f"forward(logits_to_keep) must be >= 0 (0 keeps every position), got {logits_to_keep}"
+        )
+    if not isinstance(training, bool):
+        raise ArgumentTypeError(f"forward(training) must be True or False, got {describe(training)}")
+    if inputs_embeds is not None and not inputs_embeds.is_floating_point():
+        raise ArgumentTypeError(
+            f"forward(inputs_embeds) must be a floating tensor, got dtype {inputs_embeds.dtype}"
+        )
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor):
+            raise ArgumentTypeError(
+                f"forward(position_ids) must be a tensor [batch, seq], got {describe(position_ids)}"
+            )
+        batch, seq = ref.shape[0], ref.shape[1]
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
+            raise InvalidArgumentError(
+                f"forward(position_ids) must be [{batch} or 1, {seq}] like the inputs, got {list(position_ids.shape)}"
+            )
+    if head_mask is not None and not isinstance(head_mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"forward(head_mask) must be a tensor [heads] or [layers, heads], got {describe(head_mask)}"
+        )
+
+
+def check_module_inputs(module: nn.Module, names, prefix: str | None = None) -> None:
+    """Keyword inputs the model's forward does not take (`token_type_ids` for a Llama, a typo)
+    are a named error instead of the module's TypeError. A head whose forward passes **kwargs
+    on to its base model (at `prefix`) is checked against both. Skipped under torch.compile."""
+    if not names or torch.compiler.is_compiling():
+        return
+    accepted = _forward_parameters(type(module))
+    if accepted is not None and accepted[1] and prefix:
+        base = getattr(module, prefix, None)
+        inner = None if base is None else _forward_parameters(type(base))
+        accepted = None if inner is None else (accepted[0] | inner[0], inner[1])
+    if accepted is None or accepted[1]:
+        return
+    unknown = sorted(n for n in names if n not in accepted[0])
+    if unknown:
+        raise ArgumentTypeError(
+            f"forward: {type(module).__name__} takes no input {unknown[0]!r}"
+            f"{f' (nor {unknown[1:]})' if unknown[1:] else ''}; it takes "
+            f"{sorted(accepted[0] - {'self', 'input_ids', 'attn', 'kwargs'})}"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_parameters(cls: type) -> tuple[frozenset[str], bool] | None:
+    """(the keyword names `cls.forward` declares, whether it also takes **kwargs); None when it
+    cannot be read. Per class, a runtime cache that never changes a result."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    names = frozenset(
+        n
+        for n, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    )
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_head_mask(state, head_mask: torch.Tensor) -> None:
+    """[heads] or [layers, heads] (or Transformers' 5-D form) of the unpruned model."""
+    heads, layers = state.config.num_attention_heads, state.config.num_hidden_layers
+    shape = list(head_mask.shape)
+    if head_mask.dim() == 5 or shape == [heads] or shape == [layers, heads]:
+        return
+    raise InvalidArgumentError(
+        f"forward(head_mask): expected {layers} layers and {heads} heads: shape [{heads}] or "
+        f"[{layers}, {heads}], got {shape}"
+    )

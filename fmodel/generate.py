@@ -177,6 +177,8 @@ def generate(
         "min_length": min_length,
     }
     check_state(state, "generate(state)")
+    if module is not None and not isinstance(module, nn.Module):
+        raise ArgumentTypeError(f"generate(module) must be a torch.nn.Module or None, got {describe(module)}")
     _check_callables(generator, streamer, logits_processor, stopping_criteria)
     config = _resolve_config(state, generation_config, {k: v for k, v in overrides.items() if v is not None})
     _check_generate(state, input_ids, attention_mask, config)

@@ -227,6 +227,10 @@ def resize_token_embeddings(
     check_positive_int(new_num_tokens, "resize_token_embeddings(new_num_tokens)", allow_none=True)
     check_positive_int(pad_to_multiple_of, "resize_token_embeddings(pad_to_multiple_of)", allow_none=True)
     _check_generator(generator, "resize_token_embeddings(generator)")
+    if not isinstance(mean_resizing, bool):
+        raise ArgumentTypeError(
+            f"resize_token_embeddings(mean_resizing) must be True or False, got {describe(mean_resizing)}"
+        )
     spec = spec_of(state)
     old = state.params[spec.input_embeddings]
     size = old.shape[0] if new_num_tokens is None else int(new_num_tokens)
