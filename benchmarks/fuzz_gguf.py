@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, collections.Counter] = {c: collections.Counter() for c in CALLS}
     by_region: dict[tuple[str, str], int] = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
-    slowest = (0.0, "")
+    slowest = longest = (0.0, "")
     mutant = os.path.join(folder, "mutant.gguf")
     for i in range(args.mutants):
         name = rng.choice(sorted(subjects))
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = f"silent-{region}"
             counts[call_name][result] += 1
             by_region[(region, result)] += 1
+            longest = max(longest, (seconds, f"#{i} {call_name} {name} {kind}/{region}: {result}"))
             if result == "named" and seconds > slowest[0]:
                 slowest = (seconds, f"#{i} {name} {kind}/{region}: {detail[:160]}")
             if result in ("silent", "foreign", "hang") and len(examples[result]) < args.show:
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for (region, result), n in sorted(by_region.items()):
         print(f"  {region:15s} {result:22s} {n}")
     print(f"slowest named error: {slowest[0] * 1000:.1f} ms ({slowest[1]})")
+    print(f"slowest call of all: {longest[0] * 1000:.1f} ms ({longest[1]})")
     for kind, lines in examples.items():
         print(f"{kind}:")
         for line in lines:

@@ -276,9 +276,7 @@ def rewrite(path: str, out: str, key: str, value: Any, vtype: Any, drop: tuple[s
     import gguf
 
     src = read_gguf(path)
-    from fmodel.io.gguf_parse import parse_header
-
-    types = parse_header(path).value_types
+    types = {k: int(f.types[0]) for k, f in gguf.GGUFReader(path).fields.items()}
     w = gguf.GGUFWriter(out, src.metadata["general.architecture"])
     for k, v in src.metadata.items():
         t = gguf.GGUFValueType(types[k])
