@@ -126,6 +126,8 @@ def save_adapter(
     if safe_serialization:
         from safetensors.torch import save_file
 
-        save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
     else:
         (save_function or torch.save)(tensors, os.path.join(save_directory, "adapter_model.bin"))

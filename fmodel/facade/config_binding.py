@@ -87,7 +87,12 @@ class ConfigBindingMixin:
         buffers = dict(self.named_buffers(remove_duplicate=False))
         for name, tensor in spec.computed_buffers(new, None).items():
             if name in buffers:
-                set_tensor(self, name, tensor.to(device=buffers[name].device, dtype=buffers[name].dtype), parameter=False)
+                set_tensor(
+                    self,
+                    name,
+                    tensor.to(device=buffers[name].device, dtype=buffers[name].dtype),
+                    parameter=False,
+                )
         object.__setattr__(self, "_frozen_config", new)
 
 

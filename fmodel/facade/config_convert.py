@@ -66,6 +66,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "base_model_ep_plan": None,
 }
 
+
 def updated_config(frozen, changes: dict[str, Any]):
     """`frozen` with `changes` applied: modelled fields by `replace` (validated), other keys in
     `extra`. Raises ConfigError for a bad value."""
@@ -87,7 +88,9 @@ def as_fmodel_config(config: Any):
         return config
     data = config.to_dict() if hasattr(config, "to_dict") else config
     if not isinstance(data, dict):
-        raise TypeError(f"expected a model config (fmodel, Transformers or a dict), got {type(config).__name__}")
+        raise TypeError(
+            f"expected a model config (fmodel, Transformers or a dict), got {type(config).__name__}"
+        )
     data = {
         k: v
         for k, v in data.items()

@@ -232,7 +232,9 @@ class ConfigView:
         with open(json_file_path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string(use_diff=use_diff))
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
         """Write config.json into `save_directory` (created if needed), as Transformers."""
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -313,7 +315,9 @@ class _Holder:
         self._attn_implementation = value
 
 
-def DetachedConfig(frozen, runtime: dict[str, Any] | None = None, cls: type[ConfigView] | None = None) -> ConfigView:
+def DetachedConfig(
+    frozen, runtime: dict[str, Any] | None = None, cls: type[ConfigView] | None = None
+) -> ConfigView:
     """A config view over its own copy of `frozen`, not attached to any model."""
     cls = cls or view_class(frozen)
     return cls(_Holder(frozen), **(runtime or {}))

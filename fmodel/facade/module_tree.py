@@ -10,7 +10,9 @@ from torch import nn
 __all__ = ["get_param", "move_hooks", "set_tensor"]
 
 
-def set_tensor(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool, register: bool = True) -> None:
+def set_tensor(
+    root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: bool, register: bool = True
+) -> None:
     owner_name, _, leaf = dotted.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
     if parameter:
@@ -26,7 +28,6 @@ def set_tensor(root: nn.Module, dotted: str, value: torch.Tensor, *, parameter: 
 def get_param(root: nn.Module, dotted: str) -> nn.Parameter:
     owner_name, _, leaf = dotted.rpartition(".")
     return (root.get_submodule(owner_name) if owner_name else root)._parameters[leaf]
-
 
 
 _HOOK_DICTS = (
