@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from .._checks import check_device, check_float_dtype, check_state
-from ..errors import InvalidArgumentError, QuantizedDtypeError
+from ..errors import ArgumentTypeError, InvalidArgumentError, QuantizedDtypeError
 from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from ._common import spec_of
@@ -78,14 +78,28 @@ def place(state: ModelState, device_map: Mapping[str, torch.device | str | int])
     follows its source.
 
     Raises:
-        ValueError: a tensor no entry covers (names the first few), or a device torch rejects.
+        ArgumentTypeError: `device_map` is not a mapping of str to devices.
+        InvalidArgumentError: (a ValueError) a tensor no entry covers (names the first few), or a
+            device torch rejects or that does not exist here.
     """
-    entries = sorted(device_map.items(), key=lambda kv: len(kv[0]), reverse=True)
+    check_state(state, "place(state)")
+    if not isinstance(device_map, Mapping):
+        raise ArgumentTypeError(
+            f"device_map must be a mapping {{module name: device}}, got {type(device_map).__name__}"
+        )
+    resolved = {}
+    for prefix, dev in device_map.items():
+        if not isinstance(prefix, str):
+            raise ArgumentTypeError(f"device_map keys must be module names (str), got {prefix!r:.60}")
+        resolved[prefix] = (
+            None if dev == "disk" else check_device(dev, f"device_map[{prefix!r}]", allow_none=False)
+        )
+    entries = sorted(resolved.items(), key=lambda kv: len(kv[0]), reverse=True)
 
     def device_for(name: str):
         for prefix, dev in entries:
             if prefix == "" or name == prefix or name.startswith(prefix + "."):
-                return None if dev == "disk" else torch.device(dev)
+                return dev
         return _UNMAPPED
 
     names = [*state.params, *state.buffers]
