@@ -1,6 +1,6 @@
 """Bad arguments to every public function of the functional API get a named error.
 
-For each call of the table in `bad_argument_cases.py` (None / str / list where a state, a
+For each call of the table (`bad_argument_fixtures.py` and the three `bad_argument_*.py` beside it) (None / str / list where a state, a
 mapping or a tensor belongs, non-float dtypes, unknown devices, negative / zero / huge sizes,
 quantized states where float ones are needed, out-of-range token ids, wrong caches):
 
@@ -25,7 +25,20 @@ import torch
 import fmodel
 from fmodel.stats import current_rss
 
-from .bad_argument_cases import CASES, STATES, Case
+from .bad_argument_calls import forward_cases, generate_cases
+from .bad_argument_cases import argument_cases, cuda_cases, registry_cases
+from .bad_argument_edits import transform_cases
+from .bad_argument_fixtures import STATES, Case, state_cases
+
+CASES: list[Case] = (
+    state_cases()
+    + argument_cases()
+    + forward_cases()
+    + generate_cases()
+    + transform_cases()
+    + registry_cases()
+    + cuda_cases()
+)
 
 SLOW_S = 1.0
 MEMORY_BYTES = 256 * 2**20
