@@ -302,8 +302,11 @@ def check_token_ids(ids: Any, vocab_size: int | None, argument: str = "input_ids
     check_int_tensor(ids, argument)
     if vocab_size is None or ids.numel() == 0 or ids.device.type == "meta" or _traced(ids):
         return ids
-    low, high = torch.aminmax(ids)
-    low, high = int(low), int(high)
+    if ids.device.type == "cpu" and ids.numel() <= 64:  # a decode step: cheaper in Python
+        flat = ids.reshape(-1).tolist()
+        low, high = min(flat), max(flat)
+    else:  # one reduction pass, one host sync
+        low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low >= 0 and high < vocab_size:
         return ids
     bad = low if low < 0 else high
