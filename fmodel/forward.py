@@ -277,7 +277,7 @@ def bind_forward(
         def step(input_ids: torch.Tensor | None = None, **kwargs: Any) -> ModelOutput:
             for fixed in ("module", "training"):
                 if fixed in kwargs:
-                    raise TypeError(
+                    raise ArgumentTypeError(
                         f"bind_forward: {fixed!r} is fixed for the binding; pass it to bind_forward"
                     )
             module, args, call_kwargs = prepare_call(state, input_ids, module=bound, **kwargs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidArgumentError
+
 __all__ = [
     "causal_lm_loss",
     "masked_lm_loss",
@@ -74,7 +76,10 @@ def masked_lm_loss(
     """Cross entropy at the labelled positions (`labels` [B, T], `ignore_index` elsewhere), float32."""
     logits = logits.float()
     return _cross_entropy(
-        logits.view(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), num_items_in_batch, ignore_index
+        logits.view(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        num_items_in_batch,
+        ignore_index,
     )
 
 
@@ -116,4 +121,4 @@ def sequence_classification_loss(
         return _cross_entropy(logits.view(-1, num_labels), labels.view(-1), num_items_in_batch, -100)
     if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits, labels)
-    raise ValueError(f"problem_type {problem_type!r}: expected one of {PROBLEM_TYPES}")
+    raise InvalidArgumentError(f"problem_type {problem_type!r}: expected one of {PROBLEM_TYPES}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .errors import CheckpointError, FModelError
+from .errors import ArgumentTypeError, CheckpointError, FModelError
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -303,7 +303,7 @@ class Tokenizer:
                 a chat-template string should be encoded with False (the template has them).
         """
         if not isinstance(text, str):
-            raise TypeError(f"Tokenizer.encode: expected a str, got {type(text).__name__}")
+            raise ArgumentTypeError(f"Tokenizer.encode: expected a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
@@ -443,7 +443,9 @@ def _as_ids(ids: Iterable[int]) -> list[int]:
         ids = ids.tolist()
     out = list(ids)
     if out and isinstance(out[0], list):
-        raise TypeError("Tokenizer.decode: expected one sequence of ids, got a batch; decode each row")
+        raise ArgumentTypeError(
+            "Tokenizer.decode: expected one sequence of ids, got a batch; decode each row"
+        )
     return [int(i) for i in out]
 
 

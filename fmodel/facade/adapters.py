@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["ADAPTER_CONFIG", "adapter_source", "has_adapters", "save_adapter", "with_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,7 +64,7 @@ def adapter_source(
     with open(path, encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path")
     if not base:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{path}: an adapter config without `base_model_name_or_path`; load the base model and call "
             "`model.load_adapter(...)` (or `PeftModel.from_pretrained(model, ...)`) instead"
         )
@@ -110,7 +112,7 @@ def save_adapter(
     """
     active = model.active_adapters()
     if len(active) > 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             "Multiple active adapters detected, saving multiple active adapters is not supported yet. You can "
             "save adapters separately one by one by iteratively calling `model.set_adapter(adapter_name)` then "
             "`model.save_pretrained(...)`"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import attention, transforms
-from ..errors import AttentionUnavailableError
+from ..errors import AttentionUnavailableError, InvalidArgumentError
 from ..io.load import logger
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class AttentionMixin:
         if isinstance(name, dict):
             values = set(name.values())
             if "" not in name and len(values) != 1:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"set_attn_implementation: expected one implementation for this model, got {name}"
                 )
             name = name.get("", next(iter(values)))
@@ -62,7 +62,9 @@ class AttentionMixin:
         """Switch to torch's fused attention (sdpa), which is what BetterTransformer provided;
         `reverse_bettertransformer` restores the previous implementation."""
         if "_pre_bettertransformer" in self.__dict__:
-            raise ValueError("to_bettertransformer: the model is already using BetterTransformer (sdpa)")
+            raise InvalidArgumentError(
+                "to_bettertransformer: the model is already using BetterTransformer (sdpa)"
+            )
         previous = self._attn_implementation
         self.set_attn_implementation("sdpa")
         self.__dict__["_pre_bettertransformer"] = previous
@@ -70,7 +72,9 @@ class AttentionMixin:
 
     def reverse_bettertransformer(self) -> PreTrainedModel:
         if "_pre_bettertransformer" not in self.__dict__:
-            raise ValueError("reverse_bettertransformer: to_bettertransformer was not called on this model")
+            raise InvalidArgumentError(
+                "reverse_bettertransformer: to_bettertransformer was not called on this model"
+            )
         self.set_attn_implementation(self.__dict__.pop("_pre_bettertransformer"))
         return self
 

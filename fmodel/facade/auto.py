@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..config import CONFIG_CLASSES, load_config
+from ..errors import InvalidArgumentError
 from ..io.resolve import resolve_checkpoint
 from ..models import ARCHITECTURES, specs_for_model_type
 from .adapters import adapter_source
@@ -43,7 +44,7 @@ class _Auto:
     def _pick(cls, config) -> type[PreTrainedModel]:
         specs = [s for s in specs_for_model_type(config.model_type) if s.output == cls.output]
         if not specs:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{cls.__name__}: model_type {config.model_type!r} has no {cls.output!r} class in fmodel"
             )
         return FAMILY_CLASSES[specs[0].name]
@@ -76,7 +77,9 @@ class _Auto:
     def _from_gguf(cls, path: str | os.PathLike, *args: Any, **kwargs: Any):
         """A GGUF file holds a causal LM (its config is in the file, read once while loading)."""
         if cls.output != "causal_lm":
-            raise ValueError(f"{cls.__name__}: GGUF checkpoints hold causal LMs; use AutoModelForCausalLM")
+            raise InvalidArgumentError(
+                f"{cls.__name__}: GGUF checkpoints hold causal LMs; use AutoModelForCausalLM"
+            )
         loaded = PreTrainedModel.from_pretrained(path, *args, **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
         family = FAMILY_CLASSES[model._architecture].from_state(model.state)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..errors import ArgumentTypeError
 from ..models import get_spec, specs_for_model_type
 from .interop import transformers_or_none
 
@@ -72,18 +73,20 @@ class _TransformersCall:
             return super().forward(*args, **kwargs)
         owner = self.__dict__.get("_fmodel_owner")
         if owner is None:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{type(self).__name__}: this module is not part of an fmodel model; call the model, "
                 "or pass fmodel's `attn` function"
             )
         names = _positional_names(owner._frozen_config.model_type)
         if len(args) > len(names):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{type(self).__name__}.forward() takes at most {len(names)} positional arguments"
             )
         for name, value in zip(names, args, strict=False):
             if name in kwargs:
-                raise TypeError(f"{type(self).__name__}.forward() got multiple values for argument {name!r}")
+                raise ArgumentTypeError(
+                    f"{type(self).__name__}.forward() got multiple values for argument {name!r}"
+                )
             kwargs[name] = value
         kwargs.pop("labels", None)  # Transformers' base forward takes no labels (they would land in **kwargs)
         kwargs.pop("logits_to_keep", None)

@@ -10,6 +10,7 @@ import attrs
 
 from .._frozen import freeze, thaw
 from ..config import config_from_dict
+from ..errors import ArgumentTypeError
 
 __all__ = ["HF_DEFAULTS", "as_fmodel_config", "transformers_version", "updated_config"]
 
@@ -88,7 +89,7 @@ def as_fmodel_config(config: Any):
         return config
     data = config.to_dict() if hasattr(config, "to_dict") else config
     if not isinstance(data, dict):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"expected a model config (fmodel, Transformers or a dict), got {type(config).__name__}"
         )
     data = {

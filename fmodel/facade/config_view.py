@@ -24,6 +24,7 @@ import attrs
 
 from .._frozen import freeze, thaw
 from ..config import load_config
+from ..errors import InvalidArgumentError
 from .config_convert import HF_DEFAULTS, as_fmodel_config, transformers_version, updated_config
 
 __all__ = ["ConfigView", "as_fmodel_config", "view_class"]
@@ -199,7 +200,7 @@ class ConfigView:
         for pair in update_str.split(","):
             key, _, text = pair.partition("=")
             if not hasattr(self, key):
-                raise ValueError(f"key {key} isn't in the original config dict")
+                raise InvalidArgumentError(f"key {key} isn't in the original config dict")
             old = getattr(self, key)
             if isinstance(old, bool):
                 value = text.lower() in ("true", "1", "y", "yes")
@@ -239,7 +240,9 @@ class ConfigView:
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         if push_to_hub:
-            raise ValueError("ConfigView.save_pretrained: push the model (`model.push_to_hub`) instead")
+            raise InvalidArgumentError(
+                "ConfigView.save_pretrained: push the model (`model.push_to_hub`) instead"
+            )
         os.makedirs(save_directory, exist_ok=True)
         self.to_json_file(os.path.join(save_directory, "config.json"), use_diff=True)
 

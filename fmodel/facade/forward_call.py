@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import losses
 from ..cache import KVCache, init_cache
+from ..errors import ArgumentTypeError
 from ..forward import prepare_call, to_output
 from ..models import get_spec
 from .arg_checks import check_model_inputs
@@ -201,7 +202,7 @@ def _with_room(cache: KVCache, new_tokens: int) -> KVCache:
     """`cache`, or a copy with larger buffers when `new_tokens` more would not fit (the facade's
     caches grow as Transformers' DynamicCache does; fmodel.forward's are fixed-size)."""
     if not isinstance(cache, KVCache):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"past_key_values: expected an fmodel KVCache (from a previous call with use_cache=True "
             f"or fmodel.init_cache), got {type(cache).__name__}"
         )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedOptionError
+from ..errors import ArgumentTypeError, InvalidArgumentError, UnsupportedOptionError
 from ..generate import GenerateOutput
 from ..generate import generate as functional_generate
 from ..generation_config import GenerationConfig as FrozenGenerationConfig
@@ -297,7 +297,7 @@ class GenerationMixin:
             if value is not None and key not in accepted and key not in _TRANSFORMERS_KWARGS
         ]  # fmt: skip
         if unused:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"The following `model_kwargs` are not used by the model: {unused} (note: typos in the"
                 " generate arguments will also show up in this list)"
             )
@@ -312,15 +312,17 @@ class GenerationMixin:
     def _generation_inputs(self, inputs, model_kwargs: dict[str, Any], config) -> tuple[torch.Tensor, Any]:
         input_ids = model_kwargs.pop("input_ids", None)
         if inputs is not None and input_ids is not None:
-            raise ValueError("generate: pass the prompt once, as `inputs` or as `input_ids`")
+            raise InvalidArgumentError("generate: pass the prompt once, as `inputs` or as `input_ids`")
         input_ids = inputs if inputs is not None else input_ids
         if input_ids is None:  # Transformers starts from one BOS token
             if config.bos_token_id is None:
-                raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided.")
+                raise InvalidArgumentError(
+                    "`bos_token_id` has to be defined when no `input_ids` are provided."
+                )
             input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=self.state.device)
         attention_mask = model_kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() > 2:
-            raise ValueError("`attention_mask` passed to `generate` must be 2D.")
+            raise InvalidArgumentError("`attention_mask` passed to `generate` must be 2D.")
         return input_ids, attention_mask
 
 
@@ -362,7 +364,7 @@ def _as_mutable(value: Any) -> Any:
         return gc.from_dict(value)
     if hasattr(value, "to_dict") and hasattr(value, "update"):  # another Transformers-shaped config
         return gc.from_dict(value.to_dict())
-    raise TypeError(
+    raise ArgumentTypeError(
         f"generation_config must be a transformers.GenerationConfig, an fmodel GenerationConfig or a dict, "
         f"got {type(value).__name__}"
     )

@@ -29,7 +29,7 @@ import logging
 import os
 from typing import Any
 
-from ..errors import UnsupportedOptionError
+from ..errors import InvalidArgumentError, UnsupportedOptionError
 from ..generation_config import GenerationConfig as FrozenGenerationConfig
 from ..io.generation_config import GENERATION_DEFAULTS, generation_config_from_model_config
 
@@ -174,9 +174,13 @@ class MutableGenerationConfig:
         """Transformers' checks: errors for impossible values, and (logged, or raised when
         `strict`) the flags that have no effect with the other settings."""
         if self.early_stopping not in {True, False, "never"}:
-            raise ValueError(f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping}.")
+            raise InvalidArgumentError(
+                f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping}."
+            )
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {self.max_new_tokens}.")
+            raise InvalidArgumentError(
+                f"`max_new_tokens` must be greater than 0, but is {self.max_new_tokens}."
+            )
         minor: dict[str, str] = {}
         if self.pad_token_id is not None and isinstance(self.pad_token_id, int) and self.pad_token_id < 0:
             minor["pad_token_id"] = f"`pad_token_id` should be positive but got {self.pad_token_id}."
@@ -202,12 +206,12 @@ class MutableGenerationConfig:
                 )
         if self.num_return_sequences != 1:
             if self.num_beams == 1 and self.do_sample is False:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "Greedy methods without beam search do not support `num_return_sequences` different than 1 "
                     f"(got {self.num_return_sequences})."
                 )
             if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to "
                     f"`num_beams` ({self.num_beams})."
                 )
@@ -217,14 +221,14 @@ class MutableGenerationConfig:
                     minor[flag] = f"`return_dict_in_generate` is NOT set to `True`, but `{flag}` is."
         for arg in _GENERATE_ARGUMENTS:
             if hasattr(self, arg):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"Argument `{arg}` is not a valid argument of `GenerationConfig`. It should be passed to "
                     "`generate()` (or a pipeline) directly."
                 )
         if minor:
             if strict:
                 details = "\n".join(f"- `{name}`: {issue}" for name, issue in minor.items())
-                raise ValueError("GenerationConfig is invalid: \n" + details)
+                raise InvalidArgumentError("GenerationConfig is invalid: \n" + details)
             logger.warning(
                 "The following generation flags are not valid and may be ignored: %s.", list(minor)
             )
@@ -275,7 +279,7 @@ class MutableGenerationConfig:
         try:
             self.validate(strict=True)
         except ValueError as exc:
-            raise ValueError(str(exc) + "\n\nFix these issues to save the configuration.") from None
+            raise InvalidArgumentError(str(exc) + "\n\nFix these issues to save the configuration.") from None
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)

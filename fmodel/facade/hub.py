@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import UnsupportedOptionError
+from ..errors import ArgumentTypeError, InvalidArgumentError, UnsupportedOptionError
 from ..io.auto_class import auto_class_name
 from ..io.card import merge_tags
 from ..io.push import default_commit_message, save_and_push
@@ -46,7 +46,7 @@ def _token(token: str | bool | None, kwargs: dict[str, Any]) -> str | bool | Non
         "The `use_auth_token` argument is deprecated; use `token` instead.", FutureWarning, stacklevel=3
     )
     if token is not None:
-        raise ValueError(
+        raise InvalidArgumentError(
             "`token` and `use_auth_token` are both specified. Please set only the argument `token`."
         )
     return use_auth_token
@@ -146,7 +146,9 @@ class HubMixin:
         push_options = {key: kwargs.pop(key) for key in _PUSH_OPTIONS if key in kwargs}
         if kwargs:
             if push_to_hub:
-                raise TypeError(f"save_pretrained(push_to_hub=True): unexpected arguments {sorted(kwargs)}")
+                raise ArgumentTypeError(
+                    f"save_pretrained(push_to_hub=True): unexpected arguments {sorted(kwargs)}"
+                )
             warnings.warn(f"save_pretrained: ignoring unknown arguments {sorted(kwargs)}", stacklevel=2)
         if not is_main_process:
             return
@@ -225,7 +227,7 @@ class HubMixin:
         token = _token(token, deprecated_kwargs)
         ignore_metadata_errors = bool(deprecated_kwargs.pop("ignore_metadata_errors", False))
         if deprecated_kwargs:
-            raise TypeError(f"push_to_hub: unexpected arguments {sorted(deprecated_kwargs)}")
+            raise ArgumentTypeError(f"push_to_hub: unexpected arguments {sorted(deprecated_kwargs)}")
         return _push_to_hub(
             self.state,
             repo_id,

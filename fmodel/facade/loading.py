@@ -13,7 +13,7 @@ import torch
 from .. import attention, transforms
 from .._checks import check_device, check_float_dtype
 from ..config import load_config
-from ..errors import InvalidArgumentError
+from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..io import load_with_report
 from ..io.legacy_keys import modern_key
 from ..io.load import default_architecture, logger, state_from_tensors
@@ -56,7 +56,7 @@ class LoadingMixin:
         attn = kwargs.pop("attn_implementation", None)
         kwargs.pop("trust_remote_code", None)
         if kwargs:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}"
             )
         dtype = _config_dtype(config) if dtype in (None, "auto") else dtype
@@ -146,7 +146,7 @@ class LoadingMixin:
             view = DetachedConfig(config) if config is not None else None
             unused = {k: v for k, v in kwargs.items() if view is None or not hasattr(view, k)}
             if unused:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{cls.__name__}.__init__() got an unexpected keyword argument {next(iter(unused))!r} "
                     "(it is neither a from_pretrained option nor a config attribute)"
                 )
@@ -242,7 +242,9 @@ class LoadingMixin:
         mismatched_keys, disk_offload_index, error_msgs)."""
 
         if hf_quantizer is not None or device_mesh is not None:
-            raise ValueError("_load_pretrained_model: hf_quantizer and device_mesh are Transformers-only")
+            raise InvalidArgumentError(
+                "_load_pretrained_model: hf_quantizer and device_mesh are Transformers-only"
+            )
         if state_dict is None:
             state_dict = {}
             for path in checkpoint_files or ():

@@ -108,7 +108,9 @@ class PreTrainedModel(
         nn.Module.__init__(self)
         fresh = state is None
         if inputs:
-            raise TypeError(f"{type(self).__name__}() takes one config, got {len(inputs)} more arguments")
+            raise ArgumentTypeError(
+                f"{type(self).__name__}() takes one config, got {len(inputs)} more arguments"
+            )
         if state is None:
             if config is None:
                 raise ArgumentTypeError(f"{type(self).__name__}(config) needs a config (or state=), got None")

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["MaxTime", "stop_string_criterion"]
 
 
 def stop_string_criterion(stop_strings, tokenizer):
     if tokenizer is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             "There are one or more stop strings, either in the arguments to `generate` or in the "
             "model's generation config, but we could not locate a tokenizer. When generating with "
             "stop strings, you must pass the model's tokenizer to the `tokenizer` argument of `generate`."

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .. import transforms
-from ..errors import QuantizationError
+from ..errors import InvalidArgumentError, QuantizationError
 from ..models import get_spec
 from ..transforms import hf_init, hf_resize
 
@@ -82,7 +82,7 @@ class SurgeryMixin:
     def set_decoder(self, decoder: nn.Module) -> None:
         spec = get_spec(self._architecture)
         if spec.is_base:
-            raise ValueError("set_decoder: a base model is its own decoder")
+            raise InvalidArgumentError("set_decoder: a base model is its own decoder")
         prefix = spec.prefix + "."
         params = {prefix + n: p for n, p in decoder.named_parameters(remove_duplicate=False)}
         self._apply_transform(
@@ -152,7 +152,9 @@ class SurgeryMixin:
         values. A tied alias redraws its source (they are one tensor)."""
         prefix = next((n for n, m in self.named_modules() if m is module), None)
         if prefix is None:
-            raise ValueError(f"_init_weights: {type(module).__name__} is not a submodule of this model")
+            raise InvalidArgumentError(
+                f"_init_weights: {type(module).__name__} is not a submodule of this model"
+            )
         self._write_values(hf_init.init_module(self.state, prefix))
 
     def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
@@ -168,7 +170,9 @@ class SurgeryMixin:
         """
         name = get_spec(self._architecture).position_embeddings
         if name is None:
-            raise ValueError(f"{self._architecture} has rotary positions: there is no position embedding")
+            raise InvalidArgumentError(
+                f"{self._architecture} has rotary positions: there is no position embedding"
+            )
         return self.get_submodule(name.rsplit(".", 1)[0])
 
     def dequantize(self) -> PreTrainedModel:

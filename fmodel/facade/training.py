@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from .model import PreTrainedModel
 
@@ -30,7 +32,7 @@ class TrainingMixin:
         Always non-reentrant: Transformers' reentrant default gives no gradients when the
         embeddings are frozen; `use_reentrant=True` in the kwargs is therefore refused."""
         if (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "fmodel checkpoints non-reentrantly only (reentrant loses gradients with frozen inputs)"
             )
         self.__dict__["_gradient_checkpointing"] = True

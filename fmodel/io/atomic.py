@@ -40,6 +40,8 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 
+from ..errors import InvalidArgumentError
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -178,7 +180,7 @@ def fsync_tree(folder: str) -> None:
 def _split(target: str) -> tuple[str, str]:
     parent, name = os.path.split(os.path.abspath(target))
     if not name:
-        raise ValueError(f"{target!r}: a folder to replace needs a parent folder")
+        raise InvalidArgumentError(f"{target!r}: a folder to replace needs a parent folder")
     return parent, name
 
 

@@ -16,6 +16,8 @@ folder, which cannot run there (it is part of a package, not a standalone modeli
 
 from __future__ import annotations
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["AUTO_MODEL_CLASSES", "auto_class_name"]
 
 # The model Auto classes of Transformers 4.57 (`transformers.models.auto`); the tests check this
@@ -80,7 +82,7 @@ def auto_class_name(auto_class: str | type) -> str:
     """
     name = auto_class if isinstance(auto_class, str) else getattr(auto_class, "__name__", repr(auto_class))
     if name not in AUTO_MODEL_CLASSES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} is not a valid auto class: expected a model Auto class such as 'AutoModel' or "
             "'AutoModelForCausalLM'"
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["merge_tags", "new_model_card", "tag_model_card"]
 
 _DESCRIPTION = (
@@ -81,11 +83,11 @@ def tag_model_card(text: str, tags: Iterable[str], *, ignore_metadata_errors: bo
     try:
         card = ModelCard(text, ignore_metadata_errors=ignore_metadata_errors)
     except yaml.YAMLError as exc:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"README.md: its metadata block is not valid YAML; fix the lines between the '---' markers ({exc})"
         ) from None
     except ValueError as exc:
-        raise ValueError(f"README.md: {exc}") from None
+        raise InvalidArgumentError(f"README.md: {exc}") from None
     merged = merge_tags(card.data.tags, tags)
     if merged == list(card.data.tags or ()):
         return text

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .._checks import check_config, check_device, check_mapping_of_tensors, check_str
+from .._checks import FLOAT_DTYPES, check_config, check_device, check_mapping_of_tensors, check_str
 from .._limits import check_allocation
 from ..errors import (
     ArgumentTypeError,
@@ -46,17 +46,6 @@ __all__ = [
 ]
 
 FLOAT_STORAGE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
 # "model.layers.3.", "transformer.h.3.", "bert.encoder.layer.3." (and without the base prefix)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
 
@@ -80,14 +69,14 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
             return dtype
         raise DtypeArgumentError(
             f"dtype={dtype} is not a floating dtype a model can be loaded in; use one of "
-            f"{sorted(_DTYPES)} (or the torch.dtype), or None/'auto' to keep the stored dtype"
+            f"{sorted(FLOAT_DTYPES)} (or the torch.dtype), or None/'auto' to keep the stored dtype"
         )
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
+        if key in FLOAT_DTYPES:
+            return FLOAT_DTYPES[key]
     raise DtypeArgumentError(
-        f"dtype {dtype!r} is not understood; use a torch.dtype, 'auto', or one of {sorted(_DTYPES)}"
+        f"dtype {dtype!r} is not understood; use a torch.dtype, 'auto', or one of {sorted(FLOAT_DTYPES)}"
     )
 
 

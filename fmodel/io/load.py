@@ -14,7 +14,13 @@ from collections.abc import Mapping
 import torch
 
 from ..config import load_config
-from ..errors import CheckpointError, ConfigError, QuantizedDtypeError, ShapeMismatchError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidArgumentError,
+    QuantizedDtypeError,
+    ShapeMismatchError,
+)
 from ..models import get_spec
 from ..models.init import draw_missing_as_transformers, init_tensor
 from ..models.quant_linear import quantization_config
@@ -287,7 +293,9 @@ def load_with_report(
     )
     if gguf_file is not None or _is_gguf(path_or_repo_id):
         if init_missing != "fmodel":
-            raise ValueError("init_missing='transformers' applies to safetensors/pickle files, not GGUF")
+            raise InvalidArgumentError(
+                "init_missing='transformers' applies to safetensors/pickle files, not GGUF"
+            )
         from .gguf import load_gguf_with_report
 
         return load_gguf_with_report(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ..errors import InvalidArgumentError
 from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS, _padding_idx
 from .spec import ArchSpec, HeadLayout, register_architecture
@@ -178,7 +179,7 @@ class BertModel(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         b, t = hidden.shape[:2]
         mask_inputs = MaskInputs(attention_mask, torch.arange(t, device=hidden.device), t, b, causal=False)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgumentError
 from ._stack import run_layers, with_logits
 from .llama import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
@@ -177,7 +177,7 @@ class GPT2Model(nn.Module):
         past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
         b, t = hidden.shape[:2]
         start = 0 if past_key_values is None else past_key_values.length

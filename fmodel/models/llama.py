@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionFunction, MaskInputs, build_mask
+from ..errors import InvalidArgumentError
 from ._stack import run_layers, with_logits
 from .linear import Linear
 from .rope import rope_inv_freq, rotary_cos_sin, rotary_tables, rotate_with_tables
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ..cache import KVCache
 
 __all__ = ["LlamaForCausalLM", "LlamaModel"]
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation (Transformers' gelu_new / gelu_pytorch_tanh). A named
@@ -112,7 +114,9 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(hidden, kv_out, bias=config.qkv_bias)
         self.o_proj = Linear(q_out, hidden, bias=config.o_bias)
 
-    def forward(self, hidden, cos_sin, masks, attn: AttentionFunction, cache: KVCache | None, output_attentions: bool):
+    def forward(
+        self, hidden, cos_sin, masks, attn: AttentionFunction, cache: KVCache | None, output_attentions: bool
+    ):
         b, t, _ = hidden.shape
         if self.num_heads == 0:  # every head pruned: only the output bias is left
             return self.o_proj(hidden.new_zeros(b, t, 0)), None
@@ -206,7 +210,7 @@ class LlamaModel(nn.Module):
         past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
         b, t = hidden.shape[:2]
         start = 0 if past_key_values is None else past_key_values.length

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, versions
 
 __all__ = [
@@ -231,7 +232,7 @@ def swap_quantized_linears(module: nn.Module, config: Any) -> nn.Module:
         parent = module.get_submodule(parent_name) if parent_name else module
         old = getattr(parent, leaf, None)
         if not isinstance(old, nn.Linear):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"quantization_config lists {name!r}, which is not an nn.Linear of "
                 f"{type(module).__name__} (found {type(old).__name__})"
             )
@@ -241,6 +242,8 @@ def swap_quantized_linears(module: nn.Module, config: Any) -> nn.Module:
         elif scheme == "int4":
             new = Int4Linear(old.in_features, old.out_features, bias, dtype, group_size)
         else:
-            raise ValueError(f"quantization_config: unknown scheme {scheme!r} (expected 'int8' or 'int4')")
+            raise InvalidArgumentError(
+                f"quantization_config: unknown scheme {scheme!r} (expected 'int8' or 'int4')"
+            )
         setattr(parent, leaf, new)
     return module

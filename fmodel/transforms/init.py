@@ -119,8 +119,16 @@ _QUANTIZED_SUFFIXES = (".weight_int8", ".weight_int4", ".weight_scale", ".weight
 def _check_fits(config, architecture: str, dtype: torch.dtype) -> None:
     """Refuse a model whose weights exceed the memory of the CPU (their sizes come from the
     meta skeleton, which holds no storage)."""
+    from ..io.expected import estimate_parameter_count
     from ..models.skeleton import skeleton
 
+    # First a lower bound by arithmetic (2/3 of the gated-MLP estimate), so a config too large
+    # for memory is refused before a skeleton of its thousand layers is built; then the exact size.
+    lower = estimate_parameter_count(config) * 2 // 3
+    check_allocation(
+        lower * dtype.itemsize,
+        what=f"init: the {architecture} weights (at least {lower:,} parameters, {dtype})",
+    )
     module = skeleton(config, architecture)
     numel = sum(p.numel() for p in module.parameters())
     itemsize = dtype.itemsize
