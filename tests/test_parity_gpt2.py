@@ -313,3 +313,27 @@ def test_resize_position_embeddings_keeps_rows_and_matches_a_bigger_transformers
     with torch.no_grad():
         expected = bigger(ids).logits
     assert (fmodel.forward(state, ids).logits - expected).abs().max().item() <= TOL
+
+
+def test_generic_config_names_win_over_gpt2_names_as_in_transformers(tmp_path):
+    """A GPT-2 config.json spelling `num_attention_heads` / `num_hidden_layers` (some exporters
+    do): Transformers' attribute_map sets them after `n_head` / `n_layer`, so they win. The head
+    count changes no tensor shape, so reading it wrongly would load silently with other numerics."""
+    import json
+
+    model = make_gpt2(n_head=8)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["num_attention_heads"] = data.pop("n_head")
+    data["n_head"] = 2  # a stale family-name value the generic one overrides
+    path.write_text(json.dumps(data))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert theirs.config.n_head == 8
+    state = fmodel.load(tmp_path)
+    assert state.config.n_head == 8 and "num_attention_heads" not in state.config.extra
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+    got = fmodel.forward(state, ids).logits
+    assert (got - want).abs().max() < TOL

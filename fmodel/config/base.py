@@ -249,6 +249,12 @@ class BaseConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         data, bookkeeping = cls._read_json(dict(data))
+        for alias, field in cls.field_aliases.items():
+            # Transformers sets a generic name (`num_attention_heads`) after the family's own
+            # (`n_head`) through its attribute_map, so the generic one wins, and the family's
+            # name is what it writes back.
+            if alias in data:
+                data[field] = data.pop(alias)
         modelled = set(cls.modelled_keys())
         known = {k: v for k, v in data.items() if k in modelled}
         extra = {k: v for k, v in data.items() if k not in modelled and k != "model_type"}
