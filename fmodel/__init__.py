@@ -6,7 +6,15 @@ A model is data (`ModelState`); loading, saving and every change are pure functi
 
 from . import attention
 from .cache import CacheError, KVCache, init_cache, reorder_cache
-from .config import LlamaConfig, MistralConfig, Qwen2Config, config_from_dict, load_config
+from .config import (
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    config_from_dict,
+    load_config,
+)
 from .errors import (
     ArgumentTypeError,
     AttentionUnavailableError,
@@ -70,12 +78,14 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForMaskedLM",
     "AutoModelForSequenceClassification",
+    "BertConfig",
     "CacheError",
     "CheckpointDtypeError",
     "CheckpointError",
     "ConfigError",
     "CorruptFileError",
     "FModelError",
+    "GPT2Config",
     "GenerateOutput",
     "GenerationConfig",
     "HubUnavailableError",

@@ -469,3 +469,12 @@ def test_config_written_by_transformers5_round_trips():
     assert config.extra["dtype"] == "float32"
     assert config.to_diff_dict() == on_disk
     assert config.to_json_string() == json.dumps(on_disk, indent=2, sort_keys=True) + "\n"
+
+
+def test_every_family_config_class_is_exported_at_the_top_level():
+    from fmodel.config import CONFIG_CLASSES
+
+    assert CONFIG_CLASSES  # the registry is populated on import
+    for model_type, cls in CONFIG_CLASSES.items():
+        assert getattr(fmodel, cls.__name__, None) is cls, f"fmodel.{cls.__name__} ({model_type}) is not exported"
+        assert cls.__name__ in fmodel.__all__

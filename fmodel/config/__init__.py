@@ -2,7 +2,9 @@
 
 A config class lists the fields fmodel models, with Transformers' names and defaults.
 Every other key of the source `config.json` is kept verbatim in `extra`, and the keys the
-source spelled out are remembered in `given`, so `config_from_dict(d).to_diff_dict() == d`.
+source spelled out are remembered in `given`, so `config_from_dict(d).to_diff_dict() == d`
+(a family's generic alias, GPT-2's `num_attention_heads`, comes back under the family's own
+name, `n_head`, as Transformers writes it).
 """
 
 from .base import CONFIG_CLASSES, BaseConfig, config_from_dict, load_config, register_config

@@ -268,7 +268,8 @@ class BaseConfig:
     def to_diff_dict(self) -> dict[str, Any]:
         """The `config.json` dict: the source's keys (modelled ones with current values), plus
         every modelled field that differs from its default. JSON-ready (lists, dicts).
-        Lossless: `config_from_dict(d).to_diff_dict() == d`."""
+        Lossless: `config_from_dict(d).to_diff_dict() == d`, except that a generic alias key
+        (`field_aliases`) comes back under the family's own name, as Transformers writes it."""
         return self._json_dict(full=False)
 
     def to_dict(self) -> dict[str, Any]:
