@@ -521,7 +521,7 @@ def _decode_step_calls(
     """One greedy decode step (1 token, logits of it only) over the cache: `fmodel.forward` (one
     functional_call per step, what a hand-written loop pays), the bare functional_call, the
     direct call and Transformers. Each call writes the same cache slot (the given cache value
-    stays valid: `fmodel.cache`)."""
+    stays valid: `fmodel.generation.cache`)."""
     return {
         **_fmodel_calls(state, direct, step, past_key_values=cache, logits_to_keep=1),
         "transformers": transformers_step,

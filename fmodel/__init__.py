@@ -5,7 +5,6 @@ A model is data (`ModelState`); loading, saving and every change are pure functi
 """
 
 from . import attention
-from .cache import CacheError, KVCache, init_cache, reorder_cache
 from .config import (
     BertConfig,
     GPT2Config,
@@ -40,8 +39,9 @@ from .facade import (
     PreTrainedModel,
 )
 from .forward import ModelOutput, bind_forward, forward
-from .generate import GenerateOutput, generate
-from .generation_config import GenerationConfig, load_generation_config
+from .generation.cache import CacheError, KVCache, init_cache, reorder_cache
+from .generation.config import GenerationConfig, load_generation_config
+from .generation.generate_call import GenerateOutput, generate
 from .io import LoadReport, load, load_with_report, save
 from .io.gguf import load_gguf
 from .state import ModelState, TieError

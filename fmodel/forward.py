@@ -13,11 +13,11 @@ from torch.func import functional_call
 
 from . import attention
 from ._checks import check_state, describe
-from .cache import KVCache
 from .errors import ArgumentTypeError, InvalidArgumentError
 from .forward_checks import check_head_mask, check_module_inputs, check_options
 from .forward_checks import check_inputs as _check_inputs
 from .forward_checks import check_not_stacked as _check_not_stacked
+from .generation.cache import KVCache
 from .models import get_spec
 from .models.skeleton import skeleton
 from .state import ModelState
@@ -40,7 +40,7 @@ class ModelOutput:
         hidden_states: (embeddings, after layer 1, ..., final normed) when asked, else None.
         attentions: per layer [B, H, T, S] attention weights when asked, else None.
         past_key_values: with a `past_key_values=` cache of length L, the `KVCache` of length
-            L + T over the same buffers (see `fmodel.cache` for the contract), else None.
+            L + T over the same buffers (see `fmodel.generation.cache` for the contract), else None.
     """
 
     logits: torch.Tensor | None = None

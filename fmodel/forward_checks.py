@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ._checks import check_int_tensor, check_token_ids, describe
-from .cache import KVCache, check_cache
 from .errors import ArgumentTypeError, InvalidArgumentError
+from .generation.cache import KVCache, check_cache
 from .state import ModelState
 
 __all__ = [

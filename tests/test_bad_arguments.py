@@ -148,7 +148,7 @@ def test_huge_max_new_tokens_runs_until_eos() -> None:
 def test_long_generation_grows_its_buffers_exactly(monkeypatch) -> None:
     """Growing the cache / mask / token buffers mid-generation gives the tokens a whole
     allocation gives (left-padded batch, greedy and seeded sampling)."""
-    from fmodel import decode_loop
+    from fmodel.generation import decode_loop
 
     state = STATES["llama"]
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import fmodel
 from fmodel import attention
-from fmodel.cache import reorder_cache
 from fmodel.facade.generation import GenerationMixin
-from fmodel.logits_process import (
+from fmodel.generation.cache import reorder_cache
+from fmodel.generation.logits_process import (
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,

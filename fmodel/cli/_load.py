@@ -21,7 +21,7 @@ import torch
 
 from ..config import load_config
 from ..errors import CheckpointError, FModelError
-from ..generation_config import GenerationConfig, load_generation_config
+from ..generation.config import GenerationConfig, load_generation_config
 from ..io.gguf import GGUFFile, load_gguf, read_gguf, resolve_gguf
 from ..io.hub_fetch import HubFetcher
 from ..io.load import resolve_dtype, state_from_tensors

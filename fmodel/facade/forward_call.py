@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .. import losses
-from ..cache import KVCache, init_cache
 from ..errors import ArgumentTypeError
 from ..forward import prepare_call, to_output
+from ..generation.cache import KVCache, init_cache
 from ..models import get_spec
 from .arg_checks import check_model_inputs
 from .outputs import output_class

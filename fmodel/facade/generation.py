@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, UnsupportedOptionError
-from ..generate import GenerateOutput
-from ..generate import generate as functional_generate
-from ..generation_config import GenerationConfig as FrozenGenerationConfig
+from ..generation.config import GenerationConfig as FrozenGenerationConfig
+from ..generation.generate_call import GenerateOutput
+from ..generation.generate_call import generate as functional_generate
 from . import generation_config as gc
 from .arg_checks import check_generate_lengths, check_model_inputs
 from .outputs import ModelOutput

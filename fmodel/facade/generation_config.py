@@ -30,7 +30,7 @@ import os
 from typing import Any
 
 from ..errors import InvalidArgumentError, UnsupportedOptionError
-from ..generation_config import GenerationConfig as FrozenGenerationConfig
+from ..generation.config import GenerationConfig as FrozenGenerationConfig
 from ..io.generation_config import GENERATION_DEFAULTS, generation_config_from_model_config
 
 __all__ = [

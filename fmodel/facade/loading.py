@@ -286,7 +286,7 @@ def _config_dtype(config) -> Any:
 
 def _saved_generation_config(path, revision, cache_dir, local_files_only) -> dict | None:
     """The checkpoint's generation_config.json as written (None when it has none)."""
-    from ..generation_config import GENERATION_CONFIG_NAME, _find, _read_json
+    from ..generation.config import GENERATION_CONFIG_NAME, _find, _read_json
 
     path = os.fspath(path)
     if path.endswith(".gguf"):

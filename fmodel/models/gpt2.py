@@ -25,7 +25,7 @@ from .llama import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 if TYPE_CHECKING:
-    from ..cache import KVCache
+    from ..generation.cache import KVCache
 
 __all__ = ["GPT2LMHeadModel", "GPT2Model"]
 

@@ -22,7 +22,7 @@ from .rope import rope_inv_freq, rotary_cos_sin, rotary_tables, rotate_with_tabl
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 if TYPE_CHECKING:
-    from ..cache import KVCache
+    from ..generation.cache import KVCache
 
 __all__ = ["LlamaForCausalLM", "LlamaModel"]
 
@@ -182,7 +182,7 @@ class LlamaModel(nn.Module):
 
     With `past_key_values` (a `KVCache` of length L) the T inputs are the tokens at cache
     positions L .. L+T-1, `attention_mask` covers all L + T positions, and the returned
-    `past_key_values` has length L + T (see `fmodel.cache` for what is written where).
+    `past_key_values` has length L + T (see `fmodel.generation.cache` for what is written where).
     """
 
     supports_cache = True

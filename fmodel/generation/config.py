@@ -20,9 +20,9 @@ from typing import Any
 
 import attrs
 
-from ._checks import describe
-from ._frozen import FrozenDict, freeze, thaw
-from .errors import ArgumentTypeError, ConfigError
+from .._checks import describe
+from .._frozen import FrozenDict, freeze, thaw
+from ..errors import ArgumentTypeError, ConfigError
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationConfig", "load_generation_config"]
 
@@ -277,8 +277,8 @@ def load_generation_config(
     gen_file = _find(path, GENERATION_CONFIG_NAME, revision, cache_dir, local_files_only)
     if gen_file is not None:
         return GenerationConfig.from_dict(_read_json(gen_file), source=gen_file)
-    from .config import load_config
-    from .io.resolve import resolve_checkpoint
+    from ..config import load_config
+    from ..io.resolve import resolve_checkpoint
 
     if os.path.isdir(path):
         return GenerationConfig.from_model_config(load_config(path))
@@ -292,8 +292,8 @@ def _find(path: str, name: str, revision, cache_dir, local_files_only) -> str | 
     if os.path.isdir(path):
         candidate = os.path.join(path, name)
         return candidate if os.path.isfile(candidate) else None
-    from .errors import CheckpointError
-    from .io.hub_fetch import HubFetcher  # one probe, no hidden retries on a dead network
+    from ..errors import CheckpointError
+    from ..io.hub_fetch import HubFetcher  # one probe, no hidden retries on a dead network
 
     try:
         hub = HubFetcher(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -304,6 +304,6 @@ def _find(path: str, name: str, revision, cache_dir, local_files_only) -> str | 
 
 def _read_json(path: str) -> dict[str, Any]:
     # strict JSON, UTF-8, bounded size and depth, an object at the top (fmodel.config.json_file)
-    from .config.json_file import read_json_object
+    from ..config.json_file import read_json_object
 
     return read_json_object(path, what="generation config")

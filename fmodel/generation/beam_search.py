@@ -11,7 +11,7 @@ arithmetic, same -1e9 masking), so tokens and scores come out equal.
 
 The model is reached through a `Decoder`: given the running sequences it returns the next-token
 logits for each row, and `reorder(rows)` tells it which row each next-step row continues (so a
-KV cache follows its beams; `fmodel.generate` passes a decoder over `fmodel.cache.reorder_cache`).
+KV cache follows its beams; `fmodel.generate` passes a decoder over `fmodel.generation.cache.reorder_cache`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """`fmodel.generate`: greedy, sampled and beam-search decoding with an explicit KV cache.
 
 The loop follows gpt-fast: one prefill forward over the prompt, then one forward per new
-token over a cache allocated once for prompt + new tokens (`fmodel.cache`), so a step
-allocates no cache memory (beam search reorders it by beam, `fmodel.cache.reorder_cache`).
+token over a cache allocated once for prompt + new tokens (`fmodel.generation.cache`), so a step
+allocates no cache memory (beam search reorders it by beam, `fmodel.generation.cache.reorder_cache`).
 The state's tensors are bound to the weightless skeleton once per call (one `functional_call`
 around the whole loop) instead of once per token, and each step calls the skeleton directly
 with prebuilt arguments: the per-token Python work is the model's own layers plus a few ops.
 
 Results equal Transformers' `generate` for the same settings: same logits processing in the
-same order (`fmodel.logits_process`, custom processors before the sampling warpers), position
+same order (`fmodel.generation.logits_process`, custom processors before the sampling warpers), position
 ids from the attention mask, per-row stopping (EOS, custom criteria) with finished rows padded,
 `torch.multinomial` on the same probabilities when sampling (so a seeded global RNG gives
-Transformers' samples), and Transformers 4.57's vectorised beam search (`fmodel.beam_search`).
+Transformers' samples), and Transformers 4.57's vectorised beam search (`fmodel.generation.beam_search`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._checks import check_int_tensor, check_state, check_token_ids, describe
-from ._limits import check_allocation
+from .._checks import check_int_tensor, check_state, check_token_ids, describe
+from .._limits import check_allocation
+from ..errors import ArgumentTypeError, ConfigError, FModelError, InvalidArgumentError
+from ..models import get_spec
+from ..state import ModelState
+from .config import GenerationConfig
 from .decode_loop import (
     GenerateOutput,
     Run,
@@ -33,11 +37,7 @@ from .decode_loop import (
     initial_capacity,
     outside_inference,
 )
-from .errors import ArgumentTypeError, ConfigError, FModelError, InvalidArgumentError
-from .generation_config import GenerationConfig
 from .logits_process import LogitsProcessor
-from .models import get_spec
-from .state import ModelState
 
 __all__ = ["GenerateOutput", "GenerationConfig", "StoppingCriterion", "Streamer", "generate"]
 

@@ -1,5 +1,5 @@
 """The decoding loops behind `fmodel.generate`: the model as a per-step decoder (KV cache or
-full recompute), the greedy / sampling loop, and the call into `fmodel.beam_search`.
+full recompute), the greedy / sampling loop, and the call into `fmodel.generation.beam_search`.
 
 Everything here runs under `torch.inference_mode()` inside one `generate` call; the cache and
 token buffers are private to that call.
@@ -14,15 +14,15 @@ import attrs
 import torch
 from torch import nn
 
-from . import attention
+from .. import attention
+from ..errors import ConfigError
+from ..forward import run_bound
+from ..models.skeleton import skeleton
+from ..state import ModelState
 from .beam_search import beam_search
 from .cache import KVCache, init_cache, reorder_cache
-from .errors import ConfigError
-from .forward import run_bound
-from .generation_config import GenerationConfig
+from .config import GenerationConfig
 from .logits_process import LogitsProcessor, needs_processing, process_logits
-from .models.skeleton import skeleton
-from .state import ModelState
 
 __all__ = ["GenerateOutput", "Run", "StoppingCriterion", "outside_inference"]
 

@@ -31,11 +31,11 @@ import functools
 import attrs
 import torch
 
-from ._checks import check_device, check_float_dtype, check_positive_int, check_state_like, describe
-from ._limits import check_allocation
-from .errors import ArgumentTypeError, FModelError
-from .models import get_spec
-from .state import ModelState
+from .._checks import check_device, check_float_dtype, check_positive_int, check_state_like, describe
+from .._limits import check_allocation
+from ..errors import ArgumentTypeError, FModelError
+from ..models import get_spec
+from ..state import ModelState
 
 __all__ = ["CacheError", "KVCache", "check_cache", "init_cache", "reorder_cache"]
 
@@ -177,7 +177,7 @@ def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:
 
 def supports_cache(state: ModelState) -> bool:
     """True when the state's architecture runs with a KV cache (causal decoders)."""
-    from .models.skeleton import skeleton
+    from ..models.skeleton import skeleton
 
     return bool(getattr(skeleton(state.config, state.architecture), "supports_cache", False))
 
