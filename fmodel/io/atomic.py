@@ -1,6 +1,6 @@
 """Crash-safe folder replacement: build a folder beside the target, then swap it in atomically.
 
-`atomic_folder(target)` yields an empty temporary folder `.NAME.tmp-XXXXXXXX` beside `target`;
+`atomic_folder(target)` yields an empty temporary folder `.NAME.tmp-<random>` beside `target`;
 when the block ends without an exception, every file in it and the folder itself are fsynced,
 the parent folder is fsynced, and it replaces `target`:
 
@@ -11,7 +11,7 @@ the parent folder is fsynced, and it replaces `target`:
 
 At every instant `target` is the complete old or the complete new folder. Where the exchange
 is unavailable (not Linux, an old kernel, a filesystem answering EINVAL/ENOSYS/ENOTSUP) it
-falls back to two renames, `target -> .NAME.old-XXXXXXXX` then `tmp -> target`; a crash
+falls back to two renames, `target -> .NAME.old-<random>` then `tmp -> target`; a crash
 between the two leaves no `target` and the old folder under its hidden `.old-` name.
 Recovery: the next `fmodel.save` to that target and `fmodel.load` of it (`recover(target)`)
 rename the old folder back into place. The interrupted save never returned, so the old
@@ -124,13 +124,14 @@ def exchange(a: str, b: str) -> bool:
 
 
 def _umask() -> int:
-    try:  # Linux 4.7+: read it without changing it (os.umask is process-wide and racy)
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+    # Linux 4.7+: read it without changing it (os.umask is process-wide and racy)
+    with (
+        contextlib.suppress(OSError, ValueError, IndexError),
+        open("/proc/self/status", encoding="ascii") as f,
+    ):
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

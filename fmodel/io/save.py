@@ -159,13 +159,13 @@ def save(
     in `directory` are kept, except config.json and the weight files of the same variant (both
     formats), which are replaced; weights of other variants stay.
 
-    Crash safety: the new folder is written beside `directory` as `.NAME.tmp-XXXXXXXX`, every
+    Crash safety: the new folder is written beside `directory` as `.NAME.tmp-<random>`, every
     file and the folder are fsynced, and it is swapped in with one atomic exchange (Linux
     `renameat2(RENAME_EXCHANGE)`; a plain rename for a new folder); the parent folder is
     fsynced after. At every instant `directory` holds the complete old or the complete new
     checkpoint, whatever kills the process. Where the exchange is unavailable (other OSes,
     filesystems answering EINVAL) two renames are used; a kill between them leaves the old
-    checkpoint as `.NAME.old-XXXXXXXX` and no `directory`, and the next `fmodel.save` to
+    checkpoint as `.NAME.old-<random>` and no `directory`, and the next `fmodel.save` to
     `directory` or `fmodel.load` of it puts the old checkpoint back (the interrupted save
     never returned). Saves to one `directory` hold an flock on `.NAME.lock` beside it, so
     concurrent saves run one after another (the last wins), and each save first removes
