@@ -41,6 +41,15 @@ class ModelOutput:
         attentions: per layer [B, H, T, S] attention weights when asked, else None.
         past_key_values: with a `past_key_values=` cache of length L, the `KVCache` of length
             L + T over the same buffers (see `fmodel.generation.cache` for the contract), else None.
+        router_logits: mixture-of-experts models with `output_router_logits=True`: per sparse
+            layer [B * T, num_experts] router logits, else None.
+        aux_loss: mixture-of-experts models with `output_router_logits=True`: the scalar
+            load-balancing loss as Transformers computes it (unscaled), else None.
+        encoder_last_hidden_state: encoder-decoder models: the encoder's output [B, S, hidden].
+        encoder_hidden_states / encoder_attentions: encoder-decoder models: the encoder's
+            per-layer values when asked (`hidden_states` / `attentions` are the decoder's).
+        cross_attentions: encoder-decoder models: per decoder layer [B, H, T, S] cross-attention
+            weights when asked.
     """
 
     logits: torch.Tensor | None = None
@@ -49,6 +58,12 @@ class ModelOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     past_key_values: KVCache | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
     def __init__(
         self,
@@ -58,6 +73,12 @@ class ModelOutput:
         hidden_states: tuple[torch.Tensor, ...] | None = None,
         attentions: tuple[torch.Tensor, ...] | None = None,
         past_key_values: KVCache | None = None,
+        router_logits: tuple[torch.Tensor, ...] | None = None,
+        aux_loss: torch.Tensor | None = None,
+        encoder_last_hidden_state: torch.Tensor | None = None,
+        encoder_hidden_states: tuple[torch.Tensor, ...] | None = None,
+        encoder_attentions: tuple[torch.Tensor, ...] | None = None,
+        cross_attentions: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         # Written out (not attrs' generated __init__, whose cached `object.__setattr__` method
         # wrapper torch.compile cannot trace), so a compiled function can return a ModelOutput.
@@ -68,6 +89,12 @@ class ModelOutput:
             ("hidden_states", hidden_states),
             ("attentions", attentions),
             ("past_key_values", past_key_values),
+            ("router_logits", router_logits),
+            ("aux_loss", aux_loss),
+            ("encoder_last_hidden_state", encoder_last_hidden_state),
+            ("encoder_hidden_states", encoder_hidden_states),
+            ("encoder_attentions", encoder_attentions),
+            ("cross_attentions", cross_attentions),
         ):
             object.__setattr__(self, name, value)
 

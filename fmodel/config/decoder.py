@@ -103,6 +103,30 @@ class DecoderConfig(BaseConfig):
         """The sliding-window width of layer `layer_idx`, or None for full causal attention."""
         return None
 
+    def layer_rope(self, layer_idx: int) -> str:
+        """The rotary module (attribute of the model) whose tables layer `layer_idx` uses."""
+        return "rotary_emb"
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on q.k: head_size ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)."""
+        return self.head_size**-0.5
+
+    @property
+    def attention_softcap(self) -> float | None:
+        """Attention scores become tanh(s / cap) * cap before the mask (Gemma 2), or None."""
+        return None
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The logits become tanh(l / cap) * cap (Gemma 2/3), or None."""
+        return None
+
+    @property
+    def qkv_clip(self) -> float | None:
+        """q, k and v projections are clamped to [-clip, clip] (OLMo's clip_qkv), or None."""
+        return None
+
     # -- validation -------------------------------------------------------------------
 
     def _validate(self) -> None:

@@ -16,7 +16,8 @@ from torch import nn
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from ..errors import InvalidArgumentError
 from ._stack import run_layers, with_logits
-from .llama import ACTIVATIONS, _padding_idx
+from .activations import ACTIVATIONS
+from .decoder import padding_idx as _padding_idx
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 __all__ = ["BertForMaskedLM", "BertForSequenceClassification", "BertModel"]

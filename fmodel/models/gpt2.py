@@ -21,7 +21,7 @@ from torch import nn
 from ..attention import AttentionFunction, MaskInputs, build_mask
 from ..errors import ConfigError, InvalidArgumentError
 from ._stack import run_layers, with_logits
-from .llama import ACTIVATIONS
+from .activations import ACTIVATIONS
 from .spec import ArchSpec, HeadLayout, register_architecture
 
 if TYPE_CHECKING:

@@ -37,7 +37,8 @@ class HeadLayout:
         original_heads: query heads before any pruning (head ids in `pruned_heads` refer to these).
         slices: (tensor name, axis, section): the tensor's `axis` is made of head blocks of
             `head_dim`. section "q" / "k" / "v" / "o" holds one block per query (q, o) or
-            key/value (k, v) head; "qkv" is q, k and v concatenated (GPT-2's fused c_attn).
+            key/value (k, v) head; "qkv" is q, k and v concatenated (GPT-2's fused c_attn); "q|k|v" the same with
+            grouped key/value heads (Phi-3's qkv_proj: H query then H_kv key and value blocks).
             "o" is the input axis of the output projection; its bias is never sliced.
     """
 

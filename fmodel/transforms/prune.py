@@ -129,6 +129,10 @@ def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) 
                 "qkv": _block_index(keep_q, d)
                 + _block_index(keep_q, d, old_layout.heads * d)
                 + _block_index(keep_q, d, 2 * old_layout.heads * d),
+                # [q | k | v] with grouped key/value heads (Phi-3's qkv_proj)
+                "q|k|v": _block_index(keep_q, d)
+                + _block_index(keep_kv, d, old_layout.heads * d)
+                + _block_index(keep_kv, d, (old_layout.heads + old_layout.kv_heads) * d),
             }[section]
             tensor = state.params[name]
             changed[name] = tensor.index_select(
