@@ -23,6 +23,7 @@ __all__ = [
     "check_module_inputs",
     "check_not_stacked",
     "check_options",
+    "check_seq2seq_inputs",
     "vocab_size",
 ]
 
@@ -67,6 +68,55 @@ def check_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, ca
     if attention_mask is not None and tuple(attention_mask.shape) != shape:
         raise InvalidArgumentError(
             f"forward: attention_mask must have shape {list(shape)} like the inputs, got {list(attention_mask.shape)}"
+        )
+
+
+def check_seq2seq_inputs(state: ModelState, input_ids, attention_mask, inputs_embeds, inputs: dict) -> None:
+    """An encoder-decoder's (T5's) inputs: the encoder side as `check_inputs` (skipped when
+    `encoder_outputs` is given), the decoder side (`decoder_input_ids` or
+    `decoder_inputs_embeds`, else `labels` to shift right) with its mask and the cache."""
+    from .generation.seq2seq_cache import self_attention_cache
+
+    if inputs.get("encoder_outputs") is None:
+        check_inputs(state, input_ids, attention_mask, inputs_embeds)
+    elif attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"forward(attention_mask) must be a tensor [batch, seq], got {describe(attention_mask)}"
+        )
+    ids, embeds, labels = (inputs.get(k) for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels"))
+    if ids is not None and embeds is not None:
+        raise InvalidArgumentError("forward: pass decoder_input_ids or decoder_inputs_embeds, not both")
+    if ids is None and embeds is None:
+        if labels is None:
+            raise InvalidArgumentError(
+                "forward: an encoder-decoder needs decoder_input_ids (or decoder_inputs_embeds, or labels "
+                "to shift right into decoder inputs)"
+            )
+        ids = check_int_tensor(labels, "forward(labels)")
+        if ids.dim() != 2:
+            raise InvalidArgumentError(f"forward: labels must be [batch, seq], got {list(ids.shape)}")
+        check_token_ids(ids.masked_fill(ids == -100, 0), vocab_size(state), "forward(labels)")
+    elif ids is not None:
+        check_int_tensor(ids, "forward(decoder_input_ids)")
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise InvalidArgumentError(
+                f"forward: decoder_input_ids must be an integer tensor [batch, seq], got {list(ids.shape)}"
+            )
+        check_token_ids(ids, vocab_size(state), "forward(decoder_input_ids)")
+    elif not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != state.config.hidden_size:
+        raise InvalidArgumentError(
+            f"forward: decoder_inputs_embeds must be a tensor [batch, seq, {state.config.hidden_size}]"
+        )
+    shape = tuple(ids.shape) if ids is not None else tuple(embeds.shape[:2])
+    cache = self_attention_cache(inputs.get("past_key_values"))
+    if cache is not None:
+        check_cache(state, cache, shape[0], shape[1], embeds.dtype if embeds is not None else state.dtype)
+        shape = (shape[0], cache.length + shape[1])
+    mask = inputs.get("decoder_attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape):
+        raise InvalidArgumentError(
+            f"forward: decoder_attention_mask must be a tensor of shape {list(shape)} (cached and new "
+            f"decoder positions), got {describe(mask)}"
         )
 
 

@@ -80,8 +80,11 @@ def _compiled_flex():
     return torch.compile(_flex, dynamic=False)
 
 
-def flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """torch's FlexAttention with a BlockMask (runs on CPU too). Mask: block."""
+def flex_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, score_mod=None, **kwargs
+):
+    """torch's FlexAttention with a BlockMask (runs on CPU too). Mask: block (or None);
+    `score_mod` (flex's `(score, b, h, q_idx, kv_idx) -> score`) carries an additive bias."""
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
     if dropout > 0:
@@ -92,7 +95,9 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, drop
     # Compiled, flex fuses the mask into its kernel; uncompiled it materialises the scores.
     # On CPU the uncompiled path is kept: compiling costs seconds per new shape.
     kernel = _compiled_flex() if query.is_cuda else _flex
-    output = kernel(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1)
+    output = kernel(
+        query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1
+    )
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -161,8 +161,14 @@ def reorder_cache(cache: KVCache, rows: torch.Tensor) -> KVCache:
 
 
 def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:
-    """(kv_heads, head_dim) per layer, from the architecture's head layout."""
+    """(kv_heads, head_dim) per layer: the skeleton's `cache_shapes()` when it has one (an
+    encoder-decoder sizes the cache for its decoder), else the architecture's head layout."""
+    from ..models.skeleton import skeleton
+
     spec = get_spec(state.architecture)
+    own = getattr(skeleton(state.config, state.architecture), "cache_shapes", None)
+    if own is not None and supports_cache(state):
+        return list(own())
     if not supports_cache(state) or spec.head_layout is None:
         raise CacheError(
             f"{state.architecture} is not a generative (causal) model: it takes no KV cache "
@@ -273,8 +279,9 @@ def check_cache(
         )
     if not supports_cache(state):
         _cache_shapes(state)  # raises the "not generative" error
-    if len(cache.keys) != state.config.num_hidden_layers:
-        raise CacheError(f"KV cache has {len(cache.keys)} layers, the model {state.config.num_hidden_layers}")
+    layers = _layer_shapes(state.config, state.architecture)[-1][0] + 1
+    if len(cache.keys) != layers:
+        raise CacheError(f"KV cache has {len(cache.keys)} layers, the model {layers}")
     _check_layer_shapes(state, cache)
     if cache.batch_size != batch_size:
         raise CacheError(

@@ -184,7 +184,8 @@ def generate(
     _check_generate(state, input_ids, attention_mask, config)
     if streamer is not None and config.num_beams > 1:
         raise ConfigError("generate: a streamer cannot be used with beam search; use num_beams=1")
-    p = input_ids.shape[1]
+    seq2seq = _is_encoder_decoder(state)
+    p = 1 if seq2seq else input_ids.shape[1]  # an encoder-decoder's loop runs over decoder tokens
     new = _new_tokens(config, p, max_length is not None, state.config)
     if config.min_new_tokens is not None:  # as Transformers: min_new_tokens replaces min_length
         config = config.replace(min_length=p + config.min_new_tokens)
@@ -210,10 +211,18 @@ def generate(
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad, config.eos_token_ids)
     expand = max(config.num_beams, config.num_return_sequences)
-    if expand > 1:  # Transformers' _expand_inputs_for_generation
+    if expand > 1 and not seq2seq:  # Transformers' _expand_inputs_for_generation
         input_ids = input_ids.repeat_interleave(expand, dim=0)
         attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
-    run = Run(state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria))
+    if seq2seq:  # the encoder runs once, then its output is repeated (fmodel.generation.seq2seq)
+        from .seq2seq import Seq2SeqRun, decoder_start_token_id
+
+        start = decoder_start_token_id(config, state.config)
+        run = Seq2SeqRun(
+            state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria), expand, start
+        )
+    else:
+        run = Run(state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria))
     with torch.inference_mode():
         out = run(input_ids, attention_mask, generator, streamer, module)
     out = outside_inference(out)  # normal tensors autograd can use later
@@ -272,7 +281,7 @@ def _new_tokens(config: GenerationConfig, prompt: int, explicit_max_length: bool
 
 
 def _check_generate(state: ModelState, input_ids, attention_mask, config: GenerationConfig) -> None:
-    if get_spec(state.architecture).output != "causal_lm":
+    if get_spec(state.architecture).output not in ("causal_lm", "seq2seq_lm"):
         raise FModelError(
             f"generate: {state.architecture} has no language-model head and cannot generate; load the "
             f"checkpoint as a causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel)"
@@ -298,6 +307,10 @@ def _check_generate(state: ModelState, input_ids, attention_mask, config: Genera
             f"generate: attention_mask must have the prompt's shape {list(input_ids.shape)}, "
             f"got {list(attention_mask.shape)}"
         )
+
+
+def _is_encoder_decoder(state: ModelState) -> bool:
+    return bool(getattr(get_spec(state.architecture).build, "is_encoder_decoder", False))
 
 
 def _vocab_size(state: ModelState) -> int | None:
