@@ -14,7 +14,7 @@ from torch.func import functional_call
 from . import attention
 from ._checks import check_state, describe
 from .errors import ArgumentTypeError, InvalidArgumentError
-from .forward_checks import check_head_mask, check_module_inputs, check_options
+from .forward_checks import check_head_mask, check_module_inputs, check_options, check_seq2seq_inputs
 from .forward_checks import check_inputs as _check_inputs
 from .forward_checks import check_not_stacked as _check_not_stacked
 from .generation.cache import KVCache
@@ -200,14 +200,17 @@ def prepare_call(
     """What `forward` calls: `(module, args, kwargs)` such that running `module(*args, **kwargs)`
     with the state's tensors in place (`functional_call`, or a module that already holds them)
     and passing the result to `to_output` is `forward(state, ...)`. Same arguments as `forward`."""
-    _check_inputs(
-        state,
-        input_ids,
-        attention_mask,
-        inputs_embeds,
-        model_inputs.get("past_key_values"),
-        {"position_ids": position_ids, "token_type_ids": model_inputs.get("token_type_ids")},
-    )
+    if getattr(get_spec(state.architecture).build, "is_encoder_decoder", False):
+        check_seq2seq_inputs(state, input_ids, attention_mask, inputs_embeds, model_inputs)
+    else:
+        _check_inputs(
+            state,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            model_inputs.get("past_key_values"),
+            {"position_ids": position_ids, "token_type_ids": model_inputs.get("token_type_ids")},
+        )
     check_options(
         input_ids, inputs_embeds, position_ids, logits_to_keep, training, model_inputs.get("head_mask")
     )
