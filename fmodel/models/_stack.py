@@ -1,13 +1,66 @@
-"""Pieces every family's skeleton shares: running the layer stack and applying a head."""
+"""Pieces every family's skeleton shares: embedding the inputs, the positions of a step (with or
+without a KV cache), running the layer stack, and applying a head."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..attention import MaskInputs
+from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ..generation.cache import KVCache
+
+
+def embed_inputs(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> torch.Tensor:
+    """`embed(input_ids)` [B, T, C], or the caller's `inputs_embeds`; exactly one must be given."""
+    require_one_input(input_ids, inputs_embeds)
+    return embed(input_ids) if inputs_embeds is None else inputs_embeds
+
+
+def require_one_input(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """Raises InvalidArgumentError unless exactly one of the two is given."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
+
+
+def step_positions(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    past_key_values: KVCache | None = None,
+    *,
+    causal: bool = True,
+) -> tuple[MaskInputs, torch.Tensor]:
+    """For the T inputs of `hidden` [B, T, C] continuing a cache of length L (0 without one):
+    the `MaskInputs` over all L + T positions and the position ids [B|1, T] (the caller's, or
+    L .. L+T-1 for every row: as Transformers, padding does not shift positions)."""
+    b, t = hidden.shape[:2]
+    start = 0 if past_key_values is None else past_key_values.length
+    q_positions = torch.arange(start, start + t, device=hidden.device)  # cache positions
+    if position_ids is None:
+        position_ids = q_positions[None]
+    return MaskInputs(attention_mask, q_positions, start + t, b, causal=causal), position_ids
+
+
+def run_cached_layers(
+    layers: Iterable[nn.Module], hidden: torch.Tensor, *args: Any, past_key_values: KVCache | None, **kwargs: Any
+) -> dict[str, Any]:
+    """`run_layers` for layers taking the cache as their last argument; with a cache, the output
+    carries it advanced by this step's T positions as `past_key_values`."""
+    out = run_layers(layers, hidden, *args, past_key_values, **kwargs)
+    if past_key_values is not None:
+        out["past_key_values"] = past_key_values.advance(hidden.shape[1])
+    return out
 
 
 def run_layers(

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import AttentionFunction, MaskInputs, build_mask
-from ..errors import InvalidArgumentError
-from ._stack import run_layers, with_logits
+from ..attention import AttentionFunction, build_mask
+from ._stack import require_one_input, run_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
 from .decoder import padding_idx as _padding_idx
-from .spec import ArchSpec, HeadLayout, register_architecture
+from .spec import ArchSpec, HeadLayout, no_ties, register_architecture
 
 __all__ = ["BertForMaskedLM", "BertForSequenceClassification", "BertModel"]
 
@@ -179,16 +178,13 @@ class BertModel(nn.Module):
         output_attentions: bool = False,
         gradient_checkpointing: bool = False,
     ) -> dict[str, Any]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
+        require_one_input(input_ids, inputs_embeds)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        b, t = hidden.shape[:2]
-        mask_inputs = MaskInputs(attention_mask, torch.arange(t, device=hidden.device), t, b, causal=False)
-        mask = build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype)
+        mask_inputs, _ = step_positions(hidden, attention_mask, position_ids, causal=False)
         out = run_layers(
             self.encoder.layer,
             hidden,
-            mask,
+            build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype),
             attn,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -323,7 +319,7 @@ def _spec(
     *,
     is_base: bool,
     output: str,
-    ties=lambda config: {},
+    ties=no_ties,
     output_embeddings=None,
     output_bias=None,
     ignore_unexpected=_IGNORE,

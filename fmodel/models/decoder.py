@@ -28,14 +28,13 @@ import attrs
 import torch
 from torch import nn
 
-from ..attention import AttentionFunction, MaskInputs, build_mask
-from ..errors import InvalidArgumentError
-from ._stack import run_layers, with_logits
+from ..attention import AttentionFunction, build_mask
+from ._stack import embed_inputs, run_cached_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
 from .linear import Linear
 from .norms import rms_norm
 from .rope import rope_inv_freq, rotary_cos_sin, rotary_tables, rotate_with_tables
-from .spec import ArchSpec, HeadLayout, register_architecture
+from .spec import ArchSpec, HeadLayout, no_ties, register_architecture
 
 if TYPE_CHECKING:
     from ..generation.cache import KVCache
@@ -110,8 +109,9 @@ class RotaryEmbedding(nn.Module):
         # Only the scaling is kept: the state supplies `inv_freq` (a computed buffer). Computed on
         # CPU because arithmetic on meta tensors imports torch._dynamo (seconds) on first use.
         with torch.device("cpu"):
-            _, self.attention_scaling = rope_inv_freq(config)
-        self.register_buffer("inv_freq", torch.empty(config.head_size // 2), persistent=False)
+            inv_freq, self.attention_scaling = rope_inv_freq(config)
+        # one frequency per rotated pair (fewer than head_size // 2 with a partial rotary factor)
+        self.register_buffer("inv_freq", torch.empty(inv_freq.shape), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope.rotary_tables` for `position_ids` [B, T]: cos and signed sin [B, 1, T, D]."""
@@ -352,36 +352,25 @@ class DecoderModel(nn.Module):
         gradient_checkpointing: bool = False,
         past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
-        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
+        hidden = embed_inputs(self.embed, input_ids, inputs_embeds)  # [B, T, C]
         if self.embed_scale is not None:  # Gemma: in the activations' dtype, as Transformers
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        b, t = hidden.shape[:2]
-        start = 0 if past_key_values is None else past_key_values.length
-        q_positions = torch.arange(start, start + t, device=hidden.device)  # cache positions
-        if position_ids is None:
-            position_ids = q_positions[None]  # as Transformers: padding does not shift positions
-        mask_inputs = MaskInputs(attention_mask, q_positions, start + t, b)
+        mask_inputs, position_ids = step_positions(hidden, attention_mask, position_ids, past_key_values)
         masks = {w: build_mask(attn.mask_kind, mask_inputs, w, hidden.dtype) for w in self.windows}
         rope_dtype = self.rope_dtype or hidden.dtype
         cos_sin = {name: getattr(self, name)(position_ids, rope_dtype) for name in self.rotaries}
-
-        out = run_layers(
+        return run_cached_layers(
             self.layers,
             hidden,
             cos_sin,
             masks,
             attn,
-            past_key_values,
+            past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             gradient_checkpointing=gradient_checkpointing,
             final=self.norm,
         )
-        if past_key_values is not None:
-            out["past_key_values"] = past_key_values.advance(t)
-        return out
 
 
 class DecoderForCausalLM(nn.Module):
@@ -465,10 +454,6 @@ def _causal_lm_ties(config) -> dict[str, str]:
     return {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
 
 
-def _no_ties(config) -> dict[str, str]:
-    return {}
-
-
 _IGNORE = (r"rotary_emb(_local)?\.inv_freq$",)
 
 
@@ -495,7 +480,7 @@ def register_decoder_family(
         name=f"{prefix}Model",
         build=model_class,
         is_base=True,
-        ties=_no_ties,
+        ties=no_ties,
         input_embeddings="embed_tokens.weight",
         output_embeddings=None,
         computed_buffers=_computed_buffers("", model_class),

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import AttentionFunction, MaskInputs, build_mask
-from ..errors import ConfigError, InvalidArgumentError
-from ._stack import run_layers, with_logits
+from ..attention import AttentionFunction, build_mask
+from ..errors import ConfigError
+from ._stack import embed_inputs, run_cached_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
-from .spec import ArchSpec, HeadLayout, register_architecture
+from .spec import ArchSpec, HeadLayout, no_buffers, no_ties, register_architecture
 
 if TYPE_CHECKING:
     from ..generation.cache import KVCache
@@ -176,34 +176,23 @@ class GPT2Model(nn.Module):
         gradient_checkpointing: bool = False,
         past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InvalidArgumentError("pass exactly one of input_ids or inputs_embeds")
-        hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
-        b, t = hidden.shape[:2]
-        start = 0 if past_key_values is None else past_key_values.length
-        q_positions = torch.arange(start, start + t, device=hidden.device)  # cache positions
-        if position_ids is None:
-            position_ids = q_positions[None]  # as Transformers: padding does not shift positions
+        hidden = embed_inputs(self.wte, input_ids, inputs_embeds)  # [B, T, C]
+        mask_inputs, position_ids = step_positions(hidden, attention_mask, position_ids, past_key_values)
         hidden = hidden + self.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.wte(token_type_ids)
         hidden = self.drop(hidden)
-        mask_inputs = MaskInputs(attention_mask, q_positions, start + t, b)
-        mask = build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype)
-        out = run_layers(
+        return run_cached_layers(
             self.h,
             hidden,
-            mask,
+            build_mask(attn.mask_kind, mask_inputs, None, hidden.dtype),
             attn,
-            past_key_values,
+            past_key_values=past_key_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             gradient_checkpointing=gradient_checkpointing,
             final=self.ln_f,
         )
-        if past_key_values is not None:
-            out["past_key_values"] = past_key_values.advance(t)
-        return out
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -267,10 +256,10 @@ register_architecture(
         build=GPT2Model,
         prefix="transformer",
         is_base=True,
-        ties=lambda config: {},
+        ties=no_ties,
         input_embeddings="wte.weight",
         output_embeddings=None,
-        computed_buffers=lambda config, device: {},
+        computed_buffers=no_buffers,
         init_rule=_init_rule,
         output="base",
         ignore_unexpected=_IGNORE,
@@ -289,7 +278,7 @@ register_architecture(
         ties=_lm_ties,
         input_embeddings="transformer.wte.weight",
         output_embeddings="lm_head.weight",
-        computed_buffers=lambda config, device: {},
+        computed_buffers=no_buffers,
         init_rule=_init_rule,
         output="causal_lm",
         ignore_unexpected=_IGNORE,

@@ -21,6 +21,8 @@ __all__ = [
     "ArchSpec",
     "HeadLayout",
     "get_spec",
+    "no_buffers",
+    "no_ties",
     "register_architecture",
     "specs_for_model_type",
 ]
@@ -105,6 +107,16 @@ class ArchSpec:
 
     def is_ignorable(self, key: str) -> bool:
         return any(re.search(pattern, key) for pattern in self.ignore_unexpected)
+
+
+def no_ties(config) -> dict[str, str]:
+    """`ArchSpec.ties` of a class whose tensors are all its own."""
+    return {}
+
+
+def no_buffers(config, device) -> dict[str, torch.Tensor]:
+    """`ArchSpec.computed_buffers` of a class without computed buffers."""
+    return {}
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
