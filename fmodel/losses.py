@@ -14,6 +14,7 @@ from .errors import InvalidArgumentError
 
 __all__ = [
     "causal_lm_loss",
+    "load_balancing_loss",
     "masked_lm_loss",
     "sequence_classification_loss",
     "sequence_classification_problem",
@@ -122,3 +123,45 @@ def sequence_classification_loss(
     if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits, labels)
     raise InvalidArgumentError(f"problem_type {problem_type!r}: expected one of {PROBLEM_TYPES}")
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The auxiliary load-balancing loss of a mixture of experts (Switch Transformer eqs. 4-6),
+    unscaled, as Transformers 4.57's `load_balancing_loss_func` computes it: over the router
+    logits of every sparse layer together, num_experts * sum_e f_e * P_e, where f_e is the share
+    of (token, top-k slot) assignments to expert e and P_e the mean router probability of e,
+    both over the real tokens (`attention_mask` 1) only when a mask is given.
+
+    Arguments:
+        router_logits: per sparse layer [B * T, num_experts] (the model's `router_logits`).
+        num_experts: experts per layer.
+        top_k: experts chosen per token.
+        attention_mask: [B, T], 1 for real tokens, or None (every token counts).
+
+    Returns:
+        A scalar float32 tensor (the router probabilities stay in the logits' dtype, as
+        Transformers computes them).
+    """
+    device = router_logits[0].device
+    logits = torch.cat([layer.to(device) for layer in router_logits], dim=0)
+    probs = F.softmax(logits, dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    expert_mask = F.one_hot(selected, num_experts)  # [L * B * T, k, E]
+    if attention_mask is None:
+        tokens_per_expert = torch.mean(expert_mask.float(), dim=0)  # [k, E]
+        router_prob_per_expert = torch.mean(probs, dim=0)  # [E]
+    else:
+        batch, seq = attention_mask.shape
+        layers = logits.shape[0] // (batch * seq)
+        mask = attention_mask.to(device)
+        slot_mask = mask[None, :, :, None, None].expand(layers, batch, seq, top_k, num_experts)
+        slot_mask = slot_mask.reshape(-1, top_k, num_experts)
+        tokens_per_expert = torch.sum(expert_mask.float() * slot_mask, dim=0) / torch.sum(slot_mask, dim=0)
+        prob_mask = mask[None, :, :, None].expand(layers, batch, seq, num_experts).reshape(-1, num_experts)
+        router_prob_per_expert = torch.sum(probs * prob_mask, dim=0) / torch.sum(prob_mask, dim=0)
+    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
