@@ -1,0 +1,372 @@
+"""Parity with Transformers 4.57 for Qwen3, OLMo and OLMo 2.
+
+Transformers builds each tiny random model with its family's features switched on and saves
+it; fmodel loads it. Qwen3: q/k RMSNorm per head, an explicit head_dim (24, not hidden / heads),
+biases on the attention projections, tied embeddings, and a sliding window (4) shorter than
+the sequence on layer 1 (`use_sliding_window`, `max_window_layers=1`). OLMo: weightless
+LayerNorms, biases, `clip_qkv=0.5` on attention weights scaled up so that the clamp bites.
+OLMo 2: norms after each sublayer, q/k RMSNorm over whole projections, one key/value head.
+Logits must agree to 1e-5 (float32) on every real position of a batch padded on the left (row
+0) and the right (row 1), for eager, sdpa and flex attention; greedy and seeded-sampled
+generation token for token; the KV cache as the full forward; fmodel's save reloads in
+Transformers with the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fmodel
+from fmodel import facade
+
+from .conftest import TINY, padded_batch, requires_transformers, transformers
+
+pytestmark = requires_transformers
+
+TOL = 1e-5
+ATTENTIONS = ["eager", "sdpa", "flex_attention"]
+NEW = 8
+
+# variant: (model_type, config overrides, factor on the attention projection weights)
+VARIANTS = {
+    "qwen3": (
+        "qwen3",
+        dict(
+            head_dim=24,
+            attention_bias=True,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+        1.0,
+    ),
+    "olmo": ("olmo", dict(num_key_value_heads=None, attention_bias=True, clip_qkv=0.5), 4.0),
+    "olmo2": ("olmo2", dict(num_key_value_heads=1), 1.0),
+}
+CLASSES = {"qwen3": "Qwen3", "olmo": "Olmo", "olmo2": "Olmo2"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(variant: str, seed: int = 0):
+    """The variant's tiny Transformers causal LM (eval, float32), norms and biases perturbed."""
+    model_type, overrides, attention_scale = VARIANTS[variant]
+    prefix = CLASSES[model_type]
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{prefix}Config")(**{**TINY, **overrides})
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "self_attn" in name and name.endswith("proj.weight"):
+                p.mul_(attention_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{variant: (folder, Transformers model)}, each saved by Transformers."""
+    out = {}
+    for i, variant in enumerate(VARIANTS):
+        model = make_model(variant, seed=i)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (folder, model)
+    return out
+
+
+def hf_logits(model, ids, mask, attn: str = "eager") -> torch.Tensor:
+    # Transformers' flex attention compiles on CPU (minutes); its eager path is the same math.
+    model.config._attn_implementation = "eager" if attn == "flex_attention" else attn
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def hf_generate(model, ids, mask, attn: str = "sdpa", **kwargs):
+    model.config._attn_implementation = attn
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    keep = mask.bool()
+    return (a[keep] - b[keep]).abs().max().item()
+
+
+def prompts(seed: int = 0, length: int = 7):
+    """input_ids [2, length], row 0 left-padded by 2."""
+    ids = torch.randint(3, TINY["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- configs
+
+
+# Fields whose stored value Transformers derives (compared by their effect below) or fills in.
+DERIVED = {"id2label", "layer_types", "sliding_window", "num_key_value_heads"}
+
+
+@pytest.mark.parametrize(
+    ("ours", "overrides"),
+    [
+        (fmodel.Qwen3Config, {}),
+        (fmodel.Qwen3Config, {"use_sliding_window": True, "max_window_layers": 20}),
+        (fmodel.OlmoConfig, {}),
+        (fmodel.Olmo2Config, {}),
+    ],
+)
+def test_config_defaults_are_transformers(ours, overrides):
+    theirs = getattr(transformers, ours.__name__)(**overrides)
+    config = ours(**overrides)
+    stored = theirs.to_dict()
+    for key in set(ours.modelled_keys()) - DERIVED:
+        if key in stored:
+            assert getattr(config, key) == stored[key], key
+    assert config.kv_heads == theirs.num_key_value_heads
+    assert config.head_size == getattr(theirs, "head_dim", theirs.hidden_size // theirs.num_attention_heads)
+    windows = [
+        theirs.sliding_window if kind == "sliding_attention" else None
+        for kind in getattr(theirs, "layer_types", ["full_attention"] * theirs.num_hidden_layers)
+    ]
+    assert [config.layer_sliding_window(i) for i in range(config.num_hidden_layers)] == windows
+    assert config.qkv_clip is None
+    assert "clip_qkv" not in fmodel.Olmo2Config.modelled_keys()  # Transformers deletes it
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "match"),
+    [
+        (fmodel.OlmoConfig, {"clip_qkv": -1.0}, "clip_qkv"),
+        (fmodel.OlmoConfig, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        (fmodel.Olmo2Config, {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),
+        (fmodel.Olmo2Config, {"rope_scaling": {"type": "linear", "factor": 1.0}}, "factor"),
+        (fmodel.Qwen3Config, {"layer_types": ["full_attention"]}, "Qwen3Config: field 'layer_types'"),
+        (fmodel.Qwen3Config, {"head_dim": 23}, "even head size"),
+    ],
+)
+def test_bad_configs_are_refused_with_a_config_error(cls, fields, match):
+    with pytest.raises(fmodel.ConfigError, match=match):
+        cls(num_hidden_layers=2, **fields)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(saved, variant, attn):
+    folder, hf_model = saved[variant]
+    state = fmodel.load(folder, attn_implementation=attn)
+    assert state.architecture == f"{CLASSES[variant]}ForCausalLM"
+    ids, mask = padded_batch(seq=11)
+    ours = fmodel.forward(state, ids, attention_mask=mask).logits
+    theirs = hf_logits(hf_model, ids, mask, attn)
+    assert ours.shape == theirs.shape
+    assert max_diff(ours, theirs, mask) <= TOL
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_base_model_matches_transformers_base(saved, variant):
+    folder, hf_model = saved[variant]
+    state = fmodel.load(folder, architecture=f"{CLASSES[variant]}Model")
+    ids, mask = padded_batch(seq=11)
+    ours = fmodel.forward(state, ids, attention_mask=mask).last_hidden_state
+    hf_model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        theirs = hf_model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert max_diff(ours, theirs, mask) <= TOL
+
+
+def test_the_special_features_change_the_logits(saved):
+    """The parity above covers each feature: switching it off moves fmodel's logits."""
+    ids, mask = padded_batch(seq=11)
+    for variant, off in (
+        ("olmo", {"clip_qkv": None}),  # the clamp bites
+        ("qwen3", {"use_sliding_window": False}),  # the window is shorter than the sequence
+    ):
+        state = fmodel.load(saved[variant][0])
+        changed = state.replace(config=state.config.replace(**off))
+        a = fmodel.forward(state, ids, attention_mask=mask).logits
+        b = fmodel.forward(changed, ids, attention_mask=mask).logits
+        assert max_diff(a, b, mask) > 1e-3, variant
+    config = fmodel.load(saved["qwen3"][0]).config
+    assert [config.layer_sliding_window(i) for i in range(2)] == [None, 4]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_matches_transformers_bfloat16(saved, variant):
+    """Also in bfloat16 the rounding steps are Transformers' (both equal here on CPU): OLMo's
+    float32 rotation tables (rotating with bfloat16 tables instead: 4e-3 off) and OLMo 2's
+    weight product in float32 before the cast."""
+    folder, _ = saved[variant]
+    state = fmodel.load(folder, dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids, mask = padded_batch(seq=11)
+    ours = fmodel.forward(state, ids, attention_mask=mask).logits
+    assert ours.dtype == torch.bfloat16
+    assert max_diff(ours.float(), hf_logits(hf, ids, mask, "sdpa").float(), mask) <= 1e-3
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_generation_matches_transformers(saved, variant, attn):
+    folder, hf_model = saved[variant]
+    state = fmodel.load(folder, attn_implementation=attn)
+    ids, mask = prompts()
+    ours = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
+    theirs = hf_generate(hf_model, ids, mask, attn, max_new_tokens=NEW, do_sample=False)
+    assert ours.shape == (2, ids.shape[1] + NEW)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_facade_generate_and_sampling_match_transformers(saved, variant):
+    folder, hf_model = saved[variant]
+    model = facade.AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == f"{CLASSES[variant]}ForCausalLM"
+    assert model._no_split_modules == [f"{CLASSES[variant]}DecoderLayer"]
+    ids, mask = prompts(seed=1)
+    greedy = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    expected = hf_generate(hf_model, ids, mask, **{k: v for k, v in greedy.items() if k != "pad_token_id"})
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **greedy), expected)
+    sampled = dict(do_sample=True, temperature=0.8, top_k=20, max_new_tokens=NEW)
+    torch.manual_seed(5)
+    ours = fmodel.generate(model.state, ids, attention_mask=mask, pad_token_id=0, **sampled)
+    torch.manual_seed(5)
+    assert torch.equal(ours, hf_generate(hf_model, ids, mask, **sampled))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decode_equals_full_forward(saved, variant, attn):
+    folder, _ = saved[variant]
+    state = fmodel.load(folder, attn_implementation=attn)
+    ids, mask = prompts(seed=2, length=11)  # past the window of 4 (Qwen3's layer 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = fmodel.forward(state, ids, attention_mask=mask, position_ids=positions).logits
+    cache, pieces = fmodel.init_cache(state, 2, 12), []
+    with torch.no_grad():
+        for start, end in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11)):
+            out = fmodel.forward(
+                state,
+                ids[:, start:end],
+                attention_mask=mask[:, :end],
+                position_ids=positions[:, start:end],
+                past_key_values=cache,
+            )
+            cache = out.past_key_values
+            pieces.append(out.logits)
+    assert max_diff(torch.cat(pieces, 1), full, mask) <= TOL
+
+
+# --------------------------------------------------------------------------- save, facade, training
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fmodel_save_loads_in_transformers(saved, variant, tmp_path):
+    folder, hf_model = saved[variant]
+    state = fmodel.load(folder)
+    fmodel.save(state, tmp_path / "resaved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
+    assert type(reloaded).__name__ == state.architecture
+    ids, mask = padded_batch(seq=11)
+    assert torch.equal(hf_logits(hf_model, ids, mask), hf_logits(reloaded, ids, mask))
+    assert reloaded.config.tie_word_embeddings == state.config.tie_word_embeddings
+    assert fmodel.load(tmp_path / "resaved").config.to_diff_dict() == state.config.to_diff_dict()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_facade_forward_and_save_match_transformers(saved, variant, tmp_path):
+    folder, hf_model = saved[variant]
+    model = facade.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    ids, mask = padded_batch(seq=11)
+    # no loss term reads a padding position's logits (label t is scored by the logits at t - 1)
+    before = torch.cat([mask[:, :1], mask[:, :-1]], 1)
+    labels = ids.masked_fill((mask == 0) | (before == 0), -100)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, labels=labels)
+        theirs = hf_model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert max_diff(ours.logits, theirs.logits, mask) <= TOL
+    assert abs(ours.loss.item() - theirs.loss.item()) <= TOL
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(hf_logits(again, ids, mask), hf_logits(hf_model, ids, mask))
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "olmo2"])
+def test_gradient_checkpointing_gives_the_same_gradients(saved, variant):
+    folder, _ = saved[variant]
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = facade.AutoModelForCausalLM.from_pretrained(folder)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert set(plain) == set(checkpointed) and all(g is not None for g in checkpointed.values())
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_resize_tie_init_quantize_and_prune_run(saved, tmp_path):
+    for variant in VARIANTS:
+        state = fmodel.load(saved[variant][0])
+        ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+        base = fmodel.forward(state, ids).logits
+        grown = fmodel.resize_token_embeddings(state, 104, mean_resizing=False)
+        assert fmodel.forward(grown, ids).logits.shape[-1] == 104
+        assert torch.allclose(fmodel.forward(grown, ids).logits[..., :96], base, atol=1e-5)
+        flipped = (
+            fmodel.untie_weights(state)
+            if state.ties
+            else fmodel.tie_weights(state.replace(config=state.config.replace(tie_word_embeddings=True)))
+        )
+        assert bool(flipped.ties) != bool(state.ties)
+        fresh = fmodel.init(state.config, architecture=state.architecture, seed=0)
+        assert set(fresh.params) == set(state.params)
+        assert fmodel.forward(fresh, ids).logits.isfinite().all()
+        quantized = fmodel.quantize(state, "int8")
+        assert (fmodel.forward(quantized, ids).logits - base).abs().max().item() < 0.1
+        fmodel.save(quantized, tmp_path / variant)
+        assert torch.equal(
+            fmodel.forward(fmodel.load(tmp_path / variant), ids).logits, fmodel.forward(quantized, ids).logits
+        )
+        if variant != "olmo2":  # OLMo 2's q/k norms span every head: a pruned one is another model
+            pruned = fmodel.prune_heads(state, {0: [2, 3]})
+            assert fmodel.forward(pruned, ids).logits.isfinite().all()
+
+
+def test_stack_states_and_vmap_forward(saved):
+    for variant in ("qwen3", "olmo"):
+        a = fmodel.load(saved[variant][0])
+        b = fmodel.init(a.config, architecture=a.architecture, seed=1)
+        stacked = fmodel.stack_states([a, b])
+        ids, mask = padded_batch(seq=9)
+        both = fmodel.vmap_forward(stacked, ids, attention_mask=mask).logits
+        assert both.shape[0] == 2
+        for i, member in enumerate((a, b)):
+            alone = fmodel.forward(member, ids, attention_mask=mask).logits
+            assert max_diff(both[i], alone, mask) <= TOL
