@@ -106,6 +106,22 @@ class T5Config(BaseConfig):
         """num_heads * d_kv: the width of the attention projections."""
         return self.num_heads * self.d_kv
 
+    @property
+    def intermediate_size(self) -> int:
+        """The generic name of `d_ff` (what size checks and messages read)."""
+        return self.d_ff
+
+    def parameter_estimate(self) -> int:
+        """Parameters this config declares, by arithmetic (for memory checks before a load):
+        shared embeddings (+ an untied LM head), the encoder and decoder blocks, the two
+        relative-bias tables."""
+        d, inner, ff = self.d_model, self.inner_dim, self.d_ff
+        mlp = (3 if self.gated else 2) * d * ff
+        encoder = self.num_layers * (4 * d * inner + mlp + 2 * d)
+        decoder = self.decoder_layers * (8 * d * inner + mlp + 3 * d)
+        heads = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return heads + encoder + decoder + 2 * d + 2 * self.relative_attention_num_buckets * self.num_heads
+
     # -- validation -------------------------------------------------------------------
 
     def _validate(self) -> None:

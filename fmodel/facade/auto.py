@@ -18,6 +18,7 @@ __all__ = [
     "AutoModel",
     "AutoModelForCausalLM",
     "AutoModelForMaskedLM",
+    "AutoModelForSeq2SeqLM",
     "AutoModelForSequenceClassification",
 ]
 
@@ -102,6 +103,10 @@ class AutoModelForCausalLM(_Auto):
 
 class AutoModelForMaskedLM(_Auto):
     output = "masked_lm"
+
+
+class AutoModelForSeq2SeqLM(_Auto):
+    output = "seq2seq_lm"
 
 
 class AutoModelForSequenceClassification(_Auto):

@@ -50,6 +50,10 @@ def bind_base_call(model: PreTrainedModel, tree: nn.Module) -> None:
     Transformers' base model, running through `model`. A base architecture's tree is the
     facade's own forward already: nothing is done."""
     spec = get_spec(model._architecture)
+    if spec.model_type == "t5":  # its encoder / decoder stacks take Transformers' T5Stack call
+        from .seq2seq_call import bind_stack_calls
+
+        bind_stack_calls(model, tree)
     base = None if spec.is_base else getattr(tree, spec.prefix, None)
     if base is None:
         return

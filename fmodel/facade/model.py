@@ -269,7 +269,7 @@ class PreTrainedModel(
         return found
 
     def can_generate(self) -> bool:
-        return get_spec(self._architecture).output == "causal_lm"
+        return get_spec(self._architecture).output in ("causal_lm", "seq2seq_lm")
 
     @property
     def base_model(self) -> nn.Module:

@@ -77,7 +77,14 @@ class SurgeryMixin:
         object.__setattr__(self, "_ties", dict(new.ties))
 
     def get_decoder(self) -> nn.Module:
-        return self.base_model
+        decoder = self._modules.get("decoder")  # an encoder-decoder's (T5's) decoder stack
+        return decoder if decoder is not None and hasattr(decoder, "block") else self.base_model
+
+    def get_encoder(self) -> nn.Module:
+        """An encoder-decoder's (or T5EncoderModel's) encoder stack, callable as Transformers'
+        `T5Stack`; a model without one is its own encoder (as Transformers' default)."""
+        encoder = self._modules.get("encoder")
+        return encoder if encoder is not None and hasattr(encoder, "block") else self.base_model
 
     def set_decoder(self, decoder: nn.Module) -> None:
         spec = get_spec(self._architecture)

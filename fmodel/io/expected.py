@@ -47,7 +47,7 @@ __all__ = [
 
 FLOAT_STORAGE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # "model.layers.3.", "transformer.h.3.", "bert.encoder.layer.3." (and without the base prefix)
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block)\.(\d+)\.")  # block: T5
 
 
 class DtypeArgumentError(ConfigError, InvalidArgumentError):
@@ -174,7 +174,11 @@ def check_against_config(
 
 def estimate_parameter_count(config) -> int:
     """An upper estimate of the parameters a config declares, by arithmetic on its sizes
-    (embeddings, attention, a gated MLP per layer, learned positions); no module is built."""
+    (embeddings, attention, a gated MLP per layer, learned positions); no module is built.
+    A config with a `parameter_estimate()` method (an encoder-decoder) gives its own."""
+    own = getattr(type(config), "parameter_estimate", None)
+    if own is not None:
+        return int(own(config))
     hidden, vocab, layers = int(config.hidden_size), int(config.vocab_size), int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     kv = int(getattr(config, "kv_heads", heads))

@@ -228,7 +228,7 @@ def save(
     text_files: dict[str, str] = {}
     if generation_config is not None:
         text_files[GENERATION_CONFIG] = generation_config_json(generation_config)
-    elif get_spec(state.architecture).output == "causal_lm":
+    elif get_spec(state.architecture).output in ("causal_lm", "seq2seq_lm"):
         # Transformers' save_pretrained always writes a generative model's generation config:
         # an existing file in `directory` is replaced, never kept stale.
         text_files[GENERATION_CONFIG] = generation_config_json(
