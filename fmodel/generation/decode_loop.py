@@ -74,6 +74,10 @@ class _Decoder:
         device = device if state.device.type == "meta" else None
         self.cache = init_cache(state, rows, self.capacity, device=device) if use_cache else None
         self.seen = 0
+        # A family whose rotary tables change with the length (Phi-3's longrope) names the
+        # length at which the cache is dropped and the whole sequence runs again, as its
+        # Transformers `prepare_inputs_for_generation` does.
+        self.recompute_at = getattr(model, "recompute_cache_at", None)
 
     def _grow(self, need: int) -> None:
         """Room for `need` positions: double the capacity (at most `total`), copying what the
@@ -92,6 +96,12 @@ class _Decoder:
         length = tokens.shape[1]
         if length > self.capacity:
             self._grow(length)
+        if (
+            self.cache is not None
+            and self.recompute_at is not None
+            and self.seen < self.recompute_at <= length
+        ):
+            self.cache, self.seen = self.cache.truncate(0), 0
         start = self.seen if self.cache is not None else 0
         out = self.model(
             tokens[:, start:],

@@ -1,6 +1,8 @@
 """Rotary position embeddings: inverse frequencies for each rope type, as Transformers computes them.
 
-Pure functions of the config (and, for `dynamic`, of the sequence length).
+Pure functions of the config (and, for `dynamic` and `longrope`, of the sequence length). A
+config with `partial_rotary_factor` < 1 (Phi-3) rotates only the first
+`int(head_size * partial_rotary_factor)` features of each head; the rest pass through.
 """
 
 from __future__ import annotations
@@ -9,7 +11,16 @@ import math
 
 import torch
 
-__all__ = ["apply_rotary", "rope_inv_freq", "rotary_cos_sin", "rotary_tables", "rotate_half", "rotate_with_tables"]
+__all__ = [
+    "apply_rotary",
+    "longrope_original_length",
+    "rope_inv_freq",
+    "rotary_cos_sin",
+    "rotary_dim",
+    "rotary_tables",
+    "rotate_half",
+    "rotate_with_tables",
+]
 
 
 def _default(config, dim: int) -> torch.Tensor:
@@ -17,18 +28,34 @@ def _default(config, dim: int) -> torch.Tensor:
     return 1.0 / (config.rope_theta**exponents)
 
 
+def rotary_dim(config) -> int:
+    """The rotated width of each head: `int(head_size * partial_rotary_factor)` (Transformers'
+    expression; the factor is 1 unless the config has one)."""
+    return int(config.head_size * getattr(config, "partial_rotary_factor", 1.0))
+
+
+def longrope_original_length(config) -> int:
+    """The length past which `longrope` switches to its long factors: the config's top-level
+    `original_max_position_embeddings` when it has one (Phi-3), else `max_position_embeddings`,
+    as Transformers 4.57 reads it (it ignores a `rope_scaling["original_max_position_embeddings"]`)."""
+    return getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+
+
 def rope_inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_size // 2] (float32, CPU) and the attention scaling for `config`.
+    """Inverse frequencies [ceil(rotary_dim / 2)] (float32, CPU) and the attention scaling for `config`.
 
     Arguments:
         config: a decoder config (`rope_theta`, `rope_scaling`, `head_size`, `max_position_embeddings`).
-        seq_len: only for `dynamic`: the sequence length to scale for (None = the trained length).
+        seq_len: only for `dynamic` and `longrope`: the sequence length to scale for (None = the
+            trained length; `longrope` uses its long factors only past `longrope_original_length`).
     """
-    dim = config.head_size
+    dim = rotary_dim(config)
     params = config.rope_scaling or {}
     rope_type = config.rope_type
     if rope_type == "default":
         return _default(config, dim), 1.0
+    if rope_type == "longrope":
+        return _longrope(config, dim, params, seq_len)
     factor = float(params["factor"])
     if rope_type == "linear":
         return _default(config, dim) / factor, 1.0
@@ -56,6 +83,23 @@ def _llama3(config, dim, params, factor) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _longrope(config, dim, params, seq_len) -> tuple[torch.Tensor, float]:
+    # Transformers' _compute_longrope_parameters: with a top-level original length (Phi-3) the
+    # factor is max_position_embeddings / original, else rope_scaling's `factor`.
+    original = getattr(config, "original_max_position_embeddings", None)
+    if original:
+        factor = config.max_position_embeddings / original
+    else:
+        original, factor = config.max_position_embeddings, params.get("factor")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext_factors = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext_factors * config.rope_theta**exponents), float(attention_factor)
 
 
 def _yarn(config, dim, params, factor) -> tuple[torch.Tensor, float]:
@@ -120,10 +164,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rotate_with_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
     """Rotate q [B, H, T, D] and k [B, H_kv, T, D] by the `rotary_tables` cos / signed sin
-    [B, 1, T, D]: `x * cos + rotate_half(x) * sin`, as Transformers, bit for bit, in fewer
-    operations per layer: `rotate_half(x) * sin == roll(x, D/2) * signed_sin` exactly, since
-    negating a factor only flips the product's sign."""
-    half = q.shape[-1] // 2
+    [B, 1, T, R]: `x * cos + rotate_half(x) * sin`, as Transformers, bit for bit, in fewer
+    operations per layer: `rotate_half(x) * sin == roll(x, R/2) * signed_sin` exactly, since
+    negating a factor only flips the product's sign. With R < D (a partial rotary factor) only
+    the first R features rotate and the rest pass through, as Transformers' Phi-3 does."""
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        q_rot, k_rot = rotate_with_tables(q[..., :rot], k[..., :rot], cos, signed_sin)
+        return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
+    half = rot // 2
     return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
 
 
