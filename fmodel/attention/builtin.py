@@ -2,20 +2,68 @@
 
 All follow Transformers' attention-interface signature (see `registry`), so their numbers
 match Transformers' functions of the same name.
+
+Soft-capping (Gemma 2: `softcap=c` turns the scaled scores s into tanh(s / c) * c before the
+mask) is honoured by every built-in: eager as Transformers' Gemma 2 eager, sdpa through the
+same eager math (torch's kernel has no hook for it; Transformers 4.57's sdpa silently drops
+it), flex_attention through a `score_mod`, flash_attention_2/3 by flash-attn's own `softcap`.
+A model with soft-capping refuses an attention function that does not name a `softcap`
+parameter (`require_softcap`), instead of letting `**kwargs` swallow it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgumentError
-from .registry import register
+from ..errors import AttentionUnavailableError, InvalidArgumentError
+from .registry import AttentionFunction, register
 
-__all__ = ["eager_attention", "flash_attention", "flex_attention", "repeat_kv", "sdpa_attention"]
+__all__ = [
+    "eager_attention",
+    "flash_attention",
+    "flex_attention",
+    "repeat_kv",
+    "require_softcap",
+    "sdpa_attention",
+    "takes_softcap",
+]
+
+
+def takes_softcap(fn) -> bool:
+    """True when `fn` names a `softcap` parameter (a function that only has `**kwargs` would
+    receive it and could drop it unread, as Transformers' sdpa does)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a C callable)
+        return False
+    param = parameters.get("softcap")
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+def require_softcap(attn: AttentionFunction, model: str) -> None:
+    """Refuse to run a soft-capped model (`model` names it) with an attention function that
+    cannot honour `softcap`.
+
+    Raises:
+        AttentionUnavailableError: `attn.fn` has no `softcap` parameter.
+    """
+    if not takes_softcap(attn.fn):
+        raise AttentionUnavailableError(
+            f"attention implementation {attn.name!r} cannot run {model}: the model soft-caps its "
+            "attention scores (tanh(s / cap) * cap) and the function takes no 'softcap' argument; "
+            "use eager, sdpa, flex_attention or flash_attention_2/3, or give the function a "
+            "softcap parameter and apply it (see fmodel.attention.registry)"
+        )
+
+
+def _softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    # Transformers' order of operations (Gemma 2's eager_attention_forward).
+    return torch.tanh(scores / softcap) * softcap
 
 
 def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -27,14 +75,26 @@ def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    head_mask=None,
+    softcap=None,
+    **kwargs,
 ):
     """Matmul-softmax-matmul attention; returns the attention weights too. Mask: additive.
-    `head_mask` ([B|1, H, T|1, S|1]) multiplies the weights after dropout, as Transformers."""
+    `head_mask` ([B|1, H, T|1, S|1]) multiplies the weights after dropout, as Transformers.
+    `softcap`: the scaled scores become tanh(s / softcap) * softcap before the mask."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, T, S]
+    if softcap is not None:
+        weights = _softcapped(weights, softcap)
     if attention_mask is not None:
         weights = weights + attention_mask[:, :, :, : key.shape[-2]]
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -46,9 +106,23 @@ def eager_attention(
 
 
 def sdpa_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    is_causal=None,
+    softcap=None,
+    **kwargs,
 ):
-    """`torch.nn.functional.scaled_dot_product_attention`. Mask: bool, or None for plain causal."""
+    """`torch.nn.functional.scaled_dot_product_attention`. Mask: bool, or None for plain causal.
+
+    With `softcap` (which torch's kernel cannot apply) the call runs the eager math on the
+    same mask and returns no weights, so its result is eager's."""
+    if softcap is not None:
+        return _sdpa_by_eager(module, query, key, value, attention_mask, scaling, dropout, is_causal, softcap)
     extra = {}
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
@@ -73,6 +147,27 @@ def sdpa_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+def _sdpa_by_eager(module, query, key, value, attention_mask, scaling, dropout, is_causal, softcap):
+    t, s = query.shape[2], key.shape[2]
+    if attention_mask is None:  # sdpa's reading of None: causal aligned to the last key when T > 1
+        if is_causal is None:
+            is_causal = t > 1 and getattr(module, "is_causal", True)
+        if is_causal:
+            q = torch.arange(s - t, s, device=query.device)[:, None]
+            attention_mask = (torch.arange(s, device=query.device)[None, :] <= q)[None, None]
+    additive = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            additive = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+        else:  # an additive float mask, as torch's sdpa also takes
+            additive = attention_mask
+    output, _ = eager_attention(
+        module, query, key, value, additive, scaling=scaling, dropout=dropout, softcap=softcap
+    )
+    return output, None
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention as _flex
@@ -81,10 +176,20 @@ def _compiled_flex():
 
 
 def flex_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, score_mod=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    score_mod=None,
+    softcap=None,
+    **kwargs,
 ):
     """torch's FlexAttention with a BlockMask (runs on CPU too). Mask: block (or None);
-    `score_mod` (flex's `(score, b, h, q_idx, kv_idx) -> score`) carries an additive bias."""
+    `score_mod` (flex's `(score, b, h, q_idx, kv_idx) -> score`) carries an additive bias;
+    `softcap` caps the scaled scores first (as eager, where the mask and bias come after)."""
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
     if dropout > 0:
@@ -95,10 +200,20 @@ def flex_attention(
     # Compiled, flex fuses the mask into its kernel; uncompiled it materialises the scores.
     # On CPU the uncompiled path is kept: compiling costs seconds per new shape.
     kernel = _compiled_flex() if query.is_cuda else _flex
+    if softcap is not None:
+        score_mod = _softcap_score_mod(softcap, score_mod)
     output = kernel(
         query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _softcap_score_mod(softcap: float, then=None):
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        score = torch.tanh(score / softcap) * softcap
+        return score if then is None else then(score, b, h, q_idx, kv_idx)
+
+    return softcap_mod
 
 
 def _flash_check(package: str, label: str):
@@ -113,11 +228,21 @@ def _flash_check(package: str, label: str):
 
 
 def flash_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
 ):
     """FlashAttention 2 (`flash_attn`) on CUDA. Mask: padding ([B, S] or None).
 
-    Padded batches go through the varlen kernel with the padding removed.
+    Padded batches go through the varlen kernel with the padding removed. `softcap` goes to
+    flash-attn's own `softcap` (flash-attn >= 2.6).
     """
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -132,13 +257,24 @@ def flash_attention(
         scaling,
         dropout,
         sliding_window,
+        softcap,
     )
 
 
 def flash_attention_3(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
 ):
-    """FlashAttention 3 (`flash_attn_interface`, Hopper GPUs). Mask: padding."""
+    """FlashAttention 3 (`flash_attn_interface`, Hopper GPUs). Mask: padding. `softcap` as
+    FlashAttention 2's."""
     from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 
     return _flash(
@@ -152,16 +288,25 @@ def flash_attention_3(
         scaling,
         0.0,
         sliding_window,
+        softcap,
     )
 
 
-def _flash(dense, varlen, module, query, key, value, padding, scaling, dropout, sliding_window):
+def _flash(dense, varlen, module, query, key, value, padding, scaling, dropout, sliding_window, softcap):
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, T, H, D]
     causal = getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     kwargs = {"softmax_scale": scaling, "causal": causal, "window_size": window}
     if dropout:
         kwargs["dropout_p"] = dropout
+    if softcap is not None:
+        for kernel in (dense, varlen):
+            if not takes_softcap(kernel):
+                raise AttentionUnavailableError(
+                    f"the installed {kernel.__module__}.{kernel.__name__} takes no 'softcap' "
+                    "(flash-attn >= 2.6 does); this model soft-caps its attention scores"
+                )
+        kwargs["softcap"] = softcap
     if padding is None:
         return dense(q, k, v, **kwargs), None
     b, t = q.shape[:2]

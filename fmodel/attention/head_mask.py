@@ -34,8 +34,8 @@ def with_head_mask(head_mask: torch.Tensor, num_layers: int, dtype: torch.dtype)
             f"head_mask: expected {num_layers} layers in dimension 0, got shape {list(head_mask.shape)}"
         )
 
-    def eager_with_head_mask(module, query, key, value, attention_mask, **kwargs):
+    def eager_with_head_mask(module, query, key, value, attention_mask, softcap=None, **kwargs):
         kwargs["head_mask"] = per_layer[module.layer_idx].to(query.device)
-        return eager_attention(module, query, key, value, attention_mask, **kwargs)
+        return eager_attention(module, query, key, value, attention_mask, softcap=softcap, **kwargs)
 
     return AttentionFunction("eager_head_mask", eager_with_head_mask, "additive")

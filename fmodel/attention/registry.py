@@ -22,6 +22,12 @@ Unlike Transformers, a registered function always receives the mask the model bu
 - "block": a `torch.nn.attention.flex_attention.BlockMask`.
 - "padding": the 2-D [B, S] padding mask (1 = real token) or None, for varlen kernels.
 
+Keyword arguments a model may add: `sliding_window` (int or None), and `softcap` (a float)
+only when the model soft-caps its attention scores (Gemma 2: tanh(s / softcap) * softcap on
+the scaled scores, before the mask). A soft-capped model runs only functions that name a
+`softcap` parameter; one that would merely receive it in `**kwargs` (where Transformers' own
+sdpa drops it) is refused with `AttentionUnavailableError` (`builtin.require_softcap`).
+
 The registry is the one piece of global state fmodel has; users extend it on purpose.
 """
 

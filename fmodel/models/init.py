@@ -121,12 +121,15 @@ class TransformersInit:
         rebuilt_by_prune: layer index -> names (relative to the base model) of the modules the
             family's `prune_heads` replaces by new ones, in order; None when Transformers'
             family cannot prune (Llama, Qwen2, Mistral).
+        norm_weight: what a LayerNorm/RMSNorm weight is set to, "ones" or "zeros" (Gemma's
+            (1 + weight) norms: its `_init_weights` zeroes every "RMSNorm" after the base rule).
     """
 
     linear_like: tuple[str, ...] = ()
     zero_bias: tuple[str, ...] = ()
     scaled: Callable[[object], Mapping[str, float]] = lambda config: {}
     rebuilt_by_prune: Callable[[int], tuple[str, ...]] | None = None
+    norm_weight: str = "ones"
 
 
 def _gpt2_scaled(config) -> dict[str, float]:
@@ -147,6 +150,8 @@ TRANSFORMERS_INIT: dict[str, TransformersInit] = {
             for leaf in ("self.query", "self.key", "self.value", "output.dense")
         ),
     ),
+    "gemma2": TransformersInit(norm_weight="zeros"),
+    "gemma3_text": TransformersInit(norm_weight="zeros"),
 }
 
 
@@ -205,7 +210,7 @@ def init_weights_draws(module: nn.Module, name: str, config, rules: Transformers
             draws.append(Draw(_join(name, "weight"), "zero_row", (module.padding_idx,)))
     elif "LayerNorm" in kind or "RMSNorm" in kind:
         if own.get("weight") is not None:
-            draws.append(Draw(_join(name, "weight"), "ones"))
+            draws.append(Draw(_join(name, "weight"), rules.norm_weight))
         if own.get("bias") is not None:
             draws.append(Draw(_join(name, "bias"), "zeros"))
     elif kind in rules.zero_bias and own.get("bias") is not None:
