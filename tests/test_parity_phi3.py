@@ -228,6 +228,11 @@ def test_generation_across_the_longrope_switch(saved, attn):
     theirs = hf_generate(hf_model, ids, mask, "sdpa", do_sample=False, **steps)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert (_logits_steps(ours) - _logits_steps(theirs)).abs().max().item() <= TOL
+    beams = dict(max_new_tokens=NEW, num_beams=3, do_sample=False)  # beam search rebuilds too
+    assert torch.equal(
+        fmodel.generate(state, ids, attention_mask=mask, pad_token_id=0, **beams),
+        hf_generate(hf_model, ids, mask, "sdpa", **beams),
+    )
     # padded: Transformers without a cache (each step a full forward) is the reference
     ids, mask = prompts(seed=1)
     ours = fmodel.generate(state, ids, attention_mask=mask, pad_token_id=0, **steps)
@@ -236,6 +241,25 @@ def test_generation_across_the_longrope_switch(saved, attn):
     assert (_logits_steps(ours) - _logits_steps(theirs)).abs().max().item() <= TOL
     uncached = fmodel.generate(state, ids, attention_mask=mask, pad_token_id=0, use_cache=False, **steps)
     assert torch.equal(uncached.sequences, ours.sequences)
+
+
+def test_transformers_eager_rerun_is_not_causal_and_fmodel_is(saved):
+    """What the module docstring says of Transformers 4.57: at the rerun step (9 tokens) its
+    eager generation scores the last token with a mask that lets earlier tokens see later ones,
+    so its logits leave those of its own full forward; fmodel's stay on them."""
+    folder, hf_model = saved["longrope"]
+    ids, mask = prompts(padded=False)
+    steps = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    theirs = hf_generate(hf_model, ids, mask, "eager", **steps)
+    rerun = ORIGINAL + 1 - ids.shape[1]  # the step that runs the 9 tokens again
+    prefix = theirs.sequences[:, : ORIGINAL + 1]
+    full = hf_logits(hf_model, prefix, None, "eager")[:, -1]
+    assert (theirs.logits[rerun] - full).abs().max().item() > 1e-3
+    ours = fmodel.generate(
+        fmodel.load(folder, attn_implementation="eager"), ids, attention_mask=mask, pad_token_id=0, **steps
+    )
+    assert torch.equal(ours.sequences[:, : ORIGINAL + 1], prefix)  # the same tokens up to the rerun
+    assert (ours.logits[rerun] - full).abs().max().item() <= TOL
 
 
 def test_keeping_the_short_cache_would_differ(saved):
