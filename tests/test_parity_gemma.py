@@ -201,6 +201,19 @@ def test_inputs_embeds_are_scaled_as_transformers(saved, variant):
     assert scaled_equal == (variant == "gemma2")
 
 
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_bfloat16_matches_transformers_bfloat16(saved, variant):
+    folder, _ = saved[variant]
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="eager"
+    ).eval()
+    state = fmodel.load(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    ids, mask = padded_batch(seq=11)
+    ours = fmodel.forward(state, ids, attention_mask=mask).logits
+    assert ours.dtype == torch.bfloat16
+    assert _max_diff(ours.float(), _hf_logits(hf_bf16, ids, mask).float(), mask) <= 2e-2
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -344,8 +357,9 @@ def test_init_zeroes_the_offset_norms_and_hf_init_matches_transformers():
         assert torch.equal(ours.params[name], p), name
 
 
-def test_stack_states_and_vmap_forward(saved):
-    folder, hf_model = saved["gemma2"]
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_stack_states_and_vmap_forward(saved, variant):
+    folder, hf_model = saved[variant]
     state = fmodel.load(folder)
     other = fmodel.replace_params(state, {n: t * 1.01 for n, t in state.unique_params().items()})
     stacked = fmodel.stack_states([state, other])
@@ -518,3 +532,46 @@ def test_transformers5_rope_parameters_per_layer_type():
     }
     with pytest.raises(ConfigError, match="sliding_attention"):
         fmodel.config_from_dict(bad)
+
+
+def test_builtins_agree_with_eager_under_softcap_on_raw_tensors():
+    """sdpa's and flex's soft-capped paths against eager: grouped heads, a padded bool mask, a
+    None mask over a cache (T < S: causal aligned to the last key), and flex's softcap before
+    another score_mod (a bias), as eager applies the cap before its additive mask."""
+
+    class Module:
+        num_key_value_groups, is_causal, training = 2, True, False
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g) * 3
+    k, v = torch.randn(2, 2, 5, 8, generator=g) * 3, torch.randn(2, 2, 5, 8, generator=g)
+    allowed = torch.ones(2, 1, 3, 5, dtype=torch.bool).tril(diagonal=2)
+    allowed[0, ..., :1] = False  # row 0 left-padded by one
+    additive = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    eager, _ = builtin.eager_attention(Module(), q, k, v, additive, scaling=0.3, softcap=1.5)
+    plain, _ = builtin.eager_attention(Module(), q, k, v, additive, scaling=0.3)
+    assert (eager - plain).abs().max() > 0.05
+    sdpa, weights = builtin.sdpa_attention(Module(), q, k, v, allowed, scaling=0.3, softcap=1.5)
+    assert weights is None and torch.allclose(sdpa, eager, atol=1e-6)
+    causal = torch.where(
+        torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2), 0.0, torch.finfo(torch.float32).min
+    )
+    no_mask_eager, _ = builtin.eager_attention(
+        Module(), q, k, v, causal[None, None], scaling=0.3, softcap=1.5
+    )
+    no_mask_sdpa, _ = builtin.sdpa_attention(Module(), q, k, v, None, scaling=0.3, softcap=1.5)
+    assert torch.allclose(no_mask_sdpa, no_mask_eager, atol=1e-6)
+    one_step, _ = builtin.sdpa_attention(Module(), q[:, :, -1:], k, v, None, scaling=0.3, softcap=1.5)
+    assert torch.allclose(one_step, no_mask_eager[:, -1:], atol=1e-6)
+
+    bias = torch.randn(4, 3, 5, generator=g)
+    with_bias, _ = builtin.eager_attention(Module(), q, k, v, (causal + bias)[None], scaling=0.3, softcap=1.5)
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block = create_block_mask(lambda b, h, qi, kv: kv <= qi + 2, None, None, 3, 5, device="cpu")
+    flex, _ = builtin.flex_attention(Module(), q, k, v, block, scaling=0.3, score_mod=add_bias, softcap=1.5)
+    assert torch.allclose(flex, with_bias, atol=1e-5)

@@ -209,9 +209,21 @@ def flex_attention(
 
 
 def _softcap_score_mod(softcap: float, then=None):
+    """flex's score_mod for soft-capping, followed by `then` (another score_mod) if given."""
+    if then is None:
+        return _plain_softcap_mod(softcap)
+
+    def softcap_then(score, b, h, q_idx, kv_idx):
+        return then(torch.tanh(score / softcap) * softcap, b, h, q_idx, kv_idx)
+
+    return softcap_then
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_softcap_mod(softcap: float):
+    # One function object per cap, so compiled flex (CUDA) sees the same score_mod every call.
     def softcap_mod(score, b, h, q_idx, kv_idx):
-        score = torch.tanh(score / softcap) * softcap
-        return score if then is None else then(score, b, h, q_idx, kv_idx)
+        return torch.tanh(score / softcap) * softcap
 
     return softcap_mod
 
