@@ -3,11 +3,13 @@
 Usage:
     python benchmarks/fuzz_checkpoints.py [--per-family N] [--seed S]
 
-Subjects: tiny Transformers-written checkpoints (Llama, GPT-2, BERT as model.safetensors, a
-Llama sharded with an index, a Llama as pytorch_model.bin). Each mutation family takes a
-`random.Random` and a copy of a subject's folder and damages one thing in place (a header
-dtype, shape or offset, header bytes, the header length, data bytes, a truncation, a
-config.json field or its bytes, an index entry or its bytes, the zip / pickle of a .bin),
+Subjects: tiny Transformers-written checkpoints (one per registered family as
+model.safetensors: Llama, GPT-2, BERT and every family registered since, built from the
+registries by `tests/families.py`; a Llama sharded with an index, a Llama as
+pytorch_model.bin). Each mutation family takes a `random.Random` and a copy of a subject's
+folder and damages one thing in place (a header dtype, shape or offset, header bytes, the
+header length, data bytes, a truncation, a config.json field or its bytes, an index entry or
+its bytes, the zip / pickle of a .bin),
 returning the region it touched. `outcome` then loads the mutant with `fmodel.load` and
 sorts the result:
 
@@ -64,6 +66,7 @@ from benchmarks.checkpoint_mutants import (
     read_safetensors,
     write_safetensors,
 )
+from fmodel.config import CONFIG_CLASSES
 from fmodel.errors import FModelError
 
 __all__ = [
@@ -83,7 +86,8 @@ __all__ = [
 
 HANG_S = 1.0
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4)
-SAFE_SUBJECTS = ("llama", "gpt2", "bert")
+# one subject per registered family (named by its model_type), so a new family is fuzzed too
+SAFE_SUBJECTS = ("llama", "gpt2", "bert", *sorted(set(CONFIG_CLASSES) - {"llama", "gpt2", "bert"}))
 ALL_SUBJECTS = (*SAFE_SUBJECTS, "llama-sharded", "llama-bin")
 
 
@@ -102,6 +106,10 @@ def build_subject(name: str, folder: str) -> str:
         model = transformers.GPT2LMHeadModel(config)
     elif name == "bert":
         model = transformers.BertForMaskedLM(transformers.BertConfig(**TINY, max_position_embeddings=64))
+    elif name in CONFIG_CLASSES:  # any other registered family: its tiny head class
+        from tests.families import tiny_hf_model
+
+        model = tiny_hf_model(name)
     else:
         raise ValueError(name)
     kwargs = {"max_shard_size": "40KB"} if name == "llama-sharded" else {}

@@ -2,7 +2,8 @@
 cases that pass a non-state where a state belongs. The states are built once here; the runner
 checks they never change. The other cases: bad_argument_cases.py (transforms, init, caches,
 registry), bad_argument_calls.py (forward, generate), bad_argument_edits.py (prune, resize,
-embeddings, params, attention choice, stacks).
+embeddings, params, attention choice, stacks), bad_argument_families.py (the same few bad calls
+on every registered family).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import fmodel
 from fmodel.errors import (
     ArgumentTypeError,
 )
+
+from .families import head_architecture, model_types, tiny_config
 
 TINY = dict(
     vocab_size=96,
@@ -49,7 +52,20 @@ GPT2 = fmodel.init(GPT2_CONFIG, seed=2)
 BERT = fmodel.init(BERT_CONFIG, seed=3, architecture="BertModel")
 INT8 = fmodel.quantize(LLAMA, "int8")
 STACKED = fmodel.stack_states([LLAMA, fmodel.init(LLAMA_CONFIG, seed=4)])
-STATES = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT, "int8": INT8, "stacked": STACKED}
+# one tiny state of every registered family's head class (bad_argument_families.py), so a
+# family registered later gets the generic bad calls too
+FAMILY_STATES = {
+    model_type: fmodel.init(tiny_config(model_type), architecture=head_architecture(model_type), seed=5)
+    for model_type in model_types()
+}
+STATES = {
+    "llama": LLAMA,
+    "gpt2": GPT2,
+    "bert": BERT,
+    "int8": INT8,
+    "stacked": STACKED,
+    **{f"family-{model_type}": state for model_type, state in FAMILY_STATES.items()},
+}
 
 IDS = torch.tensor([[1, 2, 3, 4]])
 GPT2_CACHE = fmodel.init_cache(GPT2, 1, 8)

@@ -1,6 +1,6 @@
 """Bad arguments to every public function of the functional API get a named error.
 
-For each call of the table (`bad_argument_fixtures.py` and the three `bad_argument_*.py` beside it) (None / str / list where a state, a
+For each call of the table (`bad_argument_fixtures.py` and the four `bad_argument_*.py` beside it) (None / str / list where a state, a
 mapping or a tensor belongs, non-float dtypes, unknown devices, negative / zero / huge sizes,
 quantized states where float ones are needed, out-of-range token ids, wrong caches):
 
@@ -28,6 +28,7 @@ from fmodel.stats import current_rss
 from .bad_argument_calls import forward_cases, generate_cases
 from .bad_argument_cases import argument_cases, cuda_cases, registry_cases
 from .bad_argument_edits import transform_cases
+from .bad_argument_families import family_cases
 from .bad_argument_fixtures import STATES, Case, state_cases
 
 CASES: list[Case] = (
@@ -37,6 +38,7 @@ CASES: list[Case] = (
     + generate_cases()
     + transform_cases()
     + registry_cases()
+    + family_cases()
     + cuda_cases()
 )
 

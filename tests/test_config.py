@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fmodel
+from fmodel.config import CONFIG_CLASSES
 
 from .conftest import requires_transformers, transformers
+from .families import model_types, tiny_config_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF5_LLAMA = FIXTURES / "tiny-llama-tf5"
@@ -252,20 +254,39 @@ def test_tf5_rope_parameters_without_rope_theta_round_trips():
 
 
 @requires_transformers
-@pytest.mark.parametrize("model_type", sorted(CLASSES))
+@pytest.mark.parametrize("model_type", model_types())
 def test_defaults_are_transformers_defaults(model_type):
+    """Every registered family's defaults are its Transformers class's: the `__init__` default,
+    or, where that is None and Transformers fills the value in (`mlp_only_layers=None` -> []),
+    the value its default config holds."""
     import inspect
 
-    hf_cls = {
-        "llama": transformers.LlamaConfig,
-        "qwen2": transformers.Qwen2Config,
-        "mistral": transformers.MistralConfig,
-    }[model_type]
+    hf_cls = transformers.CONFIG_MAPPING[model_type]
     signature = inspect.signature(hf_cls.__init__).parameters
-    ours = {f.name: f.default for f in attrs.fields(CLASSES[model_type]) if f.name in signature}
-    assert len(ours) >= 15
-    theirs = {name: signature[name].default for name in ours}
-    assert ours == theirs
+    ours = {f.name: f.default for f in attrs.fields(CONFIG_CLASSES[model_type]) if f.name in signature}
+    assert len(ours) >= 10
+    default = hf_cls()
+    for name, value in ours.items():
+        filled = getattr(default, name, None)
+        filled = tuple(filled) if isinstance(filled, list) else filled
+        assert value == signature[name].default or (signature[name].default is None and value == filled), name
+
+
+@requires_transformers
+@pytest.mark.parametrize("model_type", model_types())
+def test_every_family_config_json_from_transformers_round_trips(tmp_path, model_type):
+    data = tiny_config_dict(model_type)
+    data.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **data)
+    hf_config.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    config = fmodel.load_config(tmp_path)
+    assert type(config) is CONFIG_CLASSES[model_type]
+    assert config.to_diff_dict() == on_disk
+    for key in type(config).modelled_keys():
+        if key in on_disk:
+            expected = getattr(hf_config, key)
+            assert getattr(config, key) == (tuple(expected) if isinstance(expected, list) else expected), key
 
 
 @requires_transformers
@@ -361,10 +382,10 @@ def _wrong_value(field: str):
 
 @pytest.mark.parametrize(
     "model_type, field",
-    [(mt, f) for mt, cls in sorted(CLASSES.items()) for f in cls.modelled_keys()],
+    [(mt, f) for mt in model_types() for f in CONFIG_CLASSES[mt].modelled_keys()],
 )
 def test_wrong_type_names_the_field(model_type, field):
-    d = {**BASE, "model_type": model_type, "num_key_value_heads": 2, field: _wrong_value(field)}
+    d = {**tiny_config_dict(model_type), field: _wrong_value(field)}
     with pytest.raises(fmodel.ConfigError, match=f"'{field}'"):
         fmodel.config_from_dict(d)
 
@@ -476,5 +497,7 @@ def test_every_family_config_class_is_exported_at_the_top_level():
 
     assert CONFIG_CLASSES  # the registry is populated on import
     for model_type, cls in CONFIG_CLASSES.items():
-        assert getattr(fmodel, cls.__name__, None) is cls, f"fmodel.{cls.__name__} ({model_type}) is not exported"
+        assert getattr(fmodel, cls.__name__, None) is cls, (
+            f"fmodel.{cls.__name__} ({model_type}) is not exported"
+        )
         assert cls.__name__ in fmodel.__all__

@@ -6,33 +6,72 @@ from __future__ import annotations
 
 import time
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fmodel
-from fmodel.config import base
+from fmodel.config import CONFIG_CLASSES, base
 from fmodel.errors import ConfigError
 
-# (model_type, generic field, the family's own name, bound)
-BOUNDED = [
-    ("llama", "vocab_size", "vocab_size", base.VOCAB_MAX),
-    ("llama", "hidden_size", "hidden_size", base.WIDTH_MAX),
-    ("llama", "intermediate_size", "intermediate_size", base.FFN_MAX),
-    ("llama", "num_hidden_layers", "num_hidden_layers", base.LAYERS_MAX),
-    ("llama", "num_attention_heads", "num_attention_heads", base.HEADS_MAX),
-    ("llama", "num_key_value_heads", "num_key_value_heads", base.HEADS_MAX),
-    ("llama", "head_dim", "head_dim", base.HEAD_DIM_MAX),
-    ("llama", "max_position_embeddings", "max_position_embeddings", base.POSITIONS_MAX),
-    ("gpt2", "hidden_size", "n_embd", base.WIDTH_MAX),
-    ("gpt2", "num_hidden_layers", "n_layer", base.LAYERS_MAX),
-    ("gpt2", "num_attention_heads", "n_head", base.HEADS_MAX),
-    ("gpt2", "max_position_embeddings", "n_positions", base.POSITIONS_MAX),
+from .families import model_types, tiny_config_dict
+
+# generic size field -> the bound every family's field of that meaning has
+GENERIC_BOUNDS = {
+    "vocab_size": base.VOCAB_MAX,
+    "hidden_size": base.WIDTH_MAX,
+    "intermediate_size": base.FFN_MAX,
+    "num_hidden_layers": base.LAYERS_MAX,
+    "num_attention_heads": base.HEADS_MAX,
+    "num_key_value_heads": base.HEADS_MAX,
+    "head_dim": base.HEAD_DIM_MAX,
+    "max_position_embeddings": base.POSITIONS_MAX,
+}
+# family-specific size fields that are no alias of a generic one
+OWN_BOUNDED = [
     ("gpt2", "intermediate_size", "n_inner", base.FFN_MAX),
-    ("bert", "vocab_size", "vocab_size", base.VOCAB_MAX),
     ("bert", "type_vocab_size", "type_vocab_size", base.VOCAB_MAX),
-    ("bert", "num_hidden_layers", "num_hidden_layers", base.LAYERS_MAX),
 ]
+
+
+def _bounded() -> list[tuple[str, str, str, int]]:
+    """(model_type, generic field, the family's own name, bound) for every registered family
+    and every generic size field its config has, then the family-specific rows."""
+    rows = []
+    for model_type in model_types():
+        cls = CONFIG_CLASSES[model_type]
+        for generic, bound in GENERIC_BOUNDS.items():
+            own = cls.field_aliases.get(generic, generic)
+            if own in cls.modelled_keys():
+                rows.append((model_type, generic, own, bound))
+    return rows + OWN_BOUNDED
+
+
+BOUNDED = _bounded()
+# every integer field of every registered config class (annotated `int` or `int | None`)
+INTEGER_FIELDS = [
+    (model_type, field.name)
+    for model_type in model_types()
+    for field in attrs.fields(CONFIG_CLASSES[model_type])
+    if isinstance(field.type, str) and field.type.startswith("int")
+]
+
+
+def test_every_registered_family_has_its_generic_size_fields_bounded():
+    covered = {model_type for model_type, *_ in BOUNDED}
+    assert covered == set(model_types())
+    for model_type in model_types():
+        generic = {g for mt, g, _, _ in BOUNDED if mt == model_type}
+        assert {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"} <= generic, (
+            model_type
+        )
+
+
+@pytest.mark.parametrize(("model_type", "field"), INTEGER_FIELDS)
+def test_every_integer_field_is_bounded(model_type, field):
+    with pytest.raises(ConfigError, match=rf"{field!r} is an integer of 65 bits.*, beyond the bound"):
+        fmodel.config_from_dict({"model_type": model_type, field: 2**64 + 1})
 
 
 @pytest.mark.parametrize(("model_type", "generic", "field", "bound"), BOUNDED)
@@ -124,7 +163,9 @@ def test_deeply_nested_python_values_are_config_errors():
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
-    field=st.sampled_from([f for _, _, f, _ in BOUNDED if _ == "llama"] + ["rms_norm_eps", "rope_theta"]),
+    row=st.sampled_from(
+        [(mt, f) for mt, _, f, _ in BOUNDED] + [("llama", "rms_norm_eps"), ("llama", "rope_theta")]
+    ),
     value=st.one_of(
         st.integers(),
         st.floats(allow_nan=True, allow_infinity=True),
@@ -135,11 +176,10 @@ def test_deeply_nested_python_values_are_config_errors():
         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     ),
 )
-def test_any_field_value_builds_or_is_a_config_error(field, value):
+def test_any_field_value_builds_or_is_a_config_error(row, value):
+    model_type, field = row
     try:
-        config = fmodel.config_from_dict(
-            {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, field: value}
-        )
+        config = fmodel.config_from_dict({**tiny_config_dict(model_type), field: value})
     except ConfigError:
         return
     assert getattr(config, field) == value or field in ("rms_norm_eps", "rope_theta")
