@@ -22,7 +22,7 @@ import torch
 import fmodel
 from fmodel import facade
 from fmodel.config.moe import EXPERTS_MAX, MOE_EXPERT_MLPS_MAX
-from fmodel.errors import ConfigError
+from fmodel.errors import ArgumentTypeError, ConfigError
 from fmodel.losses import load_balancing_loss
 
 from .conftest import padded_batch, requires_transformers, transformers
@@ -175,6 +175,8 @@ def test_router_outputs_follow_the_flag_and_the_config(saved, variant):
     assert abs(ours.aux_loss.item() - theirs.aux_loss.item()) <= TOL
     assert torch.equal(ours.logits, plain.logits)
     assert fmodel.forward(on, ids, output_router_logits=False).router_logits is None
+    with pytest.raises(ArgumentTypeError, match=r"output_router_logits\) must be True, False or None"):
+        fmodel.forward(state, ids, output_router_logits="yes")
 
 
 def test_the_special_features_change_the_logits(saved):
@@ -390,6 +392,9 @@ def test_quantize_init_and_resize_run_on_the_experts(saved, variant, tmp_path):
     assert fmodel.forward(fresh, ids).logits.isfinite().all()
     grown = fmodel.resize_token_embeddings(state, 104, mean_resizing=False)
     assert torch.allclose(fmodel.forward(grown, ids).logits[..., :96], base, atol=1e-5)
+    pruned = fmodel.prune_heads(state, {0: [2, 3]})
+    assert pruned.params["model.layers.0.self_attn.q_proj.weight"].shape[0] == 2 * state.config.head_size
+    assert fmodel.forward(pruned, ids).logits.isfinite().all()
 
 
 def test_stack_states_and_vmap_forward(saved):
@@ -481,3 +486,19 @@ def test_all_dense_qwen3_moe_has_no_router_outputs():
     assert not any(".experts." in k or ".gate.weight" in k for k in state.params)
     out = fmodel.forward(state, torch.tensor([[1, 2, 3]]), output_router_logits=True)
     assert out.router_logits == () and out.aux_loss is None
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_init_in_transformers_draw_order_matches_transformers(variant):
+    model_type, overrides = VARIANTS[variant]
+    prefix = CLASSES[model_type]
+    config = fmodel.config_from_dict({"model_type": model_type, **TINY, **overrides})
+    torch.manual_seed(5)
+    ours = fmodel.init(config, draw_order="transformers")
+    torch.manual_seed(5)
+    theirs = getattr(transformers, f"{prefix}ForCausalLM")(
+        getattr(transformers, f"{prefix}Config")(**TINY, **overrides)
+    )
+    assert set(ours.params) == set(theirs.state_dict())
+    for name, p in theirs.state_dict().items():
+        assert torch.equal(ours.params[name], p), name

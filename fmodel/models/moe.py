@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import describe
+from ..errors import ArgumentTypeError
 from ..losses import load_balancing_loss
 from ._stack import with_logits
 from .activations import ACTIVATIONS
@@ -127,7 +129,14 @@ class SwiGluExpert(nn.Module):
 
 
 def _router_flag(config, output_router_logits: bool | None) -> bool:
-    return bool(config.output_router_logits if output_router_logits is None else output_router_logits)
+    if output_router_logits is None:
+        return config.output_router_logits
+    if not isinstance(output_router_logits, bool):
+        raise ArgumentTypeError(
+            f"forward(output_router_logits) must be True, False or None (the config's "
+            f"output_router_logits), got {describe(output_router_logits)}"
+        )
+    return output_router_logits
 
 
 class MoeModel(DecoderModel):
