@@ -96,6 +96,20 @@ class SurgeryMixin:
             transforms.replace_params, {n: p for n, p in params.items() if n not in self._ties}
         )
 
+    @property
+    def prepare_decoder_input_ids_from_labels(self):
+        """Seq2seq LMs (T5ForConditionalGeneration) only, as Transformers: `labels` [B, T] ->
+        decoder inputs (`fmodel.models.t5.shift_right`); other classes have no such attribute
+        (DataCollatorForSeq2Seq tests for it)."""
+        if get_spec(self._architecture).output != "seq2seq_lm":
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute 'prepare_decoder_input_ids_from_labels'"
+            )
+        from ..models.t5 import shift_right
+
+        config = self._frozen_config
+        return lambda labels: shift_right(config, labels)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.get_submodule(get_spec(self._architecture).input_embeddings.rsplit(".", 1)[0])
 

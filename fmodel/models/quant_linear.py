@@ -113,6 +113,11 @@ def _frozen_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 _INT4_PACKS = PackCache()
+# torch's int8 kernel reads the weight with aligned vector loads: a weight at an address not a
+# multiple of 16 bytes (a tensor memory-mapped from a safetensors file, whose header only aligns
+# to 8) crashes the process. Such a weight runs the kernel over an aligned copy kept here (a
+# runtime cache, like the packs: derived from the stored weight, never saved).
+_INT8_ALIGNED = PackCache()
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,6 +147,8 @@ class Int8Linear(nn.Module):
             # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
             # bfloat16 product times float32 scales promotes to float32 in the one multiply.
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            if q.data_ptr() % 16:
+                q = _INT8_ALIGNED.get(q, versions(q), lambda: q.clone())
             y = torch._weight_int8pack_mm(x2, q, _unit_scales(self.out_features))
             scale = scale.detach()
             if bias is None and scale.dtype == torch.float32:
