@@ -23,6 +23,7 @@ from fmodel.models import ARCHITECTURES, get_spec
 from fmodel.transforms import hf_init, hf_resize
 
 from ..conftest import TINY
+from ..families import model_types, tiny_config_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,6 +44,16 @@ CONFIGS = {
     "gpt2": lambda **kw: transformers.GPT2Config(**GPT2, **kw),
     "bert": lambda **kw: transformers.BertConfig(**BERT, **kw),
 }
+
+
+def _tiny_transformers_config(model_type: str):
+    data = tiny_config_dict(model_type)
+    del data["model_type"]
+    return lambda **kw: transformers.AutoConfig.for_model(model_type, **{**data, **kw})
+
+
+# every other registered family: its tiny config from the registries (tests/families.py)
+CONFIGS |= {mt: _tiny_transformers_config(mt) for mt in model_types() if mt not in CONFIGS}
 AUTO = {
     "base": facade.AutoModel,
     "causal_lm": facade.AutoModelForCausalLM,
