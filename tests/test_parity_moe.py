@@ -179,6 +179,21 @@ def test_router_outputs_follow_the_flag_and_the_config(saved, variant):
         fmodel.forward(state, ids, output_router_logits="yes")
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3moe-sliding"])
+def test_hidden_states_and_attentions_match(saved, variant):
+    folder, hf_model = saved[variant]
+    state = fmodel.load(folder, attn_implementation="eager")
+    ids, mask = padded_batch(seq=11)
+    ours = fmodel.forward(state, ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    theirs = hf_forward(hf_model, ids, mask, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 4
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        assert max_diff(a, b, mask) <= TOL
+    keep = mask.bool()[:, None, :, None]  # attention rows of real query tokens
+    for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+        assert ((a - b).abs() * keep).max().item() <= TOL
+
+
 def test_the_special_features_change_the_logits(saved):
     """The sliding window, the dense layer and the renormalisation are each on: switching one
     off changes the logits (so the parity above tests them)."""
@@ -502,3 +517,22 @@ def test_init_in_transformers_draw_order_matches_transformers(variant):
     assert set(ours.params) == set(theirs.state_dict())
     for name, p in theirs.state_dict().items():
         assert torch.equal(ours.params[name], p), name
+
+
+def test_generation_with_router_logits_on_in_the_config(saved):
+    """Transformers 4.57 fails here (its loss takes the cache-long mask against one step's router
+    logits); fmodel scores each step's tokens and generates what it generates with them off."""
+    folder, hf_model = saved["mixtral"]
+    state = fmodel.load(folder)
+    on = state.replace(config=state.config.replace(output_router_logits=True))
+    ids, mask = prompts(seed=3)
+    expected = hf_generate(hf_model, ids, mask, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(
+        fmodel.generate(on, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0), expected
+    )
+    model = facade.AutoModelForCausalLM.from_pretrained(folder)
+    model.config.output_router_logits = True
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(out, expected)
