@@ -17,8 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fmodel
+from fmodel.models import ARCHITECTURES
 
 from .conftest import make_hf_model, padded_batch, requires_transformers, transformers
+from .families import tiny_config
 
 save_module = importlib.import_module("fmodel.io.save")
 
@@ -804,6 +806,51 @@ def test_save_load_round_trip_property(tmp_path_factory, state, max_shard_size):
     # Saving what was loaded writes the very same bytes: saves are deterministic.
     fmodel.save(loaded, second, max_shard_size=max_shard_size)
     assert folder_snapshot(second) == folder_snapshot(first)
+
+
+def _family_cases() -> list[tuple[str, bool]]:
+    """(architecture, tied) for every registered class: tied and untied where it has an
+    output projection."""
+    cases = []
+    for architecture, spec in sorted(ARCHITECTURES.items()):
+        cases += (
+            [(architecture, True), (architecture, False)]
+            if spec.output_embeddings
+            else [(architecture, False)]
+        )
+    return cases
+
+
+@pytest.mark.parametrize(("architecture", "tied"), _family_cases())
+def test_every_family_saves_and_loads_back(tmp_path, architecture, tied):
+    model_type = ARCHITECTURES[architecture].model_type
+    config = tiny_config(model_type, tie_word_embeddings=tied)
+    state = fmodel.init(config, architecture=architecture, seed=1)
+    fmodel.save(state, tmp_path / "first")
+    loaded = fmodel.load(tmp_path / "first")
+    assert loaded.architecture == architecture
+    assert_same_params(loaded, state)
+    assert dict(loaded.ties) == dict(state.ties)
+    written = loaded.config.to_diff_dict()
+    assert {k: v for k, v in written.items() if k not in ("architectures", "torch_dtype")} == (
+        state.config.to_diff_dict()
+    )
+    fmodel.save(loaded, tmp_path / "second")
+    assert folder_snapshot(tmp_path / "second") == folder_snapshot(tmp_path / "first")
+
+
+@requires_transformers
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_family_save_loads_in_transformers_with_the_same_tensors(tmp_path, architecture):
+    spec = ARCHITECTURES[architecture]
+    config = tiny_config(spec.model_type, tie_word_embeddings=spec.output_embeddings is not None)
+    state = fmodel.init(config, architecture=architecture, seed=2)
+    fmodel.save(state, tmp_path)
+    model, info = getattr(transformers, architecture).from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    theirs = model.state_dict()
+    for name, tensor in state.params.items():
+        assert torch.equal(theirs[name], tensor), name
 
 
 def test_saved_folder_has_a_normal_mode_not_mkdtemp_private(tmp_path):
