@@ -21,7 +21,7 @@ import torch
 import fmodel
 from fmodel import facade
 from fmodel.attention import builtin
-from fmodel.errors import AttentionUnavailableError, ConfigError
+from fmodel.errors import ArgumentTypeError, AttentionUnavailableError, ConfigError
 
 from .conftest import padded_batch, requires_transformers, transformers
 
@@ -398,6 +398,8 @@ def test_a_function_without_softcap_is_refused_and_one_with_it_runs(saved):
     finally:
         fmodel.attention.unregister("test-gemma-swallows")
         fmodel.attention.unregister("test-gemma-honours")
+    with pytest.raises(ArgumentTypeError, match="takes no input 'token_type_ids'"):
+        fmodel.forward(state, ids, token_type_ids=torch.zeros_like(ids))
 
 
 def test_flash_passes_softcap_to_the_kernel_or_refuses():

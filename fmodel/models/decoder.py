@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, build_mask
+from ..attention.builtin import require_softcap
 from ._stack import embed_inputs, run_cached_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
 from .linear import Linear
@@ -352,6 +353,8 @@ class DecoderModel(nn.Module):
         gradient_checkpointing: bool = False,
         past_key_values: KVCache | None = None,
     ) -> dict[str, Any]:
+        if self.config.attention_softcap is not None:  # a function that would drop it is refused
+            require_softcap(attn, type(self).__name__)
         hidden = embed_inputs(self.embed, input_ids, inputs_embeds)  # [B, T, C]
         if self.embed_scale is not None:  # Gemma: in the activations' dtype, as Transformers
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)

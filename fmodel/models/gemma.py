@@ -18,7 +18,7 @@ Where they differ (all in their configs, `fmodel.config.gemma`, except the embed
 
 Every attention implementation fmodel accepts gives the eager result under soft-capping
 (Transformers 4.57's Gemma 2 sdpa path drops it); a registered function that does not take a
-`softcap` argument is refused (`fmodel.attention.builtin.require_softcap`).
+`softcap` argument is refused (`DecoderModel.forward` calls `attention.builtin.require_softcap`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import attrs
 import torch
 from torch import nn
 
-from ..attention.builtin import require_softcap
 from .activations import ACTIVATIONS
 from .decoder import (
     DecoderForCausalLM,
@@ -93,14 +92,7 @@ class Gemma3DecoderLayer(DecoderLayer):
     parts = DecoderParts(norm=offset_rms_norm, placement="sandwich", qk_norm="head", mlp=_gemma3_mlp)
 
 
-class _GemmaModel(DecoderModel):
-    def forward(self, *args: Any, attn, **kwargs: Any) -> dict[str, Any]:
-        if self.config.attention_softcap is not None:
-            require_softcap(attn, type(self).__name__)
-        return super().forward(*args, attn=attn, **kwargs)
-
-
-class Gemma2Model(_GemmaModel):
+class Gemma2Model(DecoderModel):
     layer_class = Gemma2DecoderLayer
 
 
@@ -131,7 +123,7 @@ class Gemma3TextScaledWordEmbedding(nn.Embedding):
         return super().forward(input_ids) * scale
 
 
-class Gemma3TextModel(_GemmaModel):
+class Gemma3TextModel(DecoderModel):
     layer_class = Gemma3DecoderLayer
     rotaries: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
         "rotary_emb": _global_rope,
