@@ -5,7 +5,8 @@ it; fmodel loads it. Qwen3: q/k RMSNorm per head, an explicit head_dim (24, not 
 biases on the attention projections, tied embeddings, and a sliding window (4) shorter than
 the sequence on layer 1 (`use_sliding_window`, `max_window_layers=1`). OLMo: weightless
 LayerNorms, biases, `clip_qkv=0.5` on attention weights scaled up so that the clamp bites.
-OLMo 2: norms after each sublayer, q/k RMSNorm over whole projections, one key/value head.
+OLMo 2: norms after each sublayer, q/k RMSNorm over whole projections, one key/value head,
+linear rope scaling in OLMo's own spelling.
 Logits must agree to 1e-5 (float32) on every real position of a batch padded on the left (row
 0) and the right (row 1), for eager, sdpa and flex attention; greedy and seeded-sampled
 generation token for token; the KV cache as the full forward; fmodel's save reloads in
@@ -43,7 +44,7 @@ VARIANTS = {
         1.0,
     ),
     "olmo": ("olmo", dict(num_key_value_heads=None, attention_bias=True, clip_qkv=0.5), 4.0),
-    "olmo2": ("olmo2", dict(num_key_value_heads=1), 1.0),
+    "olmo2": ("olmo2", dict(num_key_value_heads=1, rope_scaling={"type": "linear", "factor": 2.0}), 1.0),
 }
 CLASSES = {"qwen3": "Qwen3", "olmo": "Olmo", "olmo2": "Olmo2"}
 
@@ -160,6 +161,14 @@ def test_config_defaults_are_transformers(ours, overrides):
 def test_bad_configs_are_refused_with_a_config_error(cls, fields, match):
     with pytest.raises(fmodel.ConfigError, match=match):
         cls(num_hidden_layers=2, **fields)
+
+
+def test_olmo_rope_in_both_spellings():
+    tf5 = {"model_type": "olmo", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    config = fmodel.config_from_dict(tf5)
+    assert (config.rope_type, config.rope_theta) == ("default", 5e5) and config.to_diff_dict() == tf5
+    tf4 = {"model_type": "olmo2", "rope_scaling": {"type": "dynamic", "factor": 4.0}}
+    assert fmodel.config_from_dict(tf4).rope_type == "dynamic"
 
 
 # --------------------------------------------------------------------------- logits

@@ -1,7 +1,8 @@
 """The configs of OLMo (`model_type: olmo`) and OLMo 2 (`olmo2`), Transformers 4.57's fields and
 defaults. OLMo's norms have no weights and no eps field (eps is 1e-5); OLMo 2's RMSNorms read
-`rms_norm_eps`. Both accept only Transformers' own rope scaling for them: `{"type": "linear" or
-"dynamic", "factor": a float > 1}`."""
+`rms_norm_eps`. In Transformers 4's spelling both accept only the rope scaling Transformers 4.57
+accepts for them, `{"type": "linear" or "dynamic", "factor": a float > 1}`; Transformers 5's
+`rope_parameters` follow the generic rules (`fmodel.config.decoder`)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ class _OlmoFamilyConfig(DecoderConfig):
         return self.attention_bias
 
     def _validate_rope(self) -> None:
-        # Transformers' `OlmoConfig._rope_scaling_validation`: exactly {"type", "factor"}.
+        if self.rope_spelling == "rope_parameters":  # Transformers 5's spelling: its generic rules
+            super()._validate_rope()
+            return
+        # Transformers 4.57's `OlmoConfig._rope_scaling_validation`: exactly {"type", "factor"}.
         scaling = self.rope_scaling
         if scaling is None:
             return
