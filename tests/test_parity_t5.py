@@ -489,3 +489,26 @@ def test_resize_tie_init_quantize_and_vmap(saved, tmp_path):
         max_diff(both[1], fmodel.forward(fresh, ids, attention_mask=mask, decoder_input_ids=dec).logits)
         <= TOL
     )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cls", ["T5ForConditionalGeneration", "T5Model", "T5EncoderModel"])
+def test_init_in_transformers_draw_order_matches_transformers(variant, cls):
+    """Transformers' construction, number for number (each stack is initialised by its own
+    post_init while the model is built), and the global generator left where it leaves it."""
+    fields = {**TINY, **VARIANTS[variant], "initializer_factor": 0.7}
+    torch.manual_seed(5)
+    ours = fmodel.init(
+        fmodel.config_from_dict({"model_type": "t5", **fields}), architecture=cls, draw_order="transformers"
+    )
+    after_ours = torch.rand(2)
+    torch.manual_seed(5)
+    theirs = getattr(transformers, cls)(transformers.T5Config(**fields)).state_dict()
+    assert torch.equal(torch.rand(2), after_ours)
+    assert set(ours.params) == set(theirs)
+    for name, p in theirs.items():
+        assert torch.equal(ours.params[name], p), name
+    if cls == "T5ForConditionalGeneration":  # the facade's constructor draws the same
+        torch.manual_seed(5)
+        model = facade.T5ForConditionalGeneration(transformers.T5Config(**fields))
+        assert all(torch.equal(p, theirs[n]) for n, p in model.state_dict().items())

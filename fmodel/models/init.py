@@ -66,7 +66,7 @@ class Draw:
     Attributes:
         name: dotted parameter name.
         op: "normal" (args: mean, std), "kaiming_uniform" (nn.Linear's weight init,
-            a = sqrt(5)), "uniform" (args: low, high), "zeros", "ones", or "zero_row"
+            a = sqrt(5)), "uniform" (args: low, high), "zeros", "ones", "fill" (args: value), or "zero_row"
             (args: row; an embedding's padding row). Only "normal", "kaiming_uniform" and
             "uniform" consume random numbers; "new" (args: shape) replaces the tensor by zeros
             of that shape (a module rebuilt by Transformers' prune step).
@@ -98,6 +98,8 @@ def run_draws(
                 t.zero_()
             elif draw.op == "ones":
                 t.fill_(1.0)
+            elif draw.op == "fill":
+                t.fill_(draw.args[0])
             elif draw.op == "zero_row":
                 t[draw.args[0]].zero_()
             elif draw.op == "new":
@@ -123,6 +125,11 @@ class TransformersInit:
             family cannot prune (Llama, Qwen2, Mistral).
         norm_weight: what a LayerNorm/RMSNorm weight is set to, "ones" or "zeros" (Gemma's
             (1 + weight) norms: its `_init_weights` zeroes every "RMSNorm" after the base rule).
+        module_rule: (module, name, config) -> draws: a family whose `_init_weights` shares
+            nothing with the base rule (T5: per-class stds, nn.Linear untouched) gives it whole.
+        construction: (skeleton, config) -> draws: the whole of `Arch(config)`'s draws, for a
+            family whose construction the generic replay does not describe (T5: each stack is
+            a `PreTrainedModel` initialised by its own `post_init` while the model is built).
     """
 
     linear_like: tuple[str, ...] = ()
@@ -130,6 +137,8 @@ class TransformersInit:
     scaled: Callable[[object], Mapping[str, float]] = lambda config: {}
     rebuilt_by_prune: Callable[[int], tuple[str, ...]] | None = None
     norm_weight: str = "ones"
+    module_rule: Callable[[nn.Module, str, object], list[Draw]] | None = None
+    construction: Callable[[nn.Module, object], list[Draw]] | None = None
 
 
 def _gpt2_scaled(config) -> dict[str, float]:
@@ -196,6 +205,8 @@ def construction_draws(module: nn.Module, name: str, *, bias_drawn: bool = True)
 def init_weights_draws(module: nn.Module, name: str, config, rules: TransformersInit) -> list[Draw]:
     """What the family's Transformers `_init_weights(module)` does to the skeleton module `module`
     (named `name` in the model), in order."""
+    if rules.module_rule is not None:
+        return rules.module_rule(module, name, config)
     std = _std(config)
     kind = type(module).__name__
     own = dict(module.named_parameters(recurse=False))

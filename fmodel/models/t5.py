@@ -30,6 +30,7 @@ from ..attention import AttentionFunction, MaskInputs
 from ..errors import InvalidArgumentError
 from ._stack import run_layers, with_logits
 from .activations import ACTIVATIONS
+from .init import TRANSFORMERS_INIT, Draw, TransformersInit, construction_draws, post_order
 from .linear import Linear
 from .spec import ArchSpec, register_architecture
 
@@ -558,6 +559,70 @@ def _init_rule(name: str, config) -> str | tuple:
         "wo": f * config.d_ff**-0.5,
     }
     return ("normal", stds[leaf]) if leaf in stds else "normal"
+
+
+def _transformers_rule(module: nn.Module, name: str, config) -> list[Draw]:
+    """Transformers' `T5PreTrainedModel._init_weights(module)`, as draws: a rule per T5 class;
+    every other module (nn.Linear, nn.Embedding, the stacks) is left as it is."""
+    f, d, kv, heads = config.initializer_factor, config.d_model, config.d_kv, config.num_heads
+    kind = type(module).__name__
+    at = (lambda leaf: f"{name}.{leaf}") if name else (lambda leaf: leaf)
+
+    def normal(leaf: str, std: float) -> Draw:
+        return Draw(at(leaf), "normal", (0.0, std))
+
+    if kind == "T5LayerNorm":
+        return [Draw(at("weight"), "fill", (f * 1.0,))]
+    if kind in ("T5Model", "T5ForConditionalGeneration", "T5EncoderModel"):
+        draws = [normal("shared.weight", f * 1.0)]
+        if hasattr(module, "lm_head") and not config.tie_word_embeddings:
+            draws.append(normal("lm_head.weight", f * 1.0))
+        return draws
+    if kind == "T5DenseActDense":
+        return [normal("wi.weight", f * d**-0.5), normal("wo.weight", f * config.d_ff**-0.5)]
+    if kind == "T5DenseGatedActDense":
+        return [
+            normal("wi_0.weight", f * d**-0.5),
+            normal("wi_1.weight", f * d**-0.5),
+            normal("wo.weight", f * config.d_ff**-0.5),
+        ]
+    if kind == "T5Attention":
+        draws = [
+            normal("q.weight", f * (d * kv) ** -0.5),
+            normal("k.weight", f * d**-0.5),
+            normal("v.weight", f * d**-0.5),
+            normal("o.weight", f * (heads * kv) ** -0.5),
+        ]
+        if module.has_relative_attention_bias:
+            draws.append(normal("relative_attention_bias.weight", f * d**-0.5))
+        return draws
+    return []
+
+
+def _transformers_construction(module: nn.Module, config) -> list[Draw]:
+    """The draws of Transformers' `T5...(config)`: `shared` (nn.Embedding's normal(0, 1)); then
+    each stack built (its default inits; its `embed_tokens` is `shared` itself) and initialised
+    by its own `post_init` (T5Stack is a PreTrainedModel), which marks its modules; then the
+    head's nn.Linear; then the model's `post_init`, where only the model's own rule is left:
+    `shared` (and an untied lm_head) redrawn."""
+    draws = construction_draws(module.shared, "shared")
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(module, stack_name, None)
+        if stack is None:
+            continue
+        for name, sub in stack.named_modules(prefix=stack_name):
+            if name != f"{stack_name}.embed_tokens":
+                draws += construction_draws(sub, name)
+        for name, sub in post_order(stack, stack_name):
+            draws += _transformers_rule(sub, name, config)
+    if hasattr(module, "lm_head"):
+        draws += construction_draws(module.lm_head, "lm_head")
+    return draws + _transformers_rule(module, "", config)
+
+
+TRANSFORMERS_INIT["t5"] = TransformersInit(
+    module_rule=_transformers_rule, construction=_transformers_construction
+)
 
 
 def _embedding_ties(config, decoder: bool = True) -> dict[str, str]:

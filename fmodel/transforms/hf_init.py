@@ -139,6 +139,9 @@ def _construction_sequence(config, architecture: str, spec, rules: TransformersI
     modules and the head's `post_init`, which prunes again: each pruned layer is rebuilt once
     more (a new, unmarked module: its default init draws, then `_init_weights` redraws it)."""
     module = skeleton(config, architecture)
+    if rules.construction is not None:  # a family that describes its own construction (T5)
+        shapes = {name: tuple(p.shape) for name, p in module.named_parameters(remove_duplicate=False)}
+        return rules.construction(module, config), shapes
     pruned = [layer for layer, heads in config.pruned_heads.items() if heads]
     pruned = pruned if rules.rebuilt_by_prune is not None else []
     built = skeleton(config.replace(pruned_heads={}), architecture) if pruned else module
