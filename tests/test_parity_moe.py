@@ -465,6 +465,8 @@ def test_config_bounds_and_cross_checks():
         fmodel.config_from_dict({"model_type": "qwen3_moe", "num_experts": -1})
     with pytest.raises(ConfigError, match=r"'mlp_only_layers' expected a list of layer indices"):
         fmodel.config_from_dict({"model_type": "qwen3_moe", "mlp_only_layers": ["1"]})
+    with pytest.raises(ConfigError, match=r"'mlp_only_layers' has 2000 entries, beyond the bound 1024"):
+        fmodel.config_from_dict({"model_type": "qwen3_moe", "mlp_only_layers": list(range(2000))})
     with pytest.raises(ConfigError, match=r"'decoder_sparse_step' expected a positive integer"):
         fmodel.config_from_dict({"model_type": "qwen3_moe", "decoder_sparse_step": 0})
     # every layer dense: top-k may exceed the (zero) experts, as Transformers builds it

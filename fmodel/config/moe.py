@@ -190,6 +190,11 @@ class Qwen3MoeConfig(MoeDecoderConfig):
         return self.sliding_window if self.use_sliding_window else None
 
     def _validate(self) -> None:
+        if self.mlp_only_layers is not None and len(self.mlp_only_layers) > LAYERS_MAX:
+            raise ConfigError(
+                f"Qwen3MoeConfig: field 'mlp_only_layers' has {len(self.mlp_only_layers)} entries, "
+                f"beyond the bound {LAYERS_MAX} (2**10, the most layers) fmodel accepts"
+            )
         if self.num_experts < 0:
             raise ConfigError(
                 f"Qwen3MoeConfig: field 'num_experts' expected an integer >= 0 (0: every layer dense), "
