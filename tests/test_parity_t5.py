@@ -512,3 +512,16 @@ def test_init_in_transformers_draw_order_matches_transformers(variant, cls):
         torch.manual_seed(5)
         model = facade.T5ForConditionalGeneration(transformers.T5Config(**fields))
         assert all(torch.equal(p, theirs[n]) for n, p in model.state_dict().items())
+
+
+def test_facade_generate_dict_is_transformers_encoder_decoder_output(saved):
+    folder, model = saved["v1.0"]
+    ours = facade.AutoModelForSeq2SeqLM.from_pretrained(folder)
+    ids, mask = prompts(2)
+    for beams in (1, 2):
+        kwargs = dict(max_new_tokens=5, num_beams=beams, return_dict_in_generate=True, output_scores=True)
+        got = ours.generate(ids, attention_mask=mask, **kwargs)
+        want = hf_generate(model, ids, mask, **kwargs)
+        assert type(got).__name__ == type(want).__name__  # Generate[Beam]EncoderDecoderOutput
+        assert torch.equal(got.sequences, want.sequences)
+        assert max(max_diff(a, b) for a, b in zip(got.scores, want.scores, strict=True)) <= TOL

@@ -23,6 +23,7 @@ from ..errors import ArgumentTypeError, InvalidArgumentError, UnsupportedOptionE
 from ..generation.config import GenerationConfig as FrozenGenerationConfig
 from ..generation.generate_call import GenerateOutput
 from ..generation.generate_call import generate as functional_generate
+from ..models import get_spec
 from . import generation_config as gc
 from .arg_checks import check_generate_lengths, check_model_inputs
 from .outputs import ModelOutput
@@ -285,7 +286,10 @@ class GenerationMixin:
             stopping_criteria=criteria,
             module=getattr(self, "_tree", None),
         )
-        return _transformers_output(out, frozen.num_beams > 1) if isinstance(out, GenerateOutput) else out
+        if not isinstance(out, GenerateOutput):
+            return out
+        encoder_decoder = getattr(get_spec(self._architecture).build, "is_encoder_decoder", False)
+        return _transformers_output(out, frozen.num_beams > 1, encoder_decoder)
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         """Transformers' check: a model kwarg neither `prepare_inputs_for_generation` nor the
@@ -381,17 +385,29 @@ def _transformers_type(obj: Any) -> str | None:
     return cls.__name__ if cls.__module__.startswith("transformers.") else None
 
 
-def _transformers_output(out: GenerateOutput, beams: bool) -> Any:
-    """Transformers' output class for `out` (fmodel's `ModelOutput` without Transformers)."""
+def _transformers_output(out: GenerateOutput, beams: bool, encoder_decoder: bool = False) -> Any:
+    """Transformers' output class for `out` (fmodel's `ModelOutput` without Transformers):
+    `Generate[Beam]DecoderOnlyOutput`, or `Generate[Beam]EncoderDecoderOutput` for T5."""
     fields = {"sequences": out.sequences}
     if beams:
         fields["sequences_scores"] = out.sequences_scores
     fields.update(scores=out.scores, logits=out.logits)
     if beams:
         fields["beam_indices"] = out.beam_indices
-    fields.update(attentions=None, hidden_states=None, past_key_values=out.past_key_values)
+    if encoder_decoder:
+        fields.update(
+            encoder_attentions=None,
+            encoder_hidden_states=None,
+            decoder_attentions=None,
+            cross_attentions=None,
+            decoder_hidden_states=None,
+            past_key_values=out.past_key_values,
+        )
+    else:
+        fields.update(attentions=None, hidden_states=None, past_key_values=out.past_key_values)
     try:
-        from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+        from transformers import generation as hf_generation
     except ImportError:
         return ModelOutput((k, v) for k, v in fields.items() if v is not None)
-    return (GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput)(**fields)
+    kind = "EncoderDecoder" if encoder_decoder else "DecoderOnly"
+    return getattr(hf_generation, f"Generate{'Beam' if beams else ''}{kind}Output")(**fields)
