@@ -45,6 +45,17 @@ def takes_softcap(fn) -> bool:
     return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
+_cached_takes_softcap = functools.lru_cache(maxsize=64)(takes_softcap)
+
+
+def _reads_softcap(fn) -> bool:
+    """`takes_softcap`, the signature read once per function (this runs every forward step)."""
+    try:
+        return _cached_takes_softcap(fn)
+    except TypeError:  # an unhashable callable
+        return takes_softcap(fn)
+
+
 def require_softcap(attn: AttentionFunction, model: str) -> None:
     """Refuse to run a soft-capped model (`model` names it) with an attention function that
     cannot honour `softcap`.
@@ -52,7 +63,7 @@ def require_softcap(attn: AttentionFunction, model: str) -> None:
     Raises:
         AttentionUnavailableError: `attn.fn` has no `softcap` parameter.
     """
-    if not takes_softcap(attn.fn):
+    if not _reads_softcap(attn.fn):
         raise AttentionUnavailableError(
             f"attention implementation {attn.name!r} cannot run {model}: the model soft-caps its "
             "attention scores (tanh(s / cap) * cap) and the function takes no 'softcap' argument; "
@@ -203,7 +214,13 @@ def flex_attention(
     if softcap is not None:
         score_mod = _softcap_score_mod(softcap, score_mod)
     output = kernel(
-        query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=groups > 1
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=attention_mask,
+        scale=scaling,
+        enable_gqa=groups > 1,
     )
     return output.transpose(1, 2).contiguous(), None
 
@@ -313,7 +330,7 @@ def _flash(dense, varlen, module, query, key, value, padding, scaling, dropout, 
         kwargs["dropout_p"] = dropout
     if softcap is not None:
         for kernel in (dense, varlen):
-            if not takes_softcap(kernel):
+            if not _reads_softcap(kernel):
                 raise AttentionUnavailableError(
                     f"the installed {kernel.__module__}.{kernel.__name__} takes no 'softcap' "
                     "(flash-attn >= 2.6 does); this model soft-caps its attention scores"
