@@ -298,22 +298,28 @@ def test_facade_auto_class_matches(saved, variant):
     assert _max_diff(again, ours, mask) <= TOL
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(saved):
-    folder, _ = saved["gemma3"]
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_gradient_checkpointing_gives_the_same_gradients_as_transformers(saved, variant):
+    folder, _ = saved[variant]
+    family = VARIANTS[variant][0]
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(2))
 
-    def grads(checkpointing: bool):
-        model = facade.Gemma3ForCausalLM.from_pretrained(folder)
+    def grads(model, checkpointing: bool):
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()
         model(input_ids=ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    plain, ckpt = grads(False), grads(True)
-    assert set(plain) == set(ckpt) and all(g is not None for g in ckpt.values())
+    cls = getattr(facade, f"{family}ForCausalLM")
+    plain, ckpt = grads(cls.from_pretrained(folder), False), grads(cls.from_pretrained(folder), True)
+    theirs = grads(
+        transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"), False
+    )
+    assert set(plain) == set(ckpt) == set(theirs) and all(g is not None for g in ckpt.values())
     for name in plain:
         assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+        assert torch.allclose(plain[name], theirs[name], atol=1e-5), name
 
 
 # --------------------------------------------------------------------------- transforms
