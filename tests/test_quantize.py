@@ -306,3 +306,25 @@ def test_a_state_quantized_under_inference_mode_runs():
                 fmodel.forward(q, input_ids=IDS[:1, :3]).logits,
                 logits(fmodel.quantize(STATE, scheme, group_size=32), IDS[:1, :3]),
             )
+
+
+def test_int8_widths_off_the_kernel_block_run_the_reference():
+    """torch's int8 kernel needs inputs 16 columns wide per block: a width of 40 gave NaN for one
+    row and killed the process for more. Run in a child process, so a crash fails the test."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fmodel\n"
+        "config = fmodel.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, "
+        "num_hidden_layers=1, num_attention_heads=2)\n"
+        "state = fmodel.init(config, architecture='LlamaForCausalLM', seed=0)\n"
+        "q = fmodel.quantize(state, 'int8')\n"
+        "for t in (1, 5):\n"
+        "    ids = torch.arange(t)[None] + 3\n"
+        "    got, want = fmodel.forward(q, ids).logits, fmodel.forward(fmodel.dequantize(q), ids).logits\n"
+        "    assert got.isfinite().all() and (got - want).abs().max() < 1e-2, (t, got, want)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

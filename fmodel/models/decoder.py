@@ -164,13 +164,16 @@ class DecoderAttention(nn.Module):
         self.qk_norm = parts.qk_norm
         hidden = config.hidden_size
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        # Construction order is Transformers' (it decides the order of seeded random draws):
+        # Phi-3 builds o_proj before its fused qkv_proj, the others q, k, v, then o.
         if parts.fused_qkv:
+            self.o_proj = Linear(self.q_size, hidden, bias=config.o_bias)
             self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         else:
             self.q_proj = Linear(hidden, self.q_size, bias=config.qkv_bias)
             self.k_proj = Linear(hidden, self.kv_size, bias=config.qkv_bias)
             self.v_proj = Linear(hidden, self.kv_size, bias=config.qkv_bias)
-        self.o_proj = Linear(self.q_size, hidden, bias=config.o_bias)
+            self.o_proj = Linear(self.q_size, hidden, bias=config.o_bias)
         if parts.qk_norm == "head":
             self.q_norm, self.k_norm = parts.norm(config, self.head_dim), parts.norm(config, self.head_dim)
         elif parts.qk_norm == "projection":
@@ -429,8 +432,6 @@ def _head_layout(prefix: str, parts: DecoderParts):
             slices += [(p + f"{s}_proj.weight", 0, s) for s in "qkv"]
             if config.qkv_bias:
                 slices += [(p + f"{s}_proj.bias", 0, s) for s in "qkv"]
-        if parts.qk_norm == "projection":
-            slices += [(p + "q_norm.weight", 0, "q"), (p + "k_norm.weight", 0, "k")]
         slices.append((p + "o_proj.weight", 1, "o"))
         return HeadLayout(
             heads=config.num_attention_heads - pruned,
@@ -438,6 +439,14 @@ def _head_layout(prefix: str, parts: DecoderParts):
             head_dim=config.head_size,
             original_heads=config.num_attention_heads,
             slices=tuple(slices),
+            # A norm over the whole q/k projection (OLMo 2) mixes the heads: removing some
+            # changes what the others compute, so such a model cannot be pruned exactly.
+            unprunable=(
+                "its q/k norms span every head (qk_norm='projection'), so removing heads would change "
+                "the remaining heads' outputs"
+                if parts.qk_norm == "projection"
+                else None
+            ),
         )
 
     return layout

@@ -15,7 +15,8 @@ computed in float32. On CPU the forward runs faster kernels instead, which diffe
 reference by rounding only (tests bound the difference):
 
 - int8: `torch._weight_int8pack_mm` for inputs of at most `KERNEL_MAX_ROWS` rows (decode
-  steps): weight-only, the activations rounded to bfloat16 and the product returned in
+  steps) whose width is a multiple of 16 (the kernel's block; other widths fall back to the
+  dequantized matmul below): weight-only, the activations rounded to bfloat16 and the product returned in
   bfloat16 (accumulated in float32), then scaled per channel in float32. Longer inputs
   (prefill) dequantize to float32 and matmul, the faster path there. (fbgemm's dynamic int8
   linear, which also quantizes the activations, was slower on this project's machines and
@@ -143,7 +144,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, bias = self.weight_int8, self.weight_scale, self.bias
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and fast_path_ok(x, q, scale):
+        # torch's int8 kernel reads the input in blocks of 16 columns: with another width it
+        # returns NaN for one row and crashes the process (SIGSEGV) for more (torch 2.13, CPU).
+        if (
+            0 < rows <= KERNEL_MAX_ROWS
+            and self.out_features > 0
+            and self.in_features % 16 == 0
+            and fast_path_ok(x, q, scale)
+        ):
             # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
             # bfloat16 product times float32 scales promotes to float32 in the one multiply.
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)

@@ -42,6 +42,8 @@ class HeadLayout:
             key/value (k, v) head; "qkv" is q, k and v concatenated (GPT-2's fused c_attn); "q|k|v" the same with
             grouped key/value heads (Phi-3's qkv_proj: H query then H_kv key and value blocks).
             "o" is the input axis of the output projection; its bias is never sliced.
+        unprunable: why heads of this layer cannot be removed exactly (`prune_heads` refuses
+            with it), or None. The layout still gives the cache its shapes.
     """
 
     heads: int
@@ -49,6 +51,7 @@ class HeadLayout:
     head_dim: int
     original_heads: int
     slices: tuple[tuple[str, int, str], ...]
+    unprunable: str | None = None
 
 
 @attrs.frozen

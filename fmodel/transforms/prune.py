@@ -101,6 +101,8 @@ def prune_heads(state: ModelState, heads_to_prune: Mapping[int, Iterable[int]]) 
                 f"prune_heads: layer {layer!r} is out of range (the model has {n_layers} layers)"
             )
         layout = spec.head_layout(config, layer)
+        if layout.unprunable:
+            raise FModelError(f"prune_heads: {state.architecture} cannot be pruned: {layout.unprunable}")
         heads = set(heads)
         bad = sorted(h for h in heads if not isinstance(h, int) or not 0 <= h < layout.original_heads)
         if bad:
