@@ -525,3 +525,28 @@ def test_facade_generate_dict_is_transformers_encoder_decoder_output(saved):
         assert type(got).__name__ == type(want).__name__  # Generate[Beam]EncoderDecoderOutput
         assert torch.equal(got.sequences, want.sequences)
         assert max(max_diff(a, b) for a, b in zip(got.scores, want.scores, strict=True)) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_transformers_exactly(saved, dtype):
+    """Eager in half precision, op for op: gated-GELU's formula (NewGELUActivation), and in
+    float16 `wo` kept in float32 as Transformers' `_keep_in_fp32_modules` loads it."""
+    folder, _ = saved["v1.1"]
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    state = fmodel.load(folder, dtype=dtype, attn_implementation="eager")
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert (
+        state.params[wo].dtype
+        == theirs.get_parameter(wo).dtype
+        == (torch.float32 if dtype == torch.float16 else dtype)
+    )
+    ids, mask, dec, dec_mask = batch(11)
+    inputs = dict(attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    ref = hf_run(theirs, input_ids=ids, **inputs)
+    out = fmodel.forward(state, ids, **inputs)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(
+        out.encoder_last_hidden_state, ref.encoder_last_hidden_state
+    )
+    ours = facade.T5ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    assert ours.get_parameter(wo).dtype == state.params[wo].dtype
+    assert facade.T5ForConditionalGeneration._keep_in_fp32_modules == ["wo"]

@@ -29,6 +29,9 @@ def _family_class(name: str) -> type[PreTrainedModel]:
         "config_class": CONFIG_CLASSES[ARCHITECTURES[name].model_type],  # fmodel's frozen config class
         "__doc__": f"fmodel's facade for `{name}`.",
     }
+    keep = getattr(ARCHITECTURES[name].build, "_keep_in_fp32_modules", None)  # T5's ["wo"]
+    if keep:
+        attributes["_keep_in_fp32_modules"] = list(keep)
     return type(name, (PreTrainedModel,), attributes)
 
 

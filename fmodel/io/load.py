@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -208,7 +209,11 @@ def state_from_tensors(
     if missing and warn_missing:
         logger.warning("%s: initialised %d missing tensor(s): %s", source, len(missing), missing[:20])
 
-    found = {name: _convert(t, target_dtype, device) for name, t in found.items()}
+    keep = _keep_in_fp32(spec, target_dtype)
+    found = {
+        name: _convert(t, torch.float32 if keep and keep.search(name) else target_dtype, device)
+        for name, t in found.items()
+    }
     params = {name: found[name] for name in expected if name in param_names and name not in ties}
     for alias, src in ties.items():
         params[alias] = params[src]
@@ -234,6 +239,15 @@ def _stored_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.float32
+
+
+def _keep_in_fp32(spec, dtype: torch.dtype | None) -> re.Pattern | None:
+    """Transformers' `_keep_in_fp32_modules` (a skeleton class attribute, T5's `wo`): loaded as
+    float16, those modules' tensors stay float32, matched by whole name components as there."""
+    modules = getattr(spec.build, "_keep_in_fp32_modules", ())
+    if dtype != torch.float16 or not modules:
+        return None
+    return re.compile("|".join(rf"((^|\.){m}($|\.))" for m in modules))
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
