@@ -38,7 +38,7 @@ from .base import (
 
 __all__ = ["DecoderConfig", "LlamaConfig", "MistralConfig", "Qwen2Config"]
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _ROPE_REQUIRED = {
     "linear": ("factor",),
     "dynamic": ("factor",),
@@ -89,11 +89,13 @@ class DecoderConfig(BaseConfig):
 
     @property
     def qkv_bias(self) -> bool:
-        return False
+        """q/k/v projections carry a bias: the family's `attention_bias` field, False without one."""
+        return bool(getattr(self, "attention_bias", False))
 
     @property
     def o_bias(self) -> bool:
-        return False
+        """The output projection carries a bias: the family's `attention_bias`, False without one."""
+        return bool(getattr(self, "attention_bias", False))
 
     @property
     def mlp_has_bias(self) -> bool:
@@ -130,6 +132,18 @@ class DecoderConfig(BaseConfig):
     # -- validation -------------------------------------------------------------------
 
     def _validate(self) -> None:
+        self._validate_shapes()
+        self._validate_activation("hidden_act", self.hidden_act)
+        self._validate_rope()
+        self._validate_pruned_heads()
+
+    def _validate_activation(self, field: str, value: str) -> None:
+        if value not in _ACTIVATIONS:
+            raise ConfigError(
+                f"{type(self).__name__}: field {field!r} is {value!r}; fmodel implements {sorted(_ACTIVATIONS)}"
+            )
+
+    def _validate_shapes(self) -> None:
         name = type(self).__name__
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
@@ -145,12 +159,6 @@ class DecoderConfig(BaseConfig):
             raise ConfigError(
                 f"{name}: rotary embeddings need an even head size, got head size {self.head_size}"
             )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(
-                f"{name}: field 'hidden_act' is {self.hidden_act!r}; fmodel implements {sorted(_ACTIVATIONS)}"
-            )
-        self._validate_rope()
-        self._validate_pruned_heads()
 
     def _validate_pruned_heads(self) -> None:
         groups = self.num_attention_heads // self.kv_heads
@@ -176,6 +184,8 @@ class DecoderConfig(BaseConfig):
             raise ConfigError(
                 f"{type(self).__name__}: field '{where}.rope_type' is {rope_type!r}; expected one of {ROPE_TYPES}"
             )
+        if rope_type == "longrope":
+            self._validate_longrope(where)
         for key in _ROPE_REQUIRED.get(rope_type, ()):
             value = self.rope_scaling.get(key)
             if not _is_float(value) or value <= 0:
@@ -183,6 +193,51 @@ class DecoderConfig(BaseConfig):
                     f"{type(self).__name__}: rope type {rope_type!r} needs a positive number in field "
                     f"'{where}.{key}', got {value!r}"
                 )
+
+    def _validate_longrope(self, where: str) -> None:
+        """`short_factor` / `long_factor`: one positive number per rotated frequency pair;
+        `attention_factor` positive when given. Where the original length comes from is the
+        family's (`_validate_longrope_original`)."""
+        name, params = type(self).__name__, self.rope_scaling
+        rotated = int(self.head_size * getattr(self, "partial_rotary_factor", 1.0))  # rope.rotary_dim
+        pairs = (rotated + 1) // 2
+        for key in ("short_factor", "long_factor"):
+            value = params.get(key)
+            if not (
+                isinstance(value, tuple)
+                and len(value) == pairs
+                and all(_is_float(x) and x > 0 for x in value)
+            ):
+                raise ConfigError(
+                    f"{name}: rope type 'longrope' needs field '{where}.{key}': a list of {pairs} positive "
+                    f"numbers (one per rotated pair of the head size), got {value!r}"
+                )
+        attention_factor = params.get("attention_factor")
+        if attention_factor is not None and (not _is_float(attention_factor) or attention_factor <= 0):
+            raise ConfigError(
+                f"{name}: field '{where}.attention_factor' must be a positive number, got {attention_factor!r}"
+            )
+        self._validate_longrope_original(where)
+
+    def _validate_longrope_original(self, where: str) -> None:
+        # Transformers 4.57 reads the original length only from a top-level config attribute
+        # (which these families model nowhere) and then uses `factor`; it ignores the key in
+        # rope_scaling. Either key here would make the two disagree silently.
+        name = type(self).__name__
+        if "original_max_position_embeddings" in (self.rope_scaling or {}) or (
+            "original_max_position_embeddings" in self.extra
+        ):
+            raise ConfigError(
+                f"{name}: rope type 'longrope' with 'original_max_position_embeddings' is not supported for "
+                f"model type {self.model_type!r} (Transformers 4.57 reads it only for Phi-3); scale with "
+                f"'{where}.factor'"
+            )
+        factor = self.rope_scaling.get("factor")
+        if self.rope_scaling.get("attention_factor") is None and (not _is_float(factor) or factor <= 0):
+            raise ConfigError(
+                f"{name}: rope type 'longrope' needs a positive number in field '{where}.factor' "
+                f"(or '{where}.attention_factor'), got {factor!r}"
+            )
 
     # -- rope spellings ------------------------------------------------------------------
 
@@ -223,14 +278,6 @@ class LlamaConfig(DecoderConfig):
 
     attention_bias: bool = bool_field(False)
     mlp_bias: bool = bool_field(False)
-
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
 
     @property
     def mlp_has_bias(self) -> bool:
@@ -281,7 +328,7 @@ class Qwen2Config(DecoderConfig):
         super()._validate()
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
-                f"Qwen2Config: field 'layer_types' has {len(self.layer_types)} entries, "
+                f"{type(self).__name__}: field 'layer_types' has {len(self.layer_types)} entries, "
                 f"expected num_hidden_layers={self.num_hidden_layers}"
             )
 
