@@ -56,7 +56,7 @@ facade = pytest.importorskip("fmodel.facade")
 # gap is there and fails once it is gone, so fixed entries get removed. Empty this set as gaps close.
 _LM_HEADS = ("llama-*", "qwen2", "mistral", "gpt2-lm", "bert-mlm", "bert-cls")
 _WITH_OUTPUT_EMBEDDINGS = ("llama-*", "qwen2", "mistral", "gpt2-lm", "bert-mlm")
-_TIED = ("llama-tied-mqa", "gpt2-lm", "bert-mlm")
+_TIED = ("llama-tied-mqa", "gpt2-lm", "bert-mlm", "gemma*")
 KNOWN_GAPS: set[tuple[str, str]] = {
     # Intended difference: fmodel's ties are declared, so after set_input_embeddings a tied output
     # projection follows the new matrix; Transformers' lm_head keeps the old Parameter (untied)
@@ -187,6 +187,41 @@ FAMILIES = [
         "MistralForCausalLM",
         "AutoModelForCausalLM",
         _decoder("MistralConfig", "MistralForCausalLM", tie_word_embeddings=False),
+        "causal_lm",
+        decoder=True,
+        prune_skip=NO_LLAMA_PRUNING,
+    ),
+    Family(
+        "gemma2",
+        "Gemma2ForCausalLM",
+        "AutoModelForCausalLM",
+        # no attention soft-cap here: the script's oracle loads with Transformers' default sdpa,
+        # which drops it (tests/test_parity_gemma.py compares it with Transformers' eager)
+        _decoder(
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            head_dim=16,
+            sliding_window=4,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=5.0,
+        ),
+        "causal_lm",
+        decoder=True,
+        prune_skip=NO_LLAMA_PRUNING,
+    ),
+    Family(
+        "gemma3-text",
+        "Gemma3ForCausalLM",
+        "AutoModelForCausalLM",
+        _decoder(
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            head_dim=16,
+            sliding_window=4,
+            sliding_window_pattern=2,
+            rope_local_base_freq=20.0,
+            final_logit_softcapping=5.0,
+        ),
         "causal_lm",
         decoder=True,
         prune_skip=NO_LLAMA_PRUNING,

@@ -283,6 +283,12 @@ def test_facade_auto_class_matches(saved, variant):
     family = VARIANTS[variant][0]
     assert type(model).__name__ == f"{family}ForCausalLM"
     assert model._no_split_modules == [f"{family}DecoderLayer"]
+    # the same buffers (Gemma 3's embed_scale too), the same footprint
+    theirs_buffers = dict(hf_model.named_buffers())
+    ours_buffers = dict(model.named_buffers())
+    assert sorted(ours_buffers) == sorted(theirs_buffers)
+    assert all(torch.equal(ours_buffers[n], theirs_buffers[n]) for n in ours_buffers)
+    assert model.get_memory_footprint() == hf_model.get_memory_footprint()
     ids, mask = padded_batch(seq=11)
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask).logits

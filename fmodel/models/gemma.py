@@ -105,22 +105,19 @@ def _global_rope(config):
 
 
 class Gemma3TextScaledWordEmbedding(nn.Embedding):
-    """Transformers' Gemma 3 embedding: the lookup times `embed_scale` (sqrt(hidden_size)),
-    held as a float32 scalar and cast to the weight's dtype. Only token lookups are scaled (a
-    user's `inputs_embeds` enter the stack as given), and `get_input_embeddings()(ids)` returns
-    scaled rows, as in Transformers. The scale is a plain attribute, not a buffer: it is
-    computed from the config, never stored."""
+    """Transformers' Gemma 3 embedding: the lookup times `embed_scale` (sqrt(hidden_size), a
+    float32 scalar buffer, computed from the config and never saved) cast to the weight's
+    dtype. Only token lookups are scaled (a user's `inputs_embeds` enter the stack as given),
+    and `get_input_embeddings()(ids)` returns scaled rows, as in Transformers."""
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.embed_scale = embed_scale
+        self.register_buffer("embed_scale", torch.tensor(embed_scale), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        scale = torch.tensor(self.embed_scale).to(device=weight.device, dtype=weight.dtype)
-        return super().forward(input_ids) * scale
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
 
 class Gemma3TextModel(DecoderModel):
@@ -153,10 +150,26 @@ def gemma_init_rule(name: str, config) -> str | tuple:
 
 
 register_decoder_family("gemma2", "Gemma2", Gemma2Model, Gemma2ForCausalLM, init_rule=gemma_init_rule)
+
+
 # Transformers' text-only Gemma 3 classes are Gemma3TextModel (Gemma3Model is the multimodal
 # one) and Gemma3ForCausalLM: registered under the "Gemma3Text" prefix, the head renamed.
-_, _causal = register_decoder_family(
+# Their computed buffers add the embedding's `embed_scale` to the rotary tables' `inv_freq`.
+def _with_embed_scale(spec, prefix: str):
+    rotary = spec.computed_buffers
+
+    def buffers(config, device) -> dict[str, torch.Tensor]:
+        scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32, device=device)
+        return {**rotary(config, device), f"{prefix}embed_tokens.embed_scale": scale}
+
+    return buffers
+
+
+_base, _causal = register_decoder_family(
     "gemma3_text", "Gemma3Text", Gemma3TextModel, Gemma3ForCausalLM, init_rule=gemma_init_rule
 )
 del ARCHITECTURES[_causal.name]
-register_architecture(attrs.evolve(_causal, name="Gemma3ForCausalLM"))
+register_architecture(attrs.evolve(_base, computed_buffers=_with_embed_scale(_base, "")))
+register_architecture(
+    attrs.evolve(_causal, name="Gemma3ForCausalLM", computed_buffers=_with_embed_scale(_causal, "model."))
+)
