@@ -25,7 +25,6 @@ import attrs
 
 from .._frozen import thaw
 from ..errors import ConfigError
-from .base import ACTIVATIONS as _ACTIVATIONS
 from .base import (
     FFN_MAX,
     HEAD_DIM_MAX,
@@ -101,14 +100,6 @@ class _GemmaConfig(DecoderConfig):
         return self.sliding_window if self.layer_type(layer_idx) == "sliding_attention" else None
 
     @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
     def attention_scaling(self) -> float:
         return self.query_pre_attn_scalar**-0.5
 
@@ -124,13 +115,9 @@ class _GemmaConfig(DecoderConfig):
 
     def _validate(self) -> None:
         name = type(self).__name__
-        if self.hidden_activation not in _ACTIVATIONS:
-            raise ConfigError(
-                f"{name}: field 'hidden_activation' is {_short(self.hidden_activation)}; "
-                f"fmodel implements {sorted(_ACTIVATIONS)}"
-            )
-        # DecoderConfig._validate would check `hidden_act`; Gemma's is `hidden_activation`.
+        # DecoderConfig._validate checks `hidden_act`; Gemma's activation is `hidden_activation`.
         self._validate_shapes()
+        self._validate_activation("hidden_activation", self.hidden_activation)
         self._validate_rope()
         self._validate_pruned_heads()
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
@@ -142,23 +129,6 @@ class _GemmaConfig(DecoderConfig):
             value = getattr(self, field)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: field {field!r} must be a positive number or null, got {value!r}")
-
-    def _validate_shapes(self) -> None:
-        name = type(self).__name__
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"{name}: field 'hidden_size' ({self.hidden_size}) must be divisible by "
-                f"'num_attention_heads' ({self.num_attention_heads}) when 'head_dim' is not set"
-            )
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(
-                f"{name}: field 'num_key_value_heads' ({self.kv_heads}) must divide "
-                f"'num_attention_heads' ({self.num_attention_heads})"
-            )
-        if self.head_size % 2:
-            raise ConfigError(
-                f"{name}: rotary embeddings need an even head size, got head size {self.head_size}"
-            )
 
     # -- serialisation ----------------------------------------------------------------
 
