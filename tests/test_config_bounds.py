@@ -15,7 +15,7 @@ import fmodel
 from fmodel.config import CONFIG_CLASSES, base
 from fmodel.errors import ConfigError
 
-from .families import model_types, tiny_config_dict
+from .families import model_types, tiny_config, tiny_config_dict
 
 # generic size field -> the bound every family's field of that meaning has
 GENERIC_BOUNDS = {
@@ -183,3 +183,16 @@ def test_any_field_value_builds_or_is_a_config_error(row, value):
     except ConfigError:
         return
     assert getattr(config, field) == value or field in ("rms_norm_eps", "rope_theta")
+
+
+@pytest.mark.parametrize("model_type", model_types())
+def test_parameter_estimate_bounds_every_family_from_above(model_type):
+    """The arithmetic that refuses an oversized config before any module is built must not
+    undercount a family (a mixture of experts once counted one MLP per layer)."""
+    from fmodel.io.expected import estimate_parameter_count
+
+    config = tiny_config(model_type)
+    for spec in fmodel.models.specs_for_model_type(model_type):
+        state = fmodel.init(config, architecture=spec.name, seed=0)
+        distinct = {id(t): t.numel() for t in state.params.values()}  # a tied tensor once
+        assert estimate_parameter_count(config) >= sum(distinct.values()), spec.name

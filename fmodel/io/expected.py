@@ -174,7 +174,8 @@ def check_against_config(
 
 def estimate_parameter_count(config) -> int:
     """An upper estimate of the parameters a config declares, by arithmetic on its sizes
-    (embeddings, attention, a gated MLP per layer, learned positions); no module is built.
+    (embeddings, attention, a gated MLP or a mixture of experts per layer, learned positions);
+    no module is built.
     A config with a `parameter_estimate()` method (an encoder-decoder) gives its own."""
     own = getattr(type(config), "parameter_estimate", None)
     if own is not None:
@@ -185,9 +186,17 @@ def estimate_parameter_count(config) -> int:
     head = int(getattr(config, "head_size", hidden // heads))
     ffn = int(config.intermediate_size)
     positions = 0 if hasattr(config, "rope_type") else int(config.max_position_embeddings)
-    per_layer = 2 * hidden * heads * head + 2 * hidden * kv * head + 3 * hidden * ffn + 8 * hidden + ffn
+    attention = 2 * hidden * heads * head + 2 * hidden * kv * head + 8 * hidden
+    dense_mlp = 3 * hidden * ffn + ffn
+    mlps = layers * dense_mlp
+    if hasattr(config, "layer_is_sparse"):  # a mixture of experts: experts + router per sparse layer
+        experts = int(config.moe_experts) * (3 * hidden * int(config.moe_intermediate)) + hidden * int(
+            config.moe_experts
+        )
+        sparse = sum(1 for i in range(layers) if config.layer_is_sparse(i))
+        mlps = (layers - sparse) * dense_mlp + sparse * experts
     embeddings = vocab * hidden * (1 if config.tie_word_embeddings else 2) + positions * hidden
-    return embeddings + layers * per_layer
+    return embeddings + layers * attention + mlps
 
 
 def check_missing_allocation(
