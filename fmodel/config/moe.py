@@ -160,14 +160,6 @@ class Qwen3MoeConfig(MoeDecoderConfig):
     mlp_only_layers: tuple[int, ...] = frozen_field((), kind="a list of layer indices", accept=_int_list)
 
     @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
     def moe_experts(self) -> int:
         return self.num_experts
 

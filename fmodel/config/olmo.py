@@ -38,14 +38,6 @@ class _OlmoFamilyConfig(DecoderConfig):
     eos_token_id: Any = token_id_field(50279)
     attention_bias: bool = bool_field(False)
 
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        return self.attention_bias
-
     def _validate_rope(self) -> None:
         if self.rope_spelling == "rope_parameters":  # Transformers 5's spelling: its generic rules
             super()._validate_rope()

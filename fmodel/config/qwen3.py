@@ -29,7 +29,7 @@ class Qwen3Config(Qwen2Config):
     attention_bias: bool = bool_field(False)
 
     @property
-    def qkv_bias(self) -> bool:
+    def qkv_bias(self) -> bool:  # not Qwen2's unconditional q/k/v bias
         return self.attention_bias
 
     @property
