@@ -201,7 +201,9 @@ def prepare_call(
     with the state's tensors in place (`functional_call`, or a module that already holds them)
     and passing the result to `to_output` is `forward(state, ...)`. Same arguments as `forward`."""
     if getattr(get_spec(state.architecture).build, "is_encoder_decoder", False):
-        check_seq2seq_inputs(state, input_ids, attention_mask, inputs_embeds, model_inputs)
+        check_seq2seq_inputs(
+            state, input_ids, attention_mask, inputs_embeds, {**model_inputs, "position_ids": position_ids}
+        )
     else:
         _check_inputs(
             state,

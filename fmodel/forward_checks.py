@@ -77,6 +77,10 @@ def check_seq2seq_inputs(state: ModelState, input_ids, attention_mask, inputs_em
     `decoder_inputs_embeds`, else `labels` to shift right) with its mask and the cache."""
     from .generation.seq2seq_cache import self_attention_cache
 
+    if inputs.get("position_ids") is not None:
+        raise InvalidArgumentError(
+            f"forward: {state.architecture} takes no position_ids (its positions are relative buckets)"
+        )
     if inputs.get("encoder_outputs") is None:
         check_inputs(state, input_ids, attention_mask, inputs_embeds)
     elif attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
@@ -103,7 +107,11 @@ def check_seq2seq_inputs(state: ModelState, input_ids, attention_mask, inputs_em
                 f"forward: decoder_input_ids must be an integer tensor [batch, seq], got {list(ids.shape)}"
             )
         check_token_ids(ids, vocab_size(state), "forward(decoder_input_ids)")
-    elif not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != state.config.hidden_size:
+    elif (
+        not isinstance(embeds, torch.Tensor)
+        or embeds.dim() != 3
+        or embeds.shape[-1] != state.config.hidden_size
+    ):
         raise InvalidArgumentError(
             f"forward: decoder_inputs_embeds must be a tensor [batch, seq, {state.config.hidden_size}]"
         )

@@ -54,7 +54,10 @@ def one_thread():
 
 
 def make_model(variant: str, cls: str = "T5ForConditionalGeneration", seed: int = 0):
-    """The variant's tiny Transformers model (eval, float32), layer norms perturbed."""
+    """The variant's tiny Transformers model (eval, float32), layer norms perturbed. An untied
+    LM head is scaled by d_model**-0.5: drawn with Transformers' std 1.0 it gives logits near
+    20, whose float32 rounding in sdpa's fused kernel alone is ~1e-5 (eager and flex are
+    bit-equal to Transformers either way); scaled, the logits are of v1.0's size."""
     torch.manual_seed(seed)
     config = transformers.T5Config(**{**TINY, **VARIANTS[variant]})
     model = getattr(transformers, cls)(config).eval()
@@ -62,6 +65,8 @@ def make_model(variant: str, cls: str = "T5ForConditionalGeneration", seed: int 
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        if hasattr(model, "lm_head") and not config.tie_word_embeddings:
+            model.lm_head.weight.mul_(config.d_model**-0.5)
     return model
 
 

@@ -1,6 +1,8 @@
 """Generation: decoding loops, the KV cache, logits processors and the generation config.
 
 - `cache`: `KVCache`, `init_cache`, `check_cache`, `reorder_cache` (the forward's cache contract).
+- `seq2seq_cache`: `Seq2SeqCache`, an encoder-decoder's decoder cache plus its cross-attention
+  keys/values; `seq2seq`: encoder-decoder decoding (T5).
 - `generate_call`: `fmodel.generate` (greedy, sampled, beam search) and `GenerateOutput`.
 - `decode_loop`, `beam_search`: the loops behind it.
 - `logits_process`: Transformers' processors and warpers, in its order.
@@ -18,12 +20,14 @@ from typing import Any
 
 from .cache import CacheError, KVCache, check_cache, init_cache, reorder_cache
 from .config import GenerationConfig, load_generation_config
+from .seq2seq_cache import Seq2SeqCache
 
 __all__ = [
     "CacheError",
     "GenerateOutput",
     "GenerationConfig",
     "KVCache",
+    "Seq2SeqCache",
     "check_cache",
     "generate",
     "init_cache",

@@ -172,7 +172,8 @@ def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:
     if not supports_cache(state) or spec.head_layout is None:
         raise CacheError(
             f"{state.architecture} is not a generative (causal) model: it takes no KV cache "
-            f"and cannot generate; use a decoder such as LlamaForCausalLM or GPT2LMHeadModel"
+            f"and cannot generate; use a decoder such as LlamaForCausalLM or GPT2LMHeadModel, "
+            f"or an encoder-decoder such as T5ForConditionalGeneration"
         )
     config = state.config
     return [
@@ -198,7 +199,8 @@ def init_cache(
     """An empty cache (length 0) with room for `max_length` positions.
 
     Arguments:
-        state: a causal decoder (Llama family, GPT-2).
+        state: a causal decoder (Llama family, GPT-2), or an encoder-decoder (T5), whose
+            cache is its decoder's self-attention (one buffer pair per decoder layer).
         batch_size: B, the rows the forwards will run.
         max_length: positions to allocate: prompt + new tokens, padding included.
         dtype: of the buffers; default the state's floating dtype (the activations' dtype).

@@ -88,7 +88,10 @@ def generate(
 
     Arguments:
         state: a causal LM (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
-            GPT2LMHeadModel); its attention implementation is used, custom ones included.
+            GPT2LMHeadModel, ...) or an encoder-decoder (T5ForConditionalGeneration: the prompts
+            are the encoder's input, padded on either side, the result is the decoder's tokens
+            from `decoder_start_token_id` on, as Transformers; `fmodel.generation.seq2seq`); its
+            attention implementation is used, custom ones included.
         input_ids: [B, P] prompts; batches are left-padded (pad where `attention_mask` is 0).
         attention_mask: [B, P], 1 for real tokens. Default: inferred as Transformers does
             (tokens != pad_token_id when the pad id occurs and differs from EOS, else all ones).
@@ -284,7 +287,8 @@ def _check_generate(state: ModelState, input_ids, attention_mask, config: Genera
     if get_spec(state.architecture).output not in ("causal_lm", "seq2seq_lm"):
         raise FModelError(
             f"generate: {state.architecture} has no language-model head and cannot generate; load the "
-            f"checkpoint as a causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel)"
+            f"checkpoint as a causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel) or a seq2seq LM "
+            f"(T5ForConditionalGeneration)"
         )
     check_int_tensor(input_ids, "generate(input_ids)")
     if input_ids.dim() != 2:
