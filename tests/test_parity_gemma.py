@@ -589,3 +589,17 @@ def test_builtins_agree_with_eager_under_softcap_on_raw_tensors():
     block = create_block_mask(lambda b, h, qi, kv: kv <= qi + 2, None, None, 3, 5, device="cpu")
     flex, _ = builtin.flex_attention(Module(), q, k, v, block, scaling=0.3, score_mod=add_bias, softcap=1.5)
     assert torch.allclose(flex, with_bias, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches(saved):
+    """The soft-cap check and Gemma 3's scaled embedding trace without a graph break."""
+    ids, mask = padded_batch(seq=11)
+    for variant in ("gemma2", "gemma3"):
+        folder, hf_model = saved[variant]
+        model = facade.AutoModelForCausalLM.from_pretrained(folder)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            out = compiled(input_ids=ids, attention_mask=mask).logits
+        assert _max_diff(out, _hf_logits(hf_model, ids, mask), mask) <= TOL
+    torch._dynamo.reset()

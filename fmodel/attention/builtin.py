@@ -49,7 +49,10 @@ _cached_takes_softcap = functools.lru_cache(maxsize=64)(takes_softcap)
 
 
 def _reads_softcap(fn) -> bool:
-    """`takes_softcap`, the signature read once per function (this runs every forward step)."""
+    """`takes_softcap`, the signature read once per function (this runs every forward step;
+    while torch.compile traces, read directly: dynamo evaluates it once, at trace time)."""
+    if torch.compiler.is_compiling():
+        return takes_softcap(fn)
     try:
         return _cached_takes_softcap(fn)
     except TypeError:  # an unhashable callable
