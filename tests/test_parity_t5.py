@@ -410,6 +410,15 @@ def test_facade_forward_cache_and_save_match_transformers(saved, variant, tmp_pa
     encoder = ours.get_encoder()(input_ids=ids, attention_mask=mask)
     assert type(encoder).__name__ == "BaseModelOutput"
     assert max_diff(encoder.last_hidden_state, ref.encoder_last_hidden_state, mask) <= TOL
+    decoder_inputs = dict(
+        input_ids=dec, attention_mask=dec_mask, encoder_hidden_states=encoder.last_hidden_state,
+        encoder_attention_mask=mask, use_cache=False,
+    )  # fmt: skip
+    decoded = ours.get_decoder()(**decoder_inputs)
+    with torch.no_grad():
+        hf_decoded = model.get_decoder()(**decoder_inputs)
+    assert type(decoded).__name__ == type(hf_decoded).__name__
+    assert max_diff(decoded.last_hidden_state, hf_decoded.last_hidden_state, dec_mask) <= TOL
     with torch.no_grad():  # the facade's cache grows as Transformers' DynamicCache
         first = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :5], use_cache=True)
         rest = ours(
