@@ -68,6 +68,8 @@ class DecoderConfig(BaseConfig):
     bos_token_id: Any = token_id_field(1)
     eos_token_id: Any = token_id_field(2)
     rope_spelling: str = attrs.field(default="rope_scaling", repr=False)
+    # The config field holding the MLP's activation (Gemma's is `hidden_activation`).
+    activation_field: ClassVar[str] = "hidden_act"
 
     # -- derived values -------------------------------------------------------------
 
@@ -86,6 +88,11 @@ class DecoderConfig(BaseConfig):
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def mlp_activation(self) -> str:
+        """The MLP's activation name: the field `activation_field` names (`hidden_act`)."""
+        return getattr(self, self.activation_field)
 
     @property
     def qkv_bias(self) -> bool:
@@ -133,7 +140,7 @@ class DecoderConfig(BaseConfig):
 
     def _validate(self) -> None:
         self._validate_shapes()
-        self._validate_activation("hidden_act", self.hidden_act)
+        self._validate_activation(self.activation_field, self.mlp_activation)
         self._validate_rope()
         self._validate_pruned_heads()
 

@@ -62,6 +62,7 @@ def _layer_types_field() -> Any:
 class _GemmaConfig(DecoderConfig):
     """Fields and rules Gemma 2 and Gemma 3 share (Gemma 2's defaults)."""
 
+    activation_field: ClassVar[str] = "hidden_activation"
     vocab_size: int = int_field(256000, maximum=VOCAB_MAX)
     hidden_size: int = int_field(2304, maximum=WIDTH_MAX)
     intermediate_size: int = int_field(9216, maximum=FFN_MAX)
@@ -115,11 +116,7 @@ class _GemmaConfig(DecoderConfig):
 
     def _validate(self) -> None:
         name = type(self).__name__
-        # DecoderConfig._validate checks `hidden_act`; Gemma's activation is `hidden_activation`.
-        self._validate_shapes()
-        self._validate_activation("hidden_activation", self.hidden_activation)
-        self._validate_rope()
-        self._validate_pruned_heads()
+        super()._validate()  # the activation checked is `hidden_activation` (activation_field)
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"{name}: field 'layer_types' has {len(self.layer_types)} entries, "

@@ -235,7 +235,7 @@ class GatedMLP(nn.Module):
             self.gate_proj = Linear(hidden, ffn, bias=bias)
             self.up_proj = Linear(hidden, ffn, bias=bias)
         self.down_proj = Linear(ffn, hidden, bias=bias)
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.mlp_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):

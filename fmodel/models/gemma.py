@@ -30,7 +30,6 @@ import attrs
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS
 from .decoder import (
     DecoderForCausalLM,
     DecoderLayer,
@@ -41,7 +40,6 @@ from .decoder import (
     padding_idx,
     register_decoder_family,
 )
-from .linear import Linear
 from .norms import offset_rms_norm
 from .spec import ARCHITECTURES, register_architecture
 
@@ -60,15 +58,7 @@ __all__ = [
 
 class Gemma2MLP(GatedMLP):
     """`GatedMLP` (gate, up, down without bias) with Gemma's activation, `hidden_activation`
-    (GatedMLP's constructor reads `hidden_act`, which Gemma configs do not use)."""
-
-    def __init__(self, config, parts: DecoderParts) -> None:
-        nn.Module.__init__(self)
-        hidden, ffn = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(hidden, ffn, bias=False)
-        self.up_proj = Linear(hidden, ffn, bias=False)
-        self.down_proj = Linear(ffn, hidden, bias=False)
-        self.act = ACTIVATIONS[config.hidden_activation]
+    (the config's `activation_field`)."""
 
 
 class Gemma3MLP(Gemma2MLP):
