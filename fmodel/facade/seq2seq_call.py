@@ -27,7 +27,6 @@ from ..forward import prepare_call, to_output
 from ..generation.cache import KVCache, init_cache
 from ..generation.seq2seq_cache import Seq2SeqCache, self_attention_cache
 from ..models.t5 import shift_right
-from .outputs import output_class
 
 __all__ = ["bind_stack_calls", "seq2seq_forward"]
 
@@ -101,7 +100,7 @@ def seq2seq_forward(
     fields = {name: getattr(out, source) for name, source in names.items()}
     if labels is not None and out.logits is not None:
         fields["loss"] = losses.masked_lm_loss(out.logits, labels.to(out.logits.device))
-    cls = output_class(model._frozen_config.model_type, head)
+    cls = _output("Seq2SeqLMOutput" if head == "seq2seq_lm" else "Seq2SeqModelOutput")
     result = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
     return result if return_dict else result.to_tuple()
 

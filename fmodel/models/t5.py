@@ -689,7 +689,7 @@ register_architecture(
     _spec(
         "T5EncoderModel",
         T5EncoderModel,
-        output="encoder",
+        output="base",
         ties=lambda config: _embedding_ties(config, decoder=False),
         ignore=_IGNORE_ENCODER,
     )

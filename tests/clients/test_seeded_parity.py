@@ -58,6 +58,7 @@ AUTO = {
     "base": facade.AutoModel,
     "causal_lm": facade.AutoModelForCausalLM,
     "masked_lm": facade.AutoModelForMaskedLM,
+    "seq2seq_lm": facade.AutoModelForSeq2SeqLM,
     "sequence_classification": facade.AutoModelForSequenceClassification,
 }
 
