@@ -564,3 +564,23 @@ def test_half_precision_matches_transformers_exactly(saved, dtype):
     ours = facade.T5ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     assert ours.get_parameter(wo).dtype == state.params[wo].dtype
     assert facade.T5ForConditionalGeneration._keep_in_fp32_modules == ["wo"]
+
+
+def test_training_with_dropout_matches_transformers(saved):
+    """Train mode, eager: the same dropout masks in Transformers' order (embeddings, attention
+    weights, each sublayer, the feed-forward inside, the final norm), so loss and gradients agree."""
+    folder, _ = saved["v1.1"]
+    ours = facade.T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager")
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(folder)
+    ours.train()
+    theirs.train()
+    ids, mask, labels, _ = batch(12)
+    torch.manual_seed(3)
+    want = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.manual_seed(3)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert abs(got.loss.item() - want.loss.item()) <= TOL
+    got.loss.backward()
+    want.loss.backward()
+    for name, p in theirs.named_parameters():
+        assert max_diff(ours.get_parameter(name).grad, p.grad) <= 1e-4, name
