@@ -299,6 +299,14 @@ def test_flash_attention_is_refused_with_a_named_error(saved):
             fmodel.forward(state, ids, attention_mask=mask, decoder_input_ids=dec)
     finally:
         attention.unregister("t5_test_varlen")
+    # a block-mask function that would swallow the bias in **kwargs is refused too
+    attention.register("t5_test_block", lambda module, q, k, v, mask, **kwargs: None, mask_kind="block")
+    try:
+        state = fmodel.load(folder, attn_implementation="t5_test_block")
+        with pytest.raises(InvalidArgumentError, match="score_mod"):
+            fmodel.forward(state, ids, attention_mask=mask, decoder_input_ids=dec)
+    finally:
+        attention.unregister("t5_test_block")
 
 
 # --------------------------------------------------------------------------- cache and generation

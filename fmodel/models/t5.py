@@ -20,6 +20,8 @@ its result.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -271,12 +273,39 @@ def _additive(mask_inputs: MaskInputs, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_attention(attn: AttentionFunction) -> None:
+    """Refuse, by name, an attention function that cannot add T5's bias to its scores: a
+    padding-mask kernel (flash attention), or a block-mask function without a `score_mod`
+    parameter (`**kwargs` would swallow the bias silently)."""
     if attn.mask_kind == "padding":
         raise InvalidArgumentError(
             f"T5 cannot run with {attn.name!r}: its attention adds a learned relative position bias "
             "to the scores, and flash attention kernels take no additive bias; use 'eager', 'sdpa' "
             "or 'flex_attention'"
         )
+    if attn.mask_kind == "block" and not _takes_score_mod(attn.fn):
+        raise InvalidArgumentError(
+            f"T5 cannot run with {attn.name!r}: T5 hands a block-mask function its relative position "
+            "bias as a `score_mod`, and this function names no `score_mod` parameter"
+        )
+
+
+def _names_score_mod(fn) -> bool:
+    try:
+        return "score_mod" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_cached_names_score_mod = functools.lru_cache(maxsize=64)(_names_score_mod)
+
+
+def _takes_score_mod(fn) -> bool:
+    """True when `fn` names a `score_mod` parameter (read once per function, a runtime cache;
+    an unhashable callable is read each time)."""
+    try:
+        return _cached_names_score_mod(fn)
+    except TypeError:
+        return _names_score_mod(fn)
 
 
 class T5Stack(nn.Module):
