@@ -592,3 +592,25 @@ def test_training_with_dropout_matches_transformers(saved):
     want.loss.backward()
     for name, p in theirs.named_parameters():
         assert max_diff(ours.get_parameter(name).grad, p.grad) <= 1e-4, name
+
+
+def test_generation_from_a_decoder_prompt_matches_transformers(saved):
+    """`decoder_input_ids` continue a decoder prompt; the start token goes first unless every
+    row begins with it (Transformers' rule, quirk included)."""
+    folder, model = saved["v1.0"]
+    state = fmodel.load(folder)
+    ours = facade.AutoModelForSeq2SeqLM.from_pretrained(folder)
+    ids, mask = prompts(3)
+    for dec in ([[5, 6], [7, 8], [9, 3]], [[0, 6], [0, 8], [0, 3]], [[0, 6], [7, 8], [0, 3]]):
+        dec = torch.tensor(dec)
+        for beams in (1, 2):
+            kwargs = dict(decoder_input_ids=dec, max_new_tokens=5, num_beams=beams)
+            want = hf_generate(model, ids, mask, **kwargs)
+            assert torch.equal(fmodel.generate(state, ids, attention_mask=mask, **kwargs), want)
+            assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), want)
+    with pytest.raises(InvalidArgumentError, match="a row per prompt"):
+        fmodel.generate(state, ids, decoder_input_ids=torch.tensor([[5, 6]]))
+    llama = fmodel.init(fmodel.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2), seed=0)  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="encoder-decoders"):
+        fmodel.generate(llama, ids % 64, decoder_input_ids=dec, max_new_tokens=2)

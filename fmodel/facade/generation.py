@@ -39,7 +39,18 @@ _TRANSFORMERS_KWARGS = frozenset(
     }
 )  # fmt: skip
 # Model kwargs fmodel's generate honours; other known ones are refused by name.
-_HONOURED_MODEL_KWARGS = frozenset({"input_ids", "attention_mask", "logits_to_keep"})
+# `output_router_logits` (mixtures of experts) changes no token: the router logits are not part
+# of what generate returns, so either value is honoured by decoding as usual.
+_HONOURED_MODEL_KWARGS = frozenset(
+    {"input_ids", "attention_mask", "logits_to_keep", "decoder_input_ids", "output_router_logits"}
+)
+# What Transformers' T5 forward takes beyond the facade's named arguments (its **kwargs hide them).
+_SEQ2SEQ_FORWARD = frozenset(
+    {
+        "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "encoder_outputs",
+        "head_mask", "decoder_head_mask", "cross_attn_head_mask",
+    }
+)  # fmt: skip
 # Config values that pick a decoding method fmodel does not implement: (field, is it set?).
 _UNSUPPORTED_MODES = {
     "num_beam_groups": lambda v: v is not None and v > 1,
@@ -263,9 +274,17 @@ class GenerationMixin:
                 _transformers_type(processor) == "MinLengthLogitsProcessor" and config.min_new_tokens is None
             ):
                 changes["min_length"] = 0
+        encoder_decoder = getattr(get_spec(self._architecture).build, "is_encoder_decoder", False)
+        decoder_input_ids = model_kwargs.get("decoder_input_ids")
+        # the length Transformers' criterion counts: the decoder's (start token + decoder prompt)
+        length = (
+            input_ids.shape[1]
+            if not encoder_decoder
+            else 1 + (0 if decoder_input_ids is None else decoder_input_ids.shape[-1])
+        )
         for criterion in criteria:
             if _transformers_type(criterion) == "MaxLengthCriteria" and config.num_beams == 1:
-                changes["max_new_tokens"] = max(criterion.max_length - input_ids.shape[1], 1)
+                changes["max_new_tokens"] = max(criterion.max_length - length, 1)
         if config.stop_strings is not None:
             criteria.insert(0, stop_string_criterion(config.stop_strings, tokenizer))
         if config.max_time is not None:
@@ -285,10 +304,10 @@ class GenerationMixin:
             logits_processor=processors,
             stopping_criteria=criteria,
             module=getattr(self, "_tree", None),
+            decoder_input_ids=decoder_input_ids,
         )
         if not isinstance(out, GenerateOutput):
             return out
-        encoder_decoder = getattr(get_spec(self._architecture).build, "is_encoder_decoder", False)
         return _transformers_output(out, frozen.num_beams > 1, encoder_decoder)
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
@@ -296,6 +315,8 @@ class GenerationMixin:
         forward takes (a typo in a generation argument, too) raises a ValueError naming it."""
         accepted = set(inspect.signature(self.prepare_inputs_for_generation).parameters)
         accepted |= set(inspect.signature(self.forward).parameters)
+        if getattr(get_spec(self._architecture).build, "is_encoder_decoder", False):
+            accepted |= _SEQ2SEQ_FORWARD
         unused = [
             key for key, value in model_kwargs.items()
             if value is not None and key not in accepted and key not in _TRANSFORMERS_KWARGS

@@ -83,6 +83,7 @@ def generate(
     max_length: int | None = None,
     min_length: int | None = None,
     module: nn.Module | None = None,
+    decoder_input_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each prompt; returns prompt + new tokens [B * n, P + N] (int64), as Transformers.
 
@@ -127,6 +128,9 @@ def generate(
             from `load_generation_config`, or its dict); without one, the model config's
             token ids and Transformers' defaults (`GenerationConfig.from_model_config`).
         max_length / min_length: Transformers' length limits counting the prompt.
+        decoder_input_ids: encoder-decoders only: [B, P'] ids the decoder continues (the start
+            token is put first unless every row begins with it, as Transformers); default the
+            start token alone.
         module: run this module instead of the cached skeleton, as in `fmodel.forward` (the
             facade passes its own module tree, so its hooks fire).
 
@@ -188,7 +192,16 @@ def generate(
     if streamer is not None and config.num_beams > 1:
         raise ConfigError("generate: a streamer cannot be used with beam search; use num_beams=1")
     seq2seq = _is_encoder_decoder(state)
-    p = 1 if seq2seq else input_ids.shape[1]  # an encoder-decoder's loop runs over decoder tokens
+    decoder_prompt = None
+    if seq2seq:  # the loop runs over decoder tokens, from the start token or a decoder prompt
+        from .seq2seq import decoder_prompt_ids
+
+        decoder_prompt = decoder_prompt_ids(state, config, input_ids, decoder_input_ids)
+    elif decoder_input_ids is not None:
+        raise InvalidArgumentError(
+            f"generate(decoder_input_ids) is for encoder-decoders (T5); {state.architecture} continues input_ids"
+        )
+    p = decoder_prompt.shape[1] if seq2seq else input_ids.shape[1]
     new = _new_tokens(config, p, max_length is not None, state.config)
     if config.min_new_tokens is not None:  # as Transformers: min_new_tokens replaces min_length
         config = config.replace(min_length=p + config.min_new_tokens)
@@ -218,11 +231,19 @@ def generate(
         input_ids = input_ids.repeat_interleave(expand, dim=0)
         attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, dim=0)
     if seq2seq:  # the encoder runs once, then its output is repeated (fmodel.generation.seq2seq)
-        from .seq2seq import Seq2SeqRun, decoder_start_token_id
+        from .seq2seq import Seq2SeqRun
 
-        start = decoder_start_token_id(config, state.config)
         run = Seq2SeqRun(
-            state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria), expand, start
+            state,
+            config,
+            p,
+            new,
+            eos,
+            pad,
+            tuple(logits_processor),
+            tuple(stopping_criteria),
+            expand,
+            decoder_prompt,
         )
     else:
         run = Run(state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria))

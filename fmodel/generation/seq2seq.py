@@ -24,7 +24,7 @@ from .config import GenerationConfig
 from .decode_loop import GenerateOutput, Run, _Decoder, _grown_cache, initial_capacity
 from .seq2seq_cache import Seq2SeqCache
 
-__all__ = ["Seq2SeqRun", "decoder_start_token_id", "is_encoder_decoder"]
+__all__ = ["Seq2SeqRun", "decoder_prompt_ids", "decoder_start_token_id", "is_encoder_decoder"]
 
 
 def is_encoder_decoder(state) -> bool:
@@ -103,14 +103,45 @@ class _Seq2SeqDecoder(_Decoder):
             self.cache = reorder_cache(cache, rows)
 
 
+def decoder_prompt_ids(state, config: GenerationConfig, input_ids: torch.Tensor, decoder_input_ids=None):
+    """Transformers' `_prepare_decoder_input_ids_for_generation`: the decoder's prompt [B, P'],
+    the start token [B, 1] when none is given, else the given ids with the start token put first
+    unless every row already begins with it.
+
+    Raises:
+        ArgumentTypeError / InvalidArgumentError / TokenIdError: `decoder_input_ids` is not an
+            integer tensor [B, P'] of the prompts' batch and the vocabulary's ids.
+        ConfigError: no decoder start token is set (`decoder_start_token_id`).
+    """
+    from .._checks import check_int_tensor, check_token_ids
+    from ..errors import InvalidArgumentError
+    from ..forward_checks import vocab_size
+
+    start = decoder_start_token_id(config, state.config)
+    first = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+    if decoder_input_ids is None:
+        return first
+    check_int_tensor(decoder_input_ids, "generate(decoder_input_ids)")
+    if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_ids.shape[0]:
+        raise InvalidArgumentError(
+            f"generate(decoder_input_ids) must be [{input_ids.shape[0]}, length] (a row per prompt), got "
+            f"{list(decoder_input_ids.shape)}"
+        )
+    check_token_ids(decoder_input_ids, vocab_size(state), "generate(decoder_input_ids)")
+    ids = decoder_input_ids.to(device=input_ids.device, dtype=torch.long)
+    if ids.shape[1] == 0 or bool((ids[:, 0] != start).all()):
+        ids = torch.cat([first, ids], dim=1)
+    return ids
+
+
 @attrs.frozen
 class Seq2SeqRun(Run):
     """`Run` for an encoder-decoder: `input_ids` are the encoder's prompts [B, S] (not yet
-    repeated), the loop runs over decoder tokens whose prompt is the start token
-    (`prompt` == 1), and every prompt gives `expand` rows."""
+    repeated), the loop runs over decoder tokens from `decoder_prompt` [B, P'] (P' == `prompt`;
+    the start token by default), and every prompt gives `expand` rows."""
 
     expand: int = 1
-    start_token: int = 0
+    decoder_prompt: torch.Tensor | None = attrs.field(default=None, eq=False)
 
     def __call__(self, input_ids, mask, generator, streamer, module) -> GenerateOutput:
         rows = input_ids.shape[0] * self.expand
@@ -129,7 +160,7 @@ class Seq2SeqRun(Run):
                 encoded = encoded.repeat_interleave(self.expand, dim=0)
                 enc_mask = None if mask is None else mask.repeat_interleave(self.expand, dim=0)
             decoder.encoder_hidden, decoder.encoder_mask = encoded, enc_mask
-            start = torch.full((rows, 1), self.start_token, dtype=torch.long, device=input_ids.device)
+            start = self.decoder_prompt.repeat_interleave(self.expand, dim=0)
             if self.config.num_beams > 1:
                 out = self._beams(decoder, start, generator)
             else:
