@@ -106,3 +106,25 @@ def test_text2text_generation_pipeline_matches_transformers(folder):
         outputs[lib] = pipe(texts, max_new_tokens=6, do_sample=False, batch_size=2)
     assert outputs["fmodel"] == outputs["transformers"]
     assert all(row["generated_text"] for row in outputs["fmodel"])
+
+
+def test_peft_lora_seq2seq_matches_transformers(folder):
+    peft = pytest.importorskip("peft")
+    ids = torch.tensor([[7, 8, 9, 10, 11, 2], [12, 13, 14, 2, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[15, 16, 2], [17, 2, -100]])
+    results = {}
+    for lib in ("transformers", "fmodel"):
+        model = LIBS[lib].AutoModelForSeq2SeqLM.from_pretrained(folder, attn_implementation="eager")
+        torch.manual_seed(1)  # the LoRA matrices are drawn from the global generator
+        lora = peft.LoraConfig(
+            task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"], init_lora_weights=False
+        )
+        wrapped = peft.get_peft_model(model, lora).eval()
+        with torch.no_grad():
+            out = wrapped(input_ids=ids, attention_mask=mask, labels=labels)
+            tokens = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        results[lib] = (out.loss, out.logits, tokens)
+    (hf_loss, hf_logits, hf_tokens), (loss, logits, tokens) = results["transformers"], results["fmodel"]
+    assert abs(loss.item() - hf_loss.item()) < TOL and max_diff(logits, hf_logits) < TOL
+    assert torch.equal(tokens, hf_tokens)
