@@ -24,7 +24,6 @@ from .base import (
     VOCAB_MAX,
     WIDTH_MAX,
     BaseConfig,
-    _checker,
     bool_field,
     float_field,
     int_field,
@@ -44,7 +43,7 @@ class T5Config(BaseConfig):
     `num_decoder_layers` None means as many as `num_layers` (Transformers resolves it on
     construction and writes the number; `decoder_layers` gives it here). `dense_act_fn` and
     `is_gated_act` are derived from `feed_forward_proj` unless config.json sets them (then,
-    as in Transformers, the file's values win).
+    as in Transformers, the file's values win; they are kept with the file's other keys).
     """
 
     model_type: ClassVar[str] = "t5"
@@ -69,10 +68,6 @@ class T5Config(BaseConfig):
     layer_norm_epsilon: float = float_field(1e-6)
     initializer_factor: float = float_field(1.0)
     feed_forward_proj: str = str_field("relu")
-    dense_act_fn: str | None = str_field(None, nullable=True)
-    is_gated_act: bool | None = attrs.field(
-        default=None, validator=_checker("true or false", lambda v: isinstance(v, bool), True)
-    )
     is_encoder_decoder: bool = bool_field(True)
     pad_token_id: Any = token_id_field(0)
     eos_token_id: Any = token_id_field(1)
@@ -86,20 +81,33 @@ class T5Config(BaseConfig):
         return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
 
     @property
-    def activation(self) -> str:
-        """The feed-forward activation's ACT2FN name, as Transformers resolves it."""
-        if self.dense_act_fn is not None:
-            return self.dense_act_fn
-        if self.feed_forward_proj == "gated-gelu":  # Transformers' backwards-compatibility rule
+    def dense_act_fn(self) -> str:
+        """The feed-forward activation's ACT2FN name, as Transformers resolves it: config.json's
+        `dense_act_fn` when it has one (Transformers sets it after deriving its own), else
+        from `feed_forward_proj` ("gated-gelu" means "gelu_new", its backwards-compatible rule)."""
+        given = self.extra.get("dense_act_fn")
+        if given is not None:
+            return given
+        if self.feed_forward_proj == "gated-gelu":
             return "gelu_new"
         return self.feed_forward_proj.split("-")[-1]
 
     @property
-    def gated(self) -> bool:
-        """True for the gated feed-forward (wi_0, wi_1, wo) of T5 v1.1."""
-        if self.is_gated_act is not None:
-            return self.is_gated_act
+    def is_gated_act(self) -> bool:
+        """True for the gated feed-forward (wi_0, wi_1, wo) of T5 v1.1: config.json's
+        `is_gated_act` when it has one, else from `feed_forward_proj`."""
+        given = self.extra.get("is_gated_act")
+        if given is not None:
+            return given
         return self.feed_forward_proj.split("-")[0] == "gated"
+
+    @property
+    def activation(self) -> str:
+        return self.dense_act_fn
+
+    @property
+    def gated(self) -> bool:
+        return self.is_gated_act
 
     @property
     def inner_dim(self) -> int:
@@ -125,6 +133,13 @@ class T5Config(BaseConfig):
     # -- validation -------------------------------------------------------------------
 
     def _validate(self) -> None:
+        for key, kind, ok in (
+            ("dense_act_fn", "a string", lambda v: isinstance(v, str)),
+            ("is_gated_act", "true or false", lambda v: isinstance(v, bool)),
+        ):
+            value = self.extra.get(key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"T5Config: field {key!r} expected {kind} or null, got {value!r:.80}")
         parts = self.feed_forward_proj.split("-")
         if (len(parts) > 1 and parts[0] != "gated") or len(parts) > 2:
             raise ConfigError(
