@@ -132,9 +132,9 @@ def test_config_defaults_and_names_are_transformers():
     ):  # fmt: skip
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.decoder_layers == theirs.num_decoder_layers
-    assert (ours.activation, ours.gated) == (theirs.dense_act_fn, theirs.is_gated_act)
+    assert (ours.dense_act_fn, ours.is_gated_act) == (theirs.dense_act_fn, theirs.is_gated_act)
     v11 = fmodel.T5Config(feed_forward_proj="gated-gelu")
-    assert (v11.activation, v11.gated) == ("gelu_new", True)
+    assert (v11.dense_act_fn, v11.is_gated_act) == ("gelu_new", True)
     # generic names as Transformers' attribute_map; a config.json's dense_act_fn wins as there
     read = fmodel.config_from_dict(
         {"model_type": "t5", "hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3,
@@ -142,9 +142,10 @@ def test_config_defaults_and_names_are_transformers():
     )  # fmt: skip
     assert (read.d_model, read.num_heads, read.num_layers, read.hidden_size) == (48, 6, 3, 48)
     assert (
-        read.activation
+        read.dense_act_fn
         == transformers.T5Config(feed_forward_proj="gated-gelu", dense_act_fn="gelu").dense_act_fn
     )
+    assert read.to_diff_dict()["dense_act_fn"] == "gelu"  # kept as the file had it
 
 
 @pytest.mark.parametrize(
@@ -155,6 +156,7 @@ def test_config_defaults_and_names_are_transformers():
         ({"relative_attention_num_buckets": 2}, "at least 4"),
         ({"relative_attention_num_buckets": 32, "relative_attention_max_distance": 16}, "log"),
         ({"pruned_heads": {"0": [1]}}, "pruned"),
+        ({"is_gated_act": "yes"}, "is_gated_act"),
         ({"d_model": 2**40}, "beyond the bound"),
         ({"num_decoder_layers": 0}, "positive"),
     ],
