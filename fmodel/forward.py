@@ -141,6 +141,11 @@ def forward(
             family, GPT-2): the inputs continue the cached sequence, their keys/values are
             written into the cache's buffers above its length (never below: the given cache
             value stays valid) and the output carries the longer cache.
+            Encoder-decoders (T5): `input_ids` / `attention_mask` are the encoder's, and
+            `decoder_input_ids` (or `decoder_inputs_embeds`, or `labels` shifted right into
+            them), `decoder_attention_mask`, `encoder_outputs` (skips the encoder) are passed on;
+            `past_key_values` is the decoder's cache (`fmodel.init_cache` sizes it for the
+            decoder) and the output carries a `Seq2SeqCache` with the cross-attention keys/values.
 
     Returns:
         ModelOutput with `logits` (heads) or `last_hidden_state` (base models), and
