@@ -45,15 +45,6 @@ __all__ = [
 ]
 
 
-def new_gelu(x: torch.Tensor) -> torch.Tensor:
-    """Transformers' `NewGELUActivation` (ACT2FN["gelu_new"], T5 v1.1's gate), its formula op
-    for op: in bfloat16 it rounds differently from `F.gelu(approximate="tanh")`."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-_ACTIVATIONS = {**ACTIVATIONS, "gelu_new": new_gelu}
-
-
 class T5LayerNorm(nn.Module):
     """weight * x / rms(x), the mean square taken in float32 (Transformers' T5LayerNorm)."""
 
@@ -100,7 +91,7 @@ class T5DenseActDense(nn.Module):
         self.wi = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(_to_weight_dtype(self.dropout(self.act(self.wi(x))), self.wo))
@@ -113,7 +104,7 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(self.act(self.wi_0(x)) * self.wi_1(x))
