@@ -28,7 +28,7 @@ class ForwardMixin:
     def accepts_loss_kwargs(self) -> bool:
         """Whether `forward` uses Trainer's `num_items_in_batch` (as Transformers' class: the
         causal LMs do, BERT's heads do not)."""
-        return self._frozen_config.model_type != "bert"
+        return self._frozen_config.model_type not in ("bert", "t5")
 
     @property
     def loss_type(self) -> str | None:
@@ -133,6 +133,26 @@ class ForwardMixin:
             use_cache = bool(getattr(config, "use_cache", False)) and not training and not compiled
         if self.is_gradient_checkpointing and training:
             use_cache = False
+        if getattr(module, "is_encoder_decoder", False):  # T5: decoder inputs, decoder cache
+            from .seq2seq_call import seq2seq_forward
+
+            return seq2seq_forward(
+                self,
+                module,
+                head,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                logits_to_keep=logits_to_keep,
+                kwargs=kwargs,
+            )
         if getattr(module, "supports_cache", False):
             if use_cache and past_key_values is None:
                 batch, length = _batch_and_length(input_ids, inputs_embeds)
@@ -161,6 +181,10 @@ class ForwardMixin:
         fields = {k: getattr(out, k) for k in _OUTPUT_FIELDS[head]}
         if labels is not None and out.logits is not None:
             fields["loss"] = self._loss(head, out.logits, labels, num_items_in_batch, kwargs)
+            if out.aux_loss is not None:  # mixture of experts with router logits: as Transformers
+                fields["loss"] = fields["loss"] + config.router_aux_loss_coef * out.aux_loss.to(
+                    fields["loss"].device
+                )
         cls = output_class(spec.model_type, head)
         result = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
         return result if return_dict else result.to_tuple()
@@ -250,19 +274,28 @@ _LOSS_TYPES = {
     "causal_lm": "ForCausalLM",
     "masked_lm": "ForMaskedLM",
     "sequence_classification": "ForSequenceClassification",
+    "seq2seq_lm": "ForConditionalGeneration",
 }
 _LOSS_FUNCTIONS = {
     "causal_lm": _causal_lm_loss,
     "masked_lm": _masked_lm_loss,
     "sequence_classification": _sequence_classification_loss,
     "base": _causal_lm_loss,  # Transformers' fallback for a class without a loss type
+    "seq2seq_lm": _masked_lm_loss,  # T5's own loss: no shift (the decoder inputs are shifted)
 }
 
 
 # The fields of Transformers' output class for each head (CausalLMOutputWithPast, ...), in order.
 _OUTPUT_FIELDS = {
-    "causal_lm": ("logits", "past_key_values", "hidden_states", "attentions"),
+    "causal_lm": ("logits", "past_key_values", "hidden_states", "attentions", "aux_loss", "router_logits"),
     "masked_lm": ("logits", "hidden_states", "attentions"),
     "sequence_classification": ("logits", "hidden_states", "attentions"),
-    "base": ("last_hidden_state", "pooler_output", "past_key_values", "hidden_states", "attentions"),
+    "base": (
+        "last_hidden_state",
+        "pooler_output",
+        "past_key_values",
+        "hidden_states",
+        "attentions",
+        "router_logits",
+    ),
 }

@@ -155,6 +155,26 @@ class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
 
 
 @dataclass
+class MoeCausalLMOutputWithPast(ModelOutput):
+    loss: T = None
+    aux_loss: T = None
+    logits: T = None
+    past_key_values: Any = None
+    hidden_states: Tuple = None
+    attentions: Tuple = None
+    router_logits: Tuple = None
+
+
+@dataclass
+class MoeModelOutputWithPast(ModelOutput):
+    last_hidden_state: T = None
+    past_key_values: Any = None
+    hidden_states: Tuple = None
+    attentions: Tuple = None
+    router_logits: Tuple = None
+
+
+@dataclass
 class MaskedLMOutput(ModelOutput):
     loss: T = None
     logits: T = None
@@ -179,15 +199,52 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     attentions: Tuple = None
 
 
+@dataclass
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: T = None
+    hidden_states: Tuple = None
+    attentions: Tuple = None
+
+
+@dataclass
+class Seq2SeqModelOutput(ModelOutput):
+    last_hidden_state: T = None
+    past_key_values: Any = None
+    decoder_hidden_states: Tuple = None
+    decoder_attentions: Tuple = None
+    cross_attentions: Tuple = None
+    encoder_last_hidden_state: T = None
+    encoder_hidden_states: Tuple = None
+    encoder_attentions: Tuple = None
+
+
+@dataclass
+class Seq2SeqLMOutput(ModelOutput):
+    loss: T = None
+    logits: T = None
+    past_key_values: Any = None
+    decoder_hidden_states: Tuple = None
+    decoder_attentions: Tuple = None
+    cross_attentions: Tuple = None
+    encoder_last_hidden_state: T = None
+    encoder_hidden_states: Tuple = None
+    encoder_attentions: Tuple = None
+
+
 _OWN = {
     cls.__name__: cls
     for cls in (
+        BaseModelOutput,
+        Seq2SeqModelOutput,
+        Seq2SeqLMOutput,
         CausalLMOutputWithPast,
         CausalLMOutputWithCrossAttentions,
         BaseModelOutputWithPast,
         BaseModelOutputWithPastAndCrossAttentions,
         BaseModelOutputWithPoolingAndCrossAttentions,
         MaskedLMOutput,
+        MoeCausalLMOutputWithPast,
+        MoeModelOutputWithPast,
         SequenceClassifierOutput,
         SequenceClassifierOutputWithPast,
     )
@@ -198,12 +255,18 @@ _BY_FAMILY = {
     ("gpt2", "causal_lm"): "CausalLMOutputWithCrossAttentions",
     ("gpt2", "base"): "BaseModelOutputWithPastAndCrossAttentions",
     ("bert", "base"): "BaseModelOutputWithPoolingAndCrossAttentions",
+    ("t5", "base"): "BaseModelOutput",  # T5EncoderModel's (T5Model's is seq2seq_call.py's)
+    ("mixtral", "causal_lm"): "MoeCausalLMOutputWithPast",
+    ("mixtral", "base"): "MoeModelOutputWithPast",
+    ("qwen3_moe", "causal_lm"): "MoeCausalLMOutputWithPast",
+    ("qwen3_moe", "base"): "MoeModelOutputWithPast",
 }
 _BY_HEAD = {
     "causal_lm": "CausalLMOutputWithPast",
     "base": "BaseModelOutputWithPast",
     "masked_lm": "MaskedLMOutput",
     "sequence_classification": "SequenceClassifierOutput",
+    "seq2seq_lm": "Seq2SeqLMOutput",
 }
 
 
