@@ -277,13 +277,17 @@ class GenerationMixin:
         encoder_decoder = getattr(get_spec(self._architecture).build, "is_encoder_decoder", False)
         decoder_input_ids = model_kwargs.get("decoder_input_ids")
         # the length Transformers' criterion counts: the decoder's (start token + decoder prompt)
-        length = (
-            input_ids.shape[1]
-            if not encoder_decoder
-            else 1 + (0 if decoder_input_ids is None else decoder_input_ids.shape[-1])
-        )
         for criterion in criteria:
-            if _transformers_type(criterion) == "MaxLengthCriteria" and config.num_beams == 1:
+            if (
+                _transformers_type(criterion) == "MaxLengthCriteria"
+                and config.num_beams == 1
+                and isinstance(input_ids, torch.Tensor)  # else fmodel.generate names the bad prompt
+            ):
+                length = (
+                    input_ids.shape[1]
+                    if not encoder_decoder
+                    else 1 + (0 if decoder_input_ids is None else decoder_input_ids.shape[-1])
+                )
                 changes["max_new_tokens"] = max(criterion.max_length - length, 1)
         if config.stop_strings is not None:
             criteria.insert(0, stop_string_criterion(config.stop_strings, tokenizer))
