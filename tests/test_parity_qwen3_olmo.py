@@ -382,3 +382,22 @@ def test_stack_states_and_vmap_forward(saved):
         for i, member in enumerate((a, b)):
             alone = fmodel.forward(member, ids, attention_mask=mask).logits
             assert max_diff(both[i], alone, mask) <= TOL
+
+
+def test_transformers5_olmo_with_rope_scaling_saves_for_transformers4(tmp_path):
+    """A Transformers 5 config (`rope_parameters`) is saved with the Transformers 4 keys beside
+    it; 4.57's OLMo accepts only {"type", "factor"} there, which is what is written."""
+    import json
+
+    data = {**{k: TINY[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}}
+    data.update(model_type="olmo", intermediate_size=64)
+    data["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    state = fmodel.init(fmodel.config_from_dict(data), architecture="OlmoForCausalLM", seed=0)
+    fmodel.save(state, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert written["rope_parameters"] == data["rope_parameters"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, fmodel.forward(state, ids).logits, atol=1e-5)

@@ -261,6 +261,11 @@ class DecoderConfig(BaseConfig):
         data["rope_scaling"] = params
         return data, {"rope_spelling": "rope_parameters"}
 
+    def transformers4_rope_scaling(self, scaling: dict[str, Any]) -> dict[str, Any] | None:
+        """The Transformers 4 `rope_scaling` a save writes beside Transformers 5's
+        `rope_parameters` (without `rope_theta`), so 4.x reads the same model; None for default."""
+        return None if scaling.get("rope_type", "default") == "default" else scaling
+
     def _write_json(self, out: dict[str, Any]) -> dict[str, Any]:
         if self.rope_spelling == "rope_parameters":
             params = thaw(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}

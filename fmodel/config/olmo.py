@@ -56,6 +56,11 @@ class _OlmoFamilyConfig(DecoderConfig):
         if not isinstance(factor, float) or factor <= 1.0:
             raise ConfigError(f"{name}: field 'rope_scaling.factor' must be a float > 1, got {factor!r}")
 
+    def transformers4_rope_scaling(self, scaling: dict[str, Any]) -> dict[str, Any] | None:
+        # 4.57's OLMo accepts exactly {"type", "factor"} (no "rope_type" key)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        return None if kind == "default" else {"type": kind, "factor": scaling.get("factor")}
+
 
 @register_config
 @attrs.frozen(kw_only=True)

@@ -126,7 +126,7 @@ def _config_dict(state: ModelState) -> dict:
         # ignores beside rope_parameters, so the checkpoint means the same to both.
         data["rope_theta"] = state.config.rope_theta
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        data["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+        data["rope_scaling"] = state.config.transformers4_rope_scaling(scaling)
     data["architectures"] = [state.architecture]
     dtype_name = _DTYPE_NAMES.get(state.dtype)
     if dtype_name is not None:
