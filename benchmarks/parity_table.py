@@ -15,12 +15,17 @@ a cache, see NO_CACHE_GENERATE_REFERENCE).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 
 import torch
 import transformers
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import fmodel
+from tests.parity_helpers import max_diff
 
 ATTENTIONS = ("eager", "sdpa", "flex_attention")
 VOCAB, SEQ = 128, 12
@@ -181,11 +186,6 @@ def _hf_model(case: str):
     return model
 
 
-def _row_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
 def measure(case: str) -> dict:
     hf = _hf_model(case)
     seq2seq = hf.config.is_encoder_decoder
@@ -206,10 +206,10 @@ def measure(case: str) -> dict:
                     out = fmodel.forward(
                         state, ids, attention_mask=mask, decoder_input_ids=dec, attn_implementation=attn
                     )
-                    row[attn] = (out.logits - ref).abs().max().item()
+                    row[attn] = max_diff(out.logits, ref)
                 else:
                     out = fmodel.forward(state, ids, attention_mask=mask, attn_implementation=attn)
-                    row[attn] = _row_diff(out.logits, ref, mask)
+                    row[attn] = max_diff(out.logits, ref, mask)
             except fmodel.FModelError as exc:
                 row[attn] = f"refused: {type(exc).__name__}"
         prompt = ids[1:, :6]

@@ -49,6 +49,16 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytest.mark.usefixtures("one_thread")`): tiny models
+    gain nothing from a second thread on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     """A saved tiny Llama checkpoint (GQA, untied) and its Transformers model."""

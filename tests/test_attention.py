@@ -110,6 +110,35 @@ def test_flash_attention_says_what_is_missing(llama, name, package):
     assert name not in attention.available()
 
 
+@pytest.mark.parametrize(
+    "fn, package, dropout",
+    [("flash_attention", "flash_attn", 0.1), ("flash_attention_3", "flash_attn_interface", 0.0)],
+)
+def test_flash_entries_call_their_package_kernels(monkeypatch, fn, package, dropout):
+    """Each flash entry imports its own package's kernels when called and hands them the
+    arguments; FlashAttention 3 runs without dropout (its kernels take none)."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from fmodel.attention import builtin
+
+    seen = {}
+
+    def dense(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        seen.update(dropout_p=dropout_p, softmax_scale=softmax_scale, window=window_size, softcap=softcap)
+        return q
+
+    fake = ModuleType(package)
+    fake.flash_attn_func, fake.flash_attn_varlen_func = dense, dense
+    monkeypatch.setitem(sys.modules, package, fake)
+    entry = getattr(builtin, fn)
+    assert entry.__name__ == fn and builtin.takes_softcap(entry)
+    q = torch.randn(1, 2, 3, 4)
+    out, weights = entry(SimpleNamespace(is_causal=True), q, q, q, None, 0.5, 0.1, 2, 1.5)
+    assert weights is None and torch.equal(out, q.transpose(1, 2))
+    assert seen == {"dropout_p": dropout, "softmax_scale": 0.5, "window": (1, 0), "softcap": 1.5}
+
+
 def test_register_validates_its_arguments():
     with pytest.raises(ValueError, match="mask_kind"):
         attention.register("x", lambda *a, **k: None, mask_kind="dense")

@@ -24,12 +24,24 @@ from fmodel.attention import builtin
 from fmodel.errors import ArgumentTypeError, AttentionUnavailableError, ConfigError
 
 from .conftest import padded_batch, requires_transformers, transformers
+from .parity_helpers import (
+    NEW,  # generated tokens: prompt 7 + 8 > window 4
+    assert_bfloat16_matches,
+    assert_logits_match,
+    assert_same_grads,
+    hf_generate,
+    hf_logits,
+    max_diff,
+    prompts,
+    reload_in_transformers,
+    save_variants,
+    training_grads,
+)
 
 pytestmark = requires_transformers
 
 TOL = 1e-5
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
-NEW = 8  # generated tokens: prompt 7 + 8 > window 4
 
 TINY = dict(
     vocab_size=96,
@@ -84,43 +96,21 @@ def make_gemma(family: str, seed: int = 0, **overrides):
     return model
 
 
-def _hf(model, attn: str = "eager"):
-    model.config._attn_implementation = attn
+def _hf(model):
+    """Transformers' model on its eager attention, the reference (its sdpa drops Gemma 2's
+    attention soft-cap)."""
+    model.config._attn_implementation = "eager"
     return model
-
-
-def _hf_logits(model, ids, mask, attn: str = "eager", **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return _hf(model, attn)(input_ids=ids, attention_mask=mask, **kwargs).logits
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
-    if mask is None:
-        return (a - b).abs().max().item()
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{variant: (folder, Transformers model)}, each saved by Transformers."""
-    out = {}
-    for i, (variant, (family, overrides)) in enumerate(VARIANTS.items()):
-        model = make_gemma(family, seed=i, **overrides)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
-
-
-def prompts(seed: int = 0):
-    """[2, 7] prompts, row 0 left-padded by 2 (pad id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (2, 7), generator=g)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[0, :2] = 0
-    ids[0, :2] = 0
-    return ids, mask
+    return save_variants(
+        tmp_path_factory,
+        VARIANTS,
+        lambda variant, seed: make_gemma(VARIANTS[variant][0], seed, **VARIANTS[variant][1]),
+    )
 
 
 # --------------------------------------------------------------------------- logits
@@ -132,13 +122,10 @@ def test_logits_match_transformers_eager(saved, variant, attn):
     folder, hf_model = saved[variant]
     state = fmodel.load(folder, attn_implementation=attn)
     assert state.architecture == f"{VARIANTS[variant][0]}ForCausalLM"
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    theirs = _hf_logits(hf_model, ids, mask)
-    assert ours.shape == theirs.shape
-    assert _max_diff(ours, theirs, mask) <= TOL
+    assert_logits_match(state, hf_model, TOL, hf_attn="eager")
+    ids, _ = padded_batch(seq=11)
     unpadded = fmodel.forward(state, ids).logits
-    assert _max_diff(unpadded, _hf_logits(hf_model, ids, None), None) <= TOL
+    assert max_diff(unpadded, hf_logits(hf_model, ids, None), None) <= TOL
 
 
 def test_the_soft_caps_change_the_logits_and_transformers_sdpa_drops_gemma2s(saved):
@@ -147,12 +134,12 @@ def test_the_soft_caps_change_the_logits_and_transformers_sdpa_drops_gemma2s(sav
     (fmodel's sdpa gives eager's result; see above)."""
     folder, hf_model = saved["gemma2"]
     ids, mask = padded_batch(seq=11)
-    eager = _hf_logits(hf_model, ids, mask)
-    assert _max_diff(_hf_logits(hf_model, ids, mask, "sdpa"), eager, mask) > 0.05
+    eager = hf_logits(hf_model, ids, mask)
+    assert max_diff(hf_logits(hf_model, ids, mask, "sdpa"), eager, mask) > 0.05
     state = fmodel.load(folder)
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
         uncapped = state.replace(config=state.config.replace(**{field: None}))
-        assert _max_diff(fmodel.forward(uncapped, ids, attention_mask=mask).logits, eager, mask) > 0.05, field
+        assert max_diff(fmodel.forward(uncapped, ids, attention_mask=mask).logits, eager, mask) > 0.05, field
 
 
 def test_gemma3_ignores_attention_softcapping_as_transformers(saved):
@@ -161,7 +148,7 @@ def test_gemma3_ignores_attention_softcapping_as_transformers(saved):
     assert state.config.attn_logit_softcapping == 1.0 and state.config.attention_softcap is None
     ids, mask = padded_batch(seq=11)
     uncapped = make_gemma("Gemma3", seed=2, **{**VARIANTS["gemma3"][1], "attn_logit_softcapping": None})
-    assert torch.equal(_hf_logits(uncapped, ids, mask), _hf_logits(hf_model, ids, mask))
+    assert torch.equal(hf_logits(uncapped, ids, mask), hf_logits(hf_model, ids, mask))
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
@@ -175,10 +162,10 @@ def test_base_model_hidden_states_and_attentions_match(saved, variant):
         theirs = _hf(hf_model).model(
             input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
         )
-    assert _max_diff(ours.last_hidden_state, theirs.last_hidden_state, mask) <= TOL
+    assert max_diff(ours.last_hidden_state, theirs.last_hidden_state, mask) <= TOL
     assert len(ours.hidden_states) == len(theirs.hidden_states) == 5
     for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
-        assert _max_diff(a, b, mask) <= TOL
+        assert max_diff(a, b, mask) <= TOL
     keep = mask.bool()[:, None, :, None]
     for a, b in zip(ours.attentions, theirs.attentions, strict=True):
         assert ((a - b).abs() * keep).max().item() <= TOL
@@ -195,23 +182,16 @@ def test_inputs_embeds_are_scaled_as_transformers(saved, variant):
     ours = fmodel.forward(state, inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     with torch.no_grad():
         theirs = _hf(hf_model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    assert _max_diff(ours, theirs, mask) <= TOL
+    assert max_diff(ours, theirs, mask) <= TOL
     from_ids = fmodel.forward(state, ids, attention_mask=mask, position_ids=positions).logits
-    scaled_equal = _max_diff(from_ids, ours, mask) <= TOL
+    scaled_equal = max_diff(from_ids, ours, mask) <= TOL
     assert scaled_equal == (variant == "gemma2")
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
 def test_bfloat16_matches_transformers_bfloat16(saved, variant):
     folder, _ = saved[variant]
-    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, attn_implementation="eager"
-    ).eval()
-    state = fmodel.load(folder, dtype=torch.bfloat16, attn_implementation="eager")
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    assert ours.dtype == torch.bfloat16
-    assert _max_diff(ours.float(), _hf_logits(hf_bf16, ids, mask).float(), mask) <= 2e-2
+    assert_bfloat16_matches(folder, 2e-2, attn="eager")
 
 
 # --------------------------------------------------------------------------- generation
@@ -224,10 +204,7 @@ def test_greedy_generation_matches_transformers(saved, variant, attn):
     state = fmodel.load(folder, attn_implementation=attn)
     ids, mask = prompts()
     ours = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW)
-    with torch.no_grad():
-        theirs = _hf(hf_model).generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
-        )
+    theirs = hf_generate(hf_model, ids, mask, "eager", max_new_tokens=NEW, do_sample=False)
     assert torch.equal(ours, theirs)
     model = facade.AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn)
     assert type(model).__name__ == state.architecture
@@ -241,10 +218,7 @@ def test_flex_generation_and_sampling_run(saved):
     folder, hf_model = saved["gemma3"]
     ids, mask = prompts()
     flex = fmodel.load(folder, attn_implementation="flex_attention")
-    with torch.no_grad():
-        theirs = _hf(hf_model).generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
-        )
+    theirs = hf_generate(hf_model, ids, mask, "eager", max_new_tokens=4, do_sample=False)
     assert torch.equal(fmodel.generate(flex, ids, attention_mask=mask, max_new_tokens=4), theirs)
     state = fmodel.load(folder)
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=20, temperature=0.9)
@@ -261,15 +235,11 @@ def test_flex_generation_and_sampling_run(saved):
 def test_fmodel_save_loads_in_transformers(saved, variant, tmp_path):
     folder, hf_model = saved[variant]
     state = fmodel.load(folder)
-    fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "resaved", attn_implementation="eager"
-    )
-    assert type(reloaded).__name__ == state.architecture
+    reloaded = reload_in_transformers(state, tmp_path / "resaved", attn_implementation="eager")
     assert reloaded.config.tie_word_embeddings and state.config.tie_word_embeddings
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     ids, mask = padded_batch(seq=11)
-    assert torch.equal(_hf_logits(hf_model, ids, mask), _hf_logits(reloaded.eval(), ids, mask))
+    assert torch.equal(hf_logits(hf_model, ids, mask), hf_logits(reloaded.eval(), ids, mask))
     original = json.loads((folder / "config.json").read_text())
     again = json.loads((tmp_path / "resaved" / "config.json").read_text())
     for key in ("layer_types", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping"):
@@ -292,7 +262,7 @@ def test_facade_auto_class_matches(saved, variant):
     ids, mask = padded_batch(seq=11)
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask).logits
-    assert _max_diff(ours, _hf_logits(hf_model, ids, mask), mask) <= TOL
+    assert max_diff(ours, hf_logits(hf_model, ids, mask), mask) <= TOL
     base = facade.AutoModel.from_pretrained(folder)
     assert type(base).__name__ == ("Gemma2Model" if family == "Gemma2" else "Gemma3TextModel")
     # Gemma 3's embedding module scales its lookups, Gemma 2's model scales what enters the
@@ -301,7 +271,7 @@ def test_facade_auto_class_matches(saved, variant):
         looked_up = model.get_input_embeddings()(ids)
         assert torch.equal(looked_up, hf_model.get_input_embeddings()(ids))
         again = model(inputs_embeds=looked_up, attention_mask=mask).logits
-    assert _max_diff(again, ours, mask) <= TOL
+    assert max_diff(again, ours, mask) <= TOL
 
 
 @pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
@@ -310,21 +280,19 @@ def test_gradient_checkpointing_gives_the_same_gradients_as_transformers(saved, 
     family = VARIANTS[variant][0]
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(2))
 
-    def grads(model, checkpointing: bool):
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
     cls = getattr(facade, f"{family}ForCausalLM")
-    plain, ckpt = grads(cls.from_pretrained(folder), False), grads(cls.from_pretrained(folder), True)
-    theirs = grads(
-        transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"), False
+    plain, ckpt = (
+        training_grads(cls.from_pretrained(folder), c, input_ids=ids, labels=ids) for c in (False, True)
     )
-    assert set(plain) == set(ckpt) == set(theirs) and all(g is not None for g in ckpt.values())
+    theirs = training_grads(
+        transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"),
+        False,
+        input_ids=ids,
+        labels=ids,
+    )
+    assert_same_grads(plain, ckpt)
+    assert set(theirs) == set(plain)
     for name in plain:
-        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
         assert torch.allclose(plain[name], theirs[name], atol=1e-5), name
 
 
@@ -345,12 +313,12 @@ def test_resize_matches_transformers_and_quantized_generation_runs(saved):
     )
     # the new rows are fresh random draws in both; the old vocabulary's logits agree
     resized = fmodel.forward(ours, ids, attention_mask=mask).logits[..., :96]
-    assert _max_diff(resized, _hf_logits(hf, ids, mask)[..., :96], mask) <= TOL
+    assert max_diff(resized, hf_logits(hf, ids, mask)[..., :96], mask) <= TOL
     q = fmodel.quantize(state, "int8")
     out = fmodel.generate(q, *prompts()[:1], attention_mask=prompts()[1], max_new_tokens=4)
     assert out.shape == (2, 11)
     near = fmodel.forward(q, ids, attention_mask=mask).logits
-    assert _max_diff(near, _hf_logits(hf_model, ids, mask), mask) < 0.1
+    assert max_diff(near, hf_logits(hf_model, ids, mask), mask) < 0.1
 
 
 def test_init_zeroes_the_offset_norms_and_hf_init_matches_transformers():
@@ -377,8 +345,8 @@ def test_stack_states_and_vmap_forward(saved, variant):
     stacked = fmodel.stack_states([state, other])
     ids, _ = padded_batch(seq=11)
     out = fmodel.vmap_forward(stacked, ids).logits
-    assert _max_diff(out[0], _hf_logits(hf_model, ids, None), None) <= TOL
-    assert _max_diff(out[1], fmodel.forward(other, ids).logits, None) <= TOL
+    assert max_diff(out[0], hf_logits(hf_model, ids, None), None) <= TOL
+    assert max_diff(out[1], fmodel.forward(other, ids).logits, None) <= TOL
 
 
 # --------------------------------------------------------------------------- attention functions
@@ -403,7 +371,7 @@ def test_a_function_without_softcap_is_refused_and_one_with_it_runs(saved):
         ours = fmodel.forward(
             state, ids, attention_mask=mask, attn_implementation="test-gemma-honours"
         ).logits
-        assert _max_diff(ours, _hf_logits(hf_model, ids, mask), mask) <= TOL
+        assert max_diff(ours, hf_logits(hf_model, ids, mask), mask) <= TOL
         # Gemma 3 does not soft-cap its attention: any function runs
         gemma3 = fmodel.load(saved["gemma3"][0])
         fmodel.forward(gemma3, ids, attention_mask=mask, attn_implementation="test-gemma-swallows")
@@ -601,5 +569,5 @@ def test_torch_compile_fullgraph_matches(saved):
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         with torch.no_grad():
             out = compiled(input_ids=ids, attention_mask=mask).logits
-        assert _max_diff(out, _hf_logits(hf_model, ids, mask), mask) <= TOL
+        assert max_diff(out, hf_logits(hf_model, ids, mask), mask) <= TOL
     torch._dynamo.reset()

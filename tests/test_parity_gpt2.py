@@ -14,6 +14,7 @@ from fmodel.models.gpt2 import _upcast_reordered_attention
 from fmodel.models.skeleton import skeleton
 
 from .conftest import padded_batch, requires_transformers, transformers
+from .parity_helpers import max_diff, save_variants
 
 pytestmark = requires_transformers
 
@@ -56,12 +57,6 @@ def hf_run(model, ids, mask, attn: str, **kwargs):
         return model(input_ids=ids, attention_mask=mask, **kwargs)
 
 
-def max_diff(a, b, mask):
-    """Max |a - b| over the real tokens ([B, T, ...] tensors, mask [B, T])."""
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
 def weights_diff(a, b, mask):
     """Max |a - b| over the real query rows of attention weights [B, H, T, S]."""
     return max_diff(a.transpose(1, 2), b.transpose(1, 2), mask)
@@ -69,13 +64,9 @@ def weights_diff(a, b, mask):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for i, (name, overrides) in enumerate(VARIANTS.items()):
-        model = make_gpt2(seed=i, **overrides)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        out[name] = (folder, model)
-    return out
+    return save_variants(
+        tmp_path_factory, VARIANTS, lambda name, seed: make_gpt2(seed=seed, **VARIANTS[name])
+    )
 
 
 @pytest.mark.parametrize("attn", ATTNS)

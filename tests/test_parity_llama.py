@@ -14,7 +14,15 @@ import torch
 
 import fmodel
 
-from .conftest import make_hf_model, padded_batch, requires_transformers, transformers
+from .conftest import make_hf_model, padded_batch, requires_transformers
+from .parity_helpers import (
+    assert_bfloat16_matches,
+    assert_logits_match,
+    hf_logits,
+    max_diff,
+    reload_in_transformers,
+    save_variants,
+)
 
 pytestmark = requires_transformers
 
@@ -57,28 +65,14 @@ VARIANTS = {
 }
 
 
-def _hf_logits(model, ids, mask, attn: str) -> torch.Tensor:
-    # Transformers' flex attention compiles on CPU (minutes); its eager path is the same math.
-    model.config._attn_implementation = "eager" if attn == "flex_attention" else attn
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def saved_variants(tmp_path_factory):
     """{variant: (folder, hf_model)} built once per module."""
-    out = {}
-    for variant, (model_type, overrides) in VARIANTS.items():
-        model = make_hf_model(model_type, seed=len(out), **overrides)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
+    return save_variants(
+        tmp_path_factory,
+        VARIANTS,
+        lambda variant, seed: make_hf_model(VARIANTS[variant][0], seed=seed, **VARIANTS[variant][1]),
+    )
 
 
 @pytest.mark.parametrize("attn", ATTENTIONS)
@@ -86,11 +80,7 @@ def saved_variants(tmp_path_factory):
 def test_logits_match_transformers(saved_variants, variant, attn):
     folder, hf_model = saved_variants[variant]
     state = fmodel.load(folder, attn_implementation=attn)
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    theirs = _hf_logits(hf_model, ids, mask, attn)
-    assert ours.shape == theirs.shape
-    assert _max_diff(ours, theirs, mask) <= TOL
+    assert_logits_match(state, hf_model, TOL)
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias", "mistral-sliding"])
@@ -99,7 +89,7 @@ def test_unpadded_batch_matches_everywhere(saved_variants, variant):
     state = fmodel.load(folder)
     ids, _ = padded_batch(seq=11)
     ours = fmodel.forward(state, ids).logits
-    theirs = _hf_logits(hf_model, ids, None, "sdpa")
+    theirs = hf_logits(hf_model, ids, None, "sdpa")
     assert (ours - theirs).abs().max().item() <= TOL
 
 
@@ -107,14 +97,10 @@ def test_unpadded_batch_matches_everywhere(saved_variants, variant):
 def test_fmodel_save_loads_in_transformers(saved_variants, variant, tmp_path):
     folder, hf_model = saved_variants[variant]
     state = fmodel.load(folder)
-    fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "resaved", attn_implementation="eager"
-    )
-    assert type(reloaded).__name__ == state.architecture
+    reloaded = reload_in_transformers(state, tmp_path / "resaved", attn_implementation="eager")
     ids, mask = padded_batch(seq=11)
-    original = _hf_logits(hf_model, ids, mask, "eager")
-    again = _hf_logits(reloaded.eval(), ids, mask, "eager")
+    original = hf_logits(hf_model, ids, mask, "eager")
+    again = hf_logits(reloaded.eval(), ids, mask, "eager")
     assert torch.equal(original, again)
     assert reloaded.config.tie_word_embeddings == state.config.tie_word_embeddings
     if state.config.tie_word_embeddings:
@@ -133,7 +119,7 @@ def test_hidden_states_and_attentions_match(saved_variants):
         )
     assert len(ours.hidden_states) == len(theirs.hidden_states) == hf_model.config.num_hidden_layers + 1
     for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
-        assert _max_diff(a, b, mask) <= TOL
+        assert max_diff(a, b, mask) <= TOL
     keep = mask.bool()[:, None, :, None]  # compare attention rows of real query tokens
     for a, b in zip(ours.attentions, theirs.attentions, strict=True):
         assert ((a - b).abs() * keep).max().item() <= TOL
@@ -155,7 +141,7 @@ def test_base_model_matches_transformers_base(saved_variants):
     assert ours.logits is None
     with torch.no_grad():
         theirs = hf_model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert _max_diff(ours.last_hidden_state, theirs, mask) <= TOL
+    assert max_diff(ours.last_hidden_state, theirs, mask) <= TOL
 
 
 def test_explicit_position_ids_and_inputs_embeds(saved_variants):
@@ -167,15 +153,9 @@ def test_explicit_position_ids_and_inputs_embeds(saved_variants):
     ours = fmodel.forward(state, inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     with torch.no_grad():
         theirs = hf_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    assert _max_diff(ours, theirs, mask) <= TOL
+    assert max_diff(ours, theirs, mask) <= TOL
 
 
 def test_bfloat16_load_is_close_to_transformers_bfloat16(saved_variants):
     folder, _ = saved_variants["llama-gqa"]
-    state = fmodel.load(folder, dtype=torch.bfloat16)
-    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    theirs = _hf_logits(hf_bf16, ids, mask, "sdpa")
-    assert ours.dtype == torch.bfloat16
-    assert _max_diff(ours.float(), theirs.float(), mask) <= 2e-2
+    assert_bfloat16_matches(folder, 2e-2)

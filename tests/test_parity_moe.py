@@ -26,12 +26,25 @@ from fmodel.errors import ArgumentTypeError, ConfigError
 from fmodel.losses import load_balancing_loss
 
 from .conftest import padded_batch, requires_transformers, transformers
+from .parity_helpers import (
+    NEW,
+    assert_facade_generation_matches,
+    assert_fmodel_save_loads_in_transformers,
+    assert_greedy_generation_matches,
+    decode_in_pieces,
+    hf_forward,
+    hf_generate,
+    max_diff,
+    prompts,
+    real_labels,
+    save_variants,
+    training_grads,
+)
 
-pytestmark = requires_transformers
+pytestmark = [requires_transformers, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
-NEW = 8
 TINY = dict(
     vocab_size=96,
     hidden_size=64,
@@ -68,15 +81,6 @@ CLASSES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}
 SPARSE_LAYERS = {"mixtral": 3, "qwen3moe-norm-dense": 2, "qwen3moe-sliding": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(variant: str, seed: int = 0, **changes):
     """The variant's tiny Transformers causal LM (eval, float32), norms and biases perturbed,
     routers scaled up so that routing is decided by clear margins."""
@@ -97,31 +101,7 @@ def make_model(variant: str, seed: int = 0, **changes):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{variant: (folder, Transformers model)}, each saved by Transformers."""
-    out = {}
-    for i, variant in enumerate(VARIANTS):
-        model = make_model(variant, seed=i)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
-
-
-def hf_forward(model, ids, mask, attn: str = "eager", **kwargs):
-    # Transformers' flex attention compiles on CPU (minutes); its eager path is the same math.
-    model.config._attn_implementation = "eager" if attn == "flex_attention" else attn
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, **kwargs)
-
-
-def hf_generate(model, ids, mask, attn: str = "sdpa", **kwargs):
-    model.config._attn_implementation = attn
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
+    return save_variants(tmp_path_factory, VARIANTS, make_model)
 
 
 def router_diff(ours, theirs, mask: torch.Tensor) -> float:
@@ -129,15 +109,6 @@ def router_diff(ours, theirs, mask: torch.Tensor) -> float:
     assert len(ours) == len(theirs)
     keep = mask.bool().reshape(-1)
     return max((a[keep] - b[keep]).abs().max().item() for a, b in zip(ours, theirs, strict=True))
-
-
-def prompts(seed: int = 0, length: int = 7):
-    """input_ids [2, length], row 0 left-padded by 2."""
-    ids = torch.randint(3, TINY["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[0, :2] = 0
-    ids[0, :2] = 0
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- logits, routers, aux loss
@@ -240,12 +211,7 @@ def test_bfloat16_matches_transformers_bfloat16(saved):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generation_matches_transformers(saved, variant, attn):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder, attn_implementation=attn)
-    ids, mask = prompts()
-    ours = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
-    theirs = hf_generate(hf_model, ids, mask, attn, max_new_tokens=NEW, do_sample=False)
-    assert ours.shape == (2, ids.shape[1] + NEW)
-    assert torch.equal(ours, theirs)
+    assert_greedy_generation_matches(folder, hf_model, attn, *prompts())
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -255,15 +221,7 @@ def test_facade_generate_and_sampling_match_transformers(saved, variant):
     prefix = CLASSES[VARIANTS[variant][0]]
     assert type(model).__name__ == f"{prefix}ForCausalLM"
     assert model._no_split_modules == [f"{prefix}DecoderLayer"]
-    ids, mask = prompts(seed=1)
-    greedy = dict(max_new_tokens=NEW, do_sample=False)
-    expected = hf_generate(hf_model, ids, mask, **greedy)
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **greedy), expected)
-    sampled = dict(do_sample=True, temperature=0.8, top_k=20, max_new_tokens=NEW)
-    torch.manual_seed(5)
-    ours = fmodel.generate(model.state, ids, attention_mask=mask, pad_token_id=0, **sampled)
-    torch.manual_seed(5)
-    assert torch.equal(ours, hf_generate(hf_model, ids, mask, **sampled))
+    assert_facade_generation_matches(model, hf_model, *prompts(seed=1))
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3moe-sliding"])
@@ -271,23 +229,12 @@ def test_cached_decode_equals_full_forward(saved, variant):
     folder, _ = saved[variant]
     state = fmodel.load(folder)
     ids, mask = prompts(seed=2, length=11)  # past the window of 4
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = fmodel.forward(state, ids, attention_mask=mask, position_ids=positions).logits
-    cache, pieces = fmodel.init_cache(state, 2, 12), []
-    with torch.no_grad():
-        for start, end in ((0, 5), (5, 6), (6, 9), (9, 11)):
-            out = fmodel.forward(
-                state,
-                ids[:, start:end],
-                attention_mask=mask[:, :end],
-                position_ids=positions[:, start:end],
-                past_key_values=cache,
-                output_router_logits=True,  # the loss takes this step's part of the mask
-            )
-            assert out.router_logits[0].shape == (2 * (end - start), 4) and out.aux_loss.isfinite()
-            cache = out.past_key_values
-            pieces.append(out.logits)
-    assert max_diff(torch.cat(pieces, 1), full, mask) <= TOL
+    spans = ((0, 5), (5, 6), (6, 9), (9, 11))
+    # with router logits: the loss takes each step's part of the mask
+    full, pieces = decode_in_pieces(state, ids, mask, spans, output_router_logits=True)
+    for (start, end), out in zip(spans, pieces, strict=True):
+        assert out.router_logits[0].shape == (2 * (end - start), 4) and out.aux_loss.isfinite()
+    assert max_diff(torch.cat([p.logits for p in pieces], 1), full, mask) <= TOL
 
 
 # --------------------------------------------------------------------------- save, facade, training
@@ -296,13 +243,7 @@ def test_cached_decode_equals_full_forward(saved, variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fmodel_save_loads_in_transformers(saved, variant, tmp_path):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder)
-    fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
-    assert type(reloaded).__name__ == state.architecture
-    ids, mask = padded_batch(seq=11)
-    assert torch.equal(hf_forward(hf_model, ids, mask).logits, hf_forward(reloaded, ids, mask).logits)
-    assert fmodel.load(tmp_path / "resaved").config.to_diff_dict() == state.config.to_diff_dict()
+    assert_fmodel_save_loads_in_transformers(folder, hf_model, tmp_path / "resaved")
     written = json.loads((tmp_path / "resaved" / "config.json").read_text())
     original = json.loads((folder / "config.json").read_text())
     assert {k: v for k, v in written.items() if k != "transformers_version"} == {
@@ -315,9 +256,7 @@ def test_facade_loss_adds_the_aux_loss_as_transformers(saved, variant, tmp_path)
     folder, hf_model = saved[variant]
     model = facade.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     ids, mask = padded_batch(seq=11)
-    # no loss term reads a padding position's logits (label t is scored by the logits at t - 1)
-    before = torch.cat([mask[:, :1], mask[:, :-1]], 1)
-    labels = ids.masked_fill((mask == 0) | (before == 0), -100)
+    labels = real_labels(ids, mask)
     kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
     with torch.no_grad():
         ours = model(**kwargs)
@@ -356,12 +295,7 @@ def test_training_gradients_match_transformers_with_checkpointing(saved, variant
     hf(**kwargs).loss.backward()
     expected = {n: p.grad for n, p in hf.named_parameters()}
     for checkpointing in (False, True):
-        model = facade.AutoModelForCausalLM.from_pretrained(folder)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(**kwargs).loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters()}
+        grads = training_grads(facade.AutoModelForCausalLM.from_pretrained(folder), checkpointing, **kwargs)
         assert set(grads) == set(expected)
         for name, grad in grads.items():
             assert grad is not None, name

@@ -22,19 +22,37 @@ forward) on padded ones.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import fmodel
 from fmodel import facade
 
+from . import parity_helpers
 from .conftest import TINY, padded_batch, requires_transformers, transformers
+from .parity_helpers import (
+    NEW,
+    assert_bfloat16_matches,
+    assert_facade_forward_and_save_match,
+    assert_facade_generation_matches,
+    assert_fmodel_save_loads_in_transformers,
+    assert_greedy_generation_matches,
+    assert_logits_match,
+    assert_same_grads,
+    decode_in_pieces,
+    hf_generate,
+    hf_logits,
+    max_diff,
+    save_variants,
+    training_grads,
+)
 
-pytestmark = requires_transformers
+pytestmark = [requires_transformers, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
-NEW = 8
 ORIGINAL = 8  # longrope's original_max_position_embeddings
 
 BASE = dict(TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -52,15 +70,6 @@ VARIANTS = {
     ),
     "sliding": dict(sliding_window=4, tie_word_embeddings=True),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(variant: str, seed: int = 0):
@@ -81,41 +90,11 @@ def make_model(variant: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{variant: (folder, Transformers model)}, each saved by Transformers."""
-    out = {}
-    for i, variant in enumerate(VARIANTS):
-        model = make_model(variant, seed=i)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
+    return save_variants(tmp_path_factory, VARIANTS, make_model)
 
 
-def hf_logits(model, ids, mask, attn: str = "eager") -> torch.Tensor:
-    # Transformers' flex attention compiles on CPU (minutes); its eager path is the same math.
-    model.config._attn_implementation = "eager" if attn == "flex_attention" else attn
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def hf_generate(model, ids, mask, attn: str = "sdpa", **kwargs):
-    model.config._attn_implementation = attn
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
-def prompts(seed: int = 0, length: int = 5, padded: bool = True):
-    """input_ids [2, length], row 0 left-padded by 2 when `padded`; ids avoid EOS (2)."""
-    ids = torch.randint(3, TINY["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(2, length, dtype=torch.long)
-    if padded:
-        mask[0, :2] = 0
-        ids[0, :2] = 0
-    return ids, mask
+# 5-token prompts: with 8 new tokens they cross the longrope switch (8)
+prompts = functools.partial(parity_helpers.prompts, length=5, vocab=TINY["vocab_size"])
 
 
 # --------------------------------------------------------------------------- logits
@@ -128,11 +107,7 @@ def test_logits_match_transformers(saved, variant, attn, seq):
     folder, hf_model = saved[variant]
     state = fmodel.load(folder, attn_implementation=attn)
     assert state.architecture == "Phi3ForCausalLM"
-    ids, mask = padded_batch(seq=seq)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    theirs = hf_logits(hf_model, ids, mask, attn)
-    assert ours.shape == theirs.shape
-    assert max_diff(ours, theirs, mask) <= TOL
+    assert_logits_match(state, hf_model, TOL, seq=seq)
 
 
 def test_base_model_matches_transformers_base(saved):
@@ -188,12 +163,7 @@ def test_longrope_tables_are_transformers(saved):
 
 def test_bfloat16_matches_transformers_bfloat16(saved):
     folder, _ = saved["longrope"]
-    state = fmodel.load(folder, dtype=torch.bfloat16)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    assert ours.dtype == torch.bfloat16
-    assert max_diff(ours.float(), hf_logits(hf, ids, mask, "sdpa").float(), mask) <= 1e-3
+    assert_bfloat16_matches(folder, 1e-3)
 
 
 # --------------------------------------------------------------------------- generation
@@ -203,12 +173,7 @@ def test_bfloat16_matches_transformers_bfloat16(saved):
 @pytest.mark.parametrize("variant", ["plain", "sliding"])
 def test_greedy_generation_matches_transformers(saved, variant, attn):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder, attn_implementation=attn)
-    ids, mask = prompts()
-    ours = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
-    theirs = hf_generate(hf_model, ids, mask, attn, max_new_tokens=NEW, do_sample=False)
-    assert ours.shape == (2, ids.shape[1] + NEW)
-    assert torch.equal(ours, theirs)
+    assert_greedy_generation_matches(folder, hf_model, attn, *prompts())
 
 
 def _logits_steps(out) -> torch.Tensor:
@@ -283,15 +248,7 @@ def test_facade_generate_and_sampling_match_transformers(saved, variant):
     assert type(model).__name__ == "Phi3ForCausalLM"
     assert model._no_split_modules == ["Phi3DecoderLayer"]
     padded = variant != "longrope"  # Transformers' cached rerun is causal only without padding
-    ids, mask = prompts(seed=2, padded=padded)
-    greedy = dict(max_new_tokens=NEW, do_sample=False)
-    expected = hf_generate(hf_model, ids, mask, **greedy)
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **greedy), expected)
-    sampled = dict(do_sample=True, temperature=0.8, top_k=20, max_new_tokens=NEW)
-    torch.manual_seed(5)
-    ours = fmodel.generate(model.state, ids, attention_mask=mask, pad_token_id=0, **sampled)
-    torch.manual_seed(5)
-    assert torch.equal(ours, hf_generate(hf_model, ids, mask, **sampled))
+    assert_facade_generation_matches(model, hf_model, *prompts(seed=2, padded=padded))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -300,21 +257,8 @@ def test_cached_decode_equals_full_forward(saved, variant, attn):
     folder, _ = saved[variant]
     state = fmodel.load(folder, attn_implementation=attn)
     ids, mask = prompts(seed=3, length=11)  # past the window of 4
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = fmodel.forward(state, ids, attention_mask=mask, position_ids=positions).logits
-    cache, pieces = fmodel.init_cache(state, 2, 12), []
-    with torch.no_grad():
-        for start, end in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11)):
-            out = fmodel.forward(
-                state,
-                ids[:, start:end],
-                attention_mask=mask[:, :end],
-                position_ids=positions[:, start:end],
-                past_key_values=cache,
-            )
-            cache = out.past_key_values
-            pieces.append(out.logits)
-    assert max_diff(torch.cat(pieces, 1), full, mask) <= TOL
+    full, pieces = decode_in_pieces(state, ids, mask, ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11)))
+    assert max_diff(torch.cat([p.logits for p in pieces], 1), full, mask) <= TOL
 
 
 # --------------------------------------------------------------------------- save, facade, training
@@ -323,51 +267,25 @@ def test_cached_decode_equals_full_forward(saved, variant, attn):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fmodel_save_loads_in_transformers(saved, variant, tmp_path):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder)
-    fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
-    assert type(reloaded).__name__ == state.architecture
-    ids, mask = padded_batch(seq=11)
-    assert torch.equal(hf_logits(hf_model, ids, mask), hf_logits(reloaded, ids, mask))
+    state, reloaded = assert_fmodel_save_loads_in_transformers(folder, hf_model, tmp_path / "resaved")
     assert reloaded.config.tie_word_embeddings == state.config.tie_word_embeddings
     assert reloaded.config.rope_scaling == hf_model.config.rope_scaling
-    assert fmodel.load(tmp_path / "resaved").config.to_diff_dict() == state.config.to_diff_dict()
 
 
 def test_facade_forward_and_save_match_transformers(saved, tmp_path):
-    folder, hf_model = saved["longrope"]
-    model = facade.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
-    ids, mask = padded_batch(seq=11)
-    # no loss term reads a padding position's logits (label t is scored by the logits at t - 1)
-    before = torch.cat([mask[:, :1], mask[:, :-1]], 1)
-    labels = ids.masked_fill((mask == 0) | (before == 0), -100)
-    with torch.no_grad():
-        ours = model(input_ids=ids, attention_mask=mask, labels=labels)
-        theirs = hf_model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert max_diff(ours.logits, theirs.logits, mask) <= TOL
-    assert abs(ours.loss.item() - theirs.loss.item()) <= TOL
-    model.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert torch.equal(hf_logits(again, ids, mask), hf_logits(hf_model, ids, mask))
+    assert_facade_forward_and_save_match(*saved["longrope"], tmp_path, TOL)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(saved):
     folder, _ = saved["longrope"]
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
 
-    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = facade.AutoModelForCausalLM.from_pretrained(folder)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters()}
-
-    plain, checkpointed = grads(False), grads(True)
-    assert set(plain) == set(checkpointed) and all(g is not None for g in checkpointed.values())
+    plain, checkpointed = (
+        training_grads(facade.AutoModelForCausalLM.from_pretrained(folder), c, input_ids=ids, labels=ids)
+        for c in (False, True)
+    )
     assert any(name.endswith("qkv_proj.weight") for name in plain)
-    for name, grad in plain.items():
-        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+    assert_same_grads(plain, checkpointed)
 
 
 def test_residual_dropout_runs_in_training_only(saved):

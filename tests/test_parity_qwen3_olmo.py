@@ -22,12 +22,25 @@ import fmodel
 from fmodel import facade
 
 from .conftest import TINY, padded_batch, requires_transformers, transformers
+from .parity_helpers import (
+    assert_bfloat16_matches,
+    assert_facade_forward_and_save_match,
+    assert_facade_generation_matches,
+    assert_fmodel_save_loads_in_transformers,
+    assert_greedy_generation_matches,
+    assert_logits_match,
+    assert_same_grads,
+    decode_in_pieces,
+    max_diff,
+    prompts,
+    save_variants,
+    training_grads,
+)
 
-pytestmark = requires_transformers
+pytestmark = [requires_transformers, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
-NEW = 8
 
 # variant: (model_type, config overrides, factor on the attention projection weights)
 VARIANTS = {
@@ -49,15 +62,6 @@ VARIANTS = {
 CLASSES = {"qwen3": "Qwen3", "olmo": "Olmo", "olmo2": "Olmo2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(variant: str, seed: int = 0):
     """The variant's tiny Transformers causal LM (eval, float32), norms and biases perturbed."""
     model_type, overrides, attention_scale = VARIANTS[variant]
@@ -77,40 +81,7 @@ def make_model(variant: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{variant: (folder, Transformers model)}, each saved by Transformers."""
-    out = {}
-    for i, variant in enumerate(VARIANTS):
-        model = make_model(variant, seed=i)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
-
-
-def hf_logits(model, ids, mask, attn: str = "eager") -> torch.Tensor:
-    # Transformers' flex attention compiles on CPU (minutes); its eager path is the same math.
-    model.config._attn_implementation = "eager" if attn == "flex_attention" else attn
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def hf_generate(model, ids, mask, attn: str = "sdpa", **kwargs):
-    model.config._attn_implementation = attn
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
-def prompts(seed: int = 0, length: int = 7):
-    """input_ids [2, length], row 0 left-padded by 2."""
-    ids = torch.randint(3, TINY["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[0, :2] = 0
-    ids[0, :2] = 0
-    return ids, mask
+    return save_variants(tmp_path_factory, VARIANTS, make_model)
 
 
 # --------------------------------------------------------------------------- configs
@@ -180,11 +151,7 @@ def test_logits_match_transformers(saved, variant, attn):
     folder, hf_model = saved[variant]
     state = fmodel.load(folder, attn_implementation=attn)
     assert state.architecture == f"{CLASSES[variant]}ForCausalLM"
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    theirs = hf_logits(hf_model, ids, mask, attn)
-    assert ours.shape == theirs.shape
-    assert max_diff(ours, theirs, mask) <= TOL
+    assert_logits_match(state, hf_model, TOL)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -221,12 +188,7 @@ def test_bfloat16_matches_transformers_bfloat16(saved, variant):
     float32 rotation tables (rotating with bfloat16 tables instead: 4e-3 off) and OLMo 2's
     weight product in float32 before the cast."""
     folder, _ = saved[variant]
-    state = fmodel.load(folder, dtype=torch.bfloat16)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ids, mask = padded_batch(seq=11)
-    ours = fmodel.forward(state, ids, attention_mask=mask).logits
-    assert ours.dtype == torch.bfloat16
-    assert max_diff(ours.float(), hf_logits(hf, ids, mask, "sdpa").float(), mask) <= 1e-3
+    assert_bfloat16_matches(folder, 1e-3)
 
 
 # --------------------------------------------------------------------------- generation
@@ -236,12 +198,7 @@ def test_bfloat16_matches_transformers_bfloat16(saved, variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generation_matches_transformers(saved, variant, attn):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder, attn_implementation=attn)
-    ids, mask = prompts()
-    ours = fmodel.generate(state, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0)
-    theirs = hf_generate(hf_model, ids, mask, attn, max_new_tokens=NEW, do_sample=False)
-    assert ours.shape == (2, ids.shape[1] + NEW)
-    assert torch.equal(ours, theirs)
+    assert_greedy_generation_matches(folder, hf_model, attn, *prompts())
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -250,15 +207,7 @@ def test_facade_generate_and_sampling_match_transformers(saved, variant):
     model = facade.AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == f"{CLASSES[variant]}ForCausalLM"
     assert model._no_split_modules == [f"{CLASSES[variant]}DecoderLayer"]
-    ids, mask = prompts(seed=1)
-    greedy = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    expected = hf_generate(hf_model, ids, mask, **{k: v for k, v in greedy.items() if k != "pad_token_id"})
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **greedy), expected)
-    sampled = dict(do_sample=True, temperature=0.8, top_k=20, max_new_tokens=NEW)
-    torch.manual_seed(5)
-    ours = fmodel.generate(model.state, ids, attention_mask=mask, pad_token_id=0, **sampled)
-    torch.manual_seed(5)
-    assert torch.equal(ours, hf_generate(hf_model, ids, mask, **sampled))
+    assert_facade_generation_matches(model, hf_model, *prompts(seed=1))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -267,21 +216,8 @@ def test_cached_decode_equals_full_forward(saved, variant, attn):
     folder, _ = saved[variant]
     state = fmodel.load(folder, attn_implementation=attn)
     ids, mask = prompts(seed=2, length=11)  # past the window of 4 (Qwen3's layer 1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = fmodel.forward(state, ids, attention_mask=mask, position_ids=positions).logits
-    cache, pieces = fmodel.init_cache(state, 2, 12), []
-    with torch.no_grad():
-        for start, end in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11)):
-            out = fmodel.forward(
-                state,
-                ids[:, start:end],
-                attention_mask=mask[:, :end],
-                position_ids=positions[:, start:end],
-                past_key_values=cache,
-            )
-            cache = out.past_key_values
-            pieces.append(out.logits)
-    assert max_diff(torch.cat(pieces, 1), full, mask) <= TOL
+    full, pieces = decode_in_pieces(state, ids, mask, ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11)))
+    assert max_diff(torch.cat([p.logits for p in pieces], 1), full, mask) <= TOL
 
 
 # --------------------------------------------------------------------------- save, facade, training
@@ -290,32 +226,13 @@ def test_cached_decode_equals_full_forward(saved, variant, attn):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fmodel_save_loads_in_transformers(saved, variant, tmp_path):
     folder, hf_model = saved[variant]
-    state = fmodel.load(folder)
-    fmodel.save(state, tmp_path / "resaved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
-    assert type(reloaded).__name__ == state.architecture
-    ids, mask = padded_batch(seq=11)
-    assert torch.equal(hf_logits(hf_model, ids, mask), hf_logits(reloaded, ids, mask))
+    state, reloaded = assert_fmodel_save_loads_in_transformers(folder, hf_model, tmp_path / "resaved")
     assert reloaded.config.tie_word_embeddings == state.config.tie_word_embeddings
-    assert fmodel.load(tmp_path / "resaved").config.to_diff_dict() == state.config.to_diff_dict()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_facade_forward_and_save_match_transformers(saved, variant, tmp_path):
-    folder, hf_model = saved[variant]
-    model = facade.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
-    ids, mask = padded_batch(seq=11)
-    # no loss term reads a padding position's logits (label t is scored by the logits at t - 1)
-    before = torch.cat([mask[:, :1], mask[:, :-1]], 1)
-    labels = ids.masked_fill((mask == 0) | (before == 0), -100)
-    with torch.no_grad():
-        ours = model(input_ids=ids, attention_mask=mask, labels=labels)
-        theirs = hf_model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert max_diff(ours.logits, theirs.logits, mask) <= TOL
-    assert abs(ours.loss.item() - theirs.loss.item()) <= TOL
-    model.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert torch.equal(hf_logits(again, ids, mask), hf_logits(hf_model, ids, mask))
+    assert_facade_forward_and_save_match(*saved[variant], tmp_path, TOL)
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "olmo2"])
@@ -323,18 +240,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved, variant):
     folder, _ = saved[variant]
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
 
-    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = facade.AutoModelForCausalLM.from_pretrained(folder)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters()}
-
-    plain, checkpointed = grads(False), grads(True)
-    assert set(plain) == set(checkpointed) and all(g is not None for g in checkpointed.values())
-    for name, grad in plain.items():
-        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+    plain, checkpointed = (
+        training_grads(facade.AutoModelForCausalLM.from_pretrained(folder), c, input_ids=ids, labels=ids)
+        for c in (False, True)
+    )
+    assert_same_grads(plain, checkpointed)
 
 
 # --------------------------------------------------------------------------- transforms

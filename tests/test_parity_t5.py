@@ -21,8 +21,9 @@ from fmodel.generation.seq2seq_cache import Seq2SeqCache
 from fmodel.models.t5 import relative_position_bucket
 
 from .conftest import requires_transformers, transformers
+from .parity_helpers import assert_same_grads, max_diff, save_variants, training_grads
 
-pytestmark = requires_transformers
+pytestmark = [requires_transformers, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 ATTENTIONS = ["eager", "sdpa", "flex_attention"]
@@ -42,15 +43,6 @@ VARIANTS = {
     "v1.0": dict(feed_forward_proj="relu"),
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(variant: str, cls: str = "T5ForConditionalGeneration", seed: int = 0):
@@ -73,13 +65,7 @@ def make_model(variant: str, cls: str = "T5ForConditionalGeneration", seed: int 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{variant: (folder, Transformers T5ForConditionalGeneration)}, saved by Transformers."""
-    out = {}
-    for i, variant in enumerate(VARIANTS):
-        model = make_model(variant, seed=i)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (folder, model)
-    return out
+    return save_variants(tmp_path_factory, VARIANTS, lambda variant, seed: make_model(variant, seed=seed))
 
 
 def batch(seed: int = 0, source: int = 12, target: int = 8):
@@ -94,13 +80,6 @@ def batch(seed: int = 0, source: int = 12, target: int = 8):
     dec_mask = torch.ones(2, target, dtype=torch.long)
     dec_mask[1, target - 2 :] = 0
     return ids, mask, dec, dec_mask
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Max |a - b| ([B, T, ...]) over the positions where `mask` [B, T] is 1 (all without)."""
-    if mask is not None:
-        a, b = a[mask.bool()], b[mask.bool()]
-    return (a - b).abs().max().item()
 
 
 def hf_run(model, **inputs):
@@ -462,19 +441,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved):
     folder, _ = saved["v1.1"]
     ids, mask, labels, _ = batch(9)
 
-    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = facade.AutoModelForSeq2SeqLM.from_pretrained(folder)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        torch.manual_seed(0)  # the same dropout masks (the recomputation replays the RNG)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters()}
-
-    plain, checkpointed = grads(False), grads(True)
-    assert set(plain) == set(checkpointed) and all(g is not None for g in checkpointed.values())
-    for name, grad in plain.items():
-        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+    # seed 0 in both runs: the same dropout masks (the recomputation replays the RNG)
+    plain, checkpointed = (
+        training_grads(
+            facade.AutoModelForSeq2SeqLM.from_pretrained(folder),
+            c,
+            seed=0,
+            input_ids=ids,
+            attention_mask=mask,
+            labels=labels,
+        )
+        for c in (False, True)
+    )
+    assert_same_grads(plain, checkpointed)
 
 
 def test_resize_tie_init_quantize_and_vmap(saved, tmp_path):

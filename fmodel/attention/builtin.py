@@ -259,69 +259,72 @@ def _flash_check(package: str, label: str):
     return check
 
 
-def flash_attention(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    dropout=0.0,
-    sliding_window=None,
-    softcap=None,
-    **kwargs,
-):
-    """FlashAttention 2 (`flash_attn`) on CUDA. Mask: padding ([B, S] or None).
+def _flash_attention_kernels():
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _flash_attention_3_kernels():
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _flash_entry(name: str, kernels, takes_dropout: bool, doc: str):
+    """An attention function over a flash-attn build: `kernels()` imports its dense and varlen
+    kernels (at call time: the package is optional); without `takes_dropout` the `dropout`
+    argument is accepted and not used (FlashAttention 3's kernels have no dropout)."""
+
+    def entry(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=None,
+        dropout=0.0,
+        sliding_window=None,
+        softcap=None,
+        **kwargs,
+    ):
+        dense, varlen = kernels()
+        return _flash(
+            dense,
+            varlen,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            dropout if takes_dropout else 0.0,
+            sliding_window,
+            softcap,
+        )
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = doc
+    return entry
+
+
+flash_attention = _flash_entry(
+    "flash_attention",
+    _flash_attention_kernels,
+    takes_dropout=True,
+    doc="""FlashAttention 2 (`flash_attn`) on CUDA. Mask: padding ([B, S] or None).
 
     Padded batches go through the varlen kernel with the padding removed. `softcap` goes to
     flash-attn's own `softcap` (flash-attn >= 2.6).
-    """
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    return _flash(
-        flash_attn_func,
-        flash_attn_varlen_func,
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        scaling,
-        dropout,
-        sliding_window,
-        softcap,
-    )
-
-
-def flash_attention_3(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    dropout=0.0,
-    sliding_window=None,
-    softcap=None,
-    **kwargs,
-):
-    """FlashAttention 3 (`flash_attn_interface`, Hopper GPUs). Mask: padding. `softcap` as
-    FlashAttention 2's."""
-    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
-
-    return _flash(
-        flash_attn_func,
-        flash_attn_varlen_func,
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        scaling,
-        0.0,
-        sliding_window,
-        softcap,
-    )
+    """,
+)
+flash_attention_3 = _flash_entry(
+    "flash_attention_3",
+    _flash_attention_3_kernels,
+    takes_dropout=False,
+    doc="""FlashAttention 3 (`flash_attn_interface`, Hopper GPUs). Mask: padding. `softcap` as
+    FlashAttention 2's; `dropout` is not applied (its kernels take none).""",
+)
 
 
 def _flash(dense, varlen, module, query, key, value, padding, scaling, dropout, sliding_window, softcap):
