@@ -1,0 +1,232 @@
+"""The facade under torch.distributed (2 gloo ranks spawned here, CPU): FSDP2 training equal to
+one process, a `torch.distributed.checkpoint` save/restore resuming to the same losses, and
+`from_pretrained(path, tp_plan="auto")` (spawned ranks and a real `torchrun`).
+
+Comparisons: the single-process run trains on the whole batch; each rank of the sharded run on
+its half. A causal LM's loss is the mean over the batch's labelled tokens, which the halves do
+not hold equally (labels of -100 are spread unevenly): each rank passes the whole batch's count
+as `num_items_in_batch` (its loss is its tokens' share of the global mean) and, as Trainer does
+for a model that takes it, backpropagates `loss * world` because FSDP averages the gradients
+over ranks; the logged loss is the sum over ranks. BERT's classifier loss is a plain mean over
+equal halves: each rank's own loss, averaged by FSDP and over ranks for the log.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.families import tiny_config
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORLD = 2
+STEPS = 4
+LR = 1e-2
+TIMEOUT = 120  # seconds for one spawned run, a hang fails instead of blocking CI
+
+
+# -- spawning ---------------------------------------------------------------------------------
+
+
+def _rank_main(target, rank: int, world: int, store: str, queue, args) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        queue.put((rank, True, target(rank, world, *args)))
+    except BaseException:  # reported to the parent, which fails the test with it
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(target, tmp: Path, *args, world: int = WORLD) -> list:
+    """Run `target(rank, world, *args)` on `world` spawned gloo ranks; their results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    store = tmp / f"store-{os.urandom(4).hex()}"
+    procs = [
+        ctx.Process(target=_rank_main, args=(target, r, world, str(store), queue, args), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results: list = [None] * world
+    try:
+        for _ in procs:
+            rank, ok, payload = queue.get(timeout=TIMEOUT)
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results
+
+
+# -- models and batches -----------------------------------------------------------------------
+
+
+def make_model(family: str, seed: int = 0):
+    from fmodel.facade import BertForSequenceClassification, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        return LlamaForCausalLM(tiny_config("llama")).train()
+    labels = {str(i): f"label_{i}" for i in range(3)}
+    config = tiny_config("bert", id2label=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).train()
+
+
+def make_batch(family: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (4, 10), generator=g)
+    if family == "llama":
+        labels = ids.clone()
+        labels[0, 2:7] = -100  # the first half has fewer labelled tokens than the second
+        labels[3, 8:] = -100
+        return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": torch.tensor([0, 2, 1, 2])}
+
+
+def global_items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def train_step(model, optimizer, batch, family: str, world: int = 1) -> float:
+    """One AdamW step on `batch` (this rank's part); the loss of the whole batch."""
+    if family == "llama":
+        loss = model(**batch).loss  # with num_items_in_batch: the whole batch's count
+        (loss * world).backward()
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+    else:
+        loss = model(**batch).loss
+        loss.backward()
+        logged = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+    optimizer.step()
+    optimizer.zero_grad()
+    return logged.item()
+
+
+def rank_batch(family: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    batch = make_batch(family)
+    part = {k: v.chunk(world)[rank] for k, v in batch.items()}
+    if family == "llama":
+        part["num_items_in_batch"] = global_items(batch)
+    return part
+
+
+def single_losses(family: str, checkpointing: bool, steps: int = STEPS) -> list[float]:
+    model = make_model(family)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    batch = rank_batch(family, 0, 1)
+    return [train_step(model, optimizer, batch, family) for _ in range(steps)]
+
+
+def sharded(family: str, seed: int = 0, checkpointing: bool = False):
+    from fmodel.distributed.fsdp import fully_shard_model
+
+    model = make_model(family, seed)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    fully_shard_model(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=LR)
+
+
+# -- the ranks' work --------------------------------------------------------------------------
+
+
+def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from fmodel.distributed.fsdp import layer_modules
+
+    out: dict = {}
+    for family in ("llama", "bert"):
+        for checkpointing in (False, True):
+            model, optimizer = sharded(family, checkpointing=checkpointing)
+            calls = []  # a checkpointed layer runs twice a step: forward, then its recomputation
+            handle = layer_modules(model)[0].register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+            batch = rank_batch(family, rank, world)
+            out[family, checkpointing] = [
+                train_step(model, optimizer, batch, family, world) for _ in range(STEPS)
+            ]
+            out[family, checkpointing, "layer calls"] = len(calls)
+            handle.remove()
+    # what FSDP made of the facade: DTensor parameters, shared with `model.state`
+    params = dict(model.named_parameters())
+    state = model.state
+    out["dtensor_params"] = all(isinstance(p, DTensor) for p in params.values())
+    out["state_shares"] = all(state.params[name] is p for name, p in params.items())
+
+    # DCP: 2 steps, save (model + optimizer), 2 more; fresh model and optimizer restore, 2 steps
+    family = "llama"
+    model, optimizer = sharded(family)
+    batch = rank_batch(family, rank, world)
+    first = [train_step(model, optimizer, batch, family, world) for _ in range(2)]
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+    continued = [train_step(model, optimizer, batch, family, world) for _ in range(2)]
+
+    fresh, fresh_optimizer = sharded(family, seed=123)  # other weights: the restore must replace them
+    model_sd, optim_sd = get_state_dict(fresh, fresh_optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=folder)
+    set_state_dict(fresh, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    resumed = [train_step(fresh, fresh_optimizer, batch, family, world) for _ in range(2)]
+    out["dcp"] = {"first": first, "continued": continued, "resumed": resumed}
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return spawn(_fsdp_and_dcp, tmp, str(tmp / "dcp"))
+
+
+# -- FSDP2 and DCP ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_fsdp2_training_equals_one_process(fsdp_runs, family, checkpointing):
+    expected = single_losses(family, checkpointing)
+    for rank, run in enumerate(fsdp_runs):
+        got = run[family, checkpointing]
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (rank, got, expected)
+    assert expected[-1] < expected[0] - 0.05  # the steps train: a comparison of moving losses
+    assert fsdp_runs[0][family, checkpointing, "layer calls"] == STEPS * (2 if checkpointing else 1)
+
+
+def test_fsdp2_parameters_are_dtensors_the_state_shares(fsdp_runs):
+    assert all(run["dtensor_params"] and run["state_shares"] for run in fsdp_runs)
+
+
+def test_dcp_restore_resumes_to_the_same_losses(fsdp_runs):
+    expected = single_losses("llama", checkpointing=False)
+    for run in fsdp_runs:
+        dcp = run["dcp"]
+        assert max(abs(a - b) for a, b in zip(dcp["first"] + dcp["continued"], expected, strict=True)) < 1e-5
+        assert max(abs(a - b) for a, b in zip(dcp["resumed"], dcp["continued"], strict=True)) < 1e-6, dcp
