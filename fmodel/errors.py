@@ -10,13 +10,18 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CorruptFileError",
+    "DistributedError",
     "FModelError",
     "HubUnavailableError",
     "InvalidArgumentError",
+    "MeshSizeError",
+    "PlanDivisibilityError",
+    "PlanError",
     "QuantizationError",
     "QuantizedDtypeError",
     "ShapeMismatchError",
     "SizeLimitError",
+    "StateDistributedError",
     "TokenIdError",
     "UnknownArchitectureError",
     "UnsupportedOptionError",
@@ -100,3 +105,24 @@ class CorruptFileError(CheckpointError, ValueError):
 class HubUnavailableError(CheckpointError, ConnectionError):
     """A hub repo id could not be resolved: the hub is unreachable or offline mode is on and
     the files are not in the local cache. The message says which and how to use a local copy."""
+
+
+class DistributedError(FModelError, ValueError):
+    """A request to distribute a state over a device mesh that cannot be honoured."""
+
+
+class PlanError(DistributedError):
+    """A tensor-parallel plan that is malformed: an unknown style, or a key that matches no module."""
+
+
+class PlanDivisibilityError(DistributedError):
+    """A plan shards a size (attention heads, key/value heads, experts, the FFN width) that the
+    mesh size does not divide; the message names it and the mesh sizes that would work."""
+
+
+class MeshSizeError(DistributedError):
+    """A device mesh of the wrong shape for the call: not 1-D, or its size is not the world size."""
+
+
+class StateDistributedError(DistributedError):
+    """A state that is already distributed where an undistributed one is needed (or the reverse)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, build_mask
+from ..distributed.plan import bert_plan
 from ._stack import require_one_input, run_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
 from .decoder import padding_idx as _padding_idx
@@ -343,6 +344,7 @@ def _spec(
         position_ids_buffer=f"{p}embeddings.position_ids",
         output_bias=output_bias,
         head_layout=_head_layout(p),
+        tp_plan=bert_plan(p),
         takes_head_mask=True,
     )
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..attention import AttentionFunction, build_mask
 from ..attention.builtin import require_softcap
+from ..distributed.plan import decoder_plan
 from ._stack import embed_inputs, run_cached_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
 from .linear import Linear
@@ -479,8 +480,17 @@ def register_decoder_family(
     **spec_fields: Any,
 ) -> tuple[ArchSpec, ArchSpec]:
     """Register `<prefix>Model` (keys without the "model." prefix) and `<prefix>ForCausalLM`
-    for `model_type`. `spec_fields` go to both `ArchSpec`s (e.g. `key_renames`)."""
+    for `model_type`. `spec_fields` go to both `ArchSpec`s (e.g. `key_renames`); a `tp_plan`
+    among them is a pair (base plan, causal LM plan) replacing the decoder's
+    (`fmodel.distributed.plan.decoder_plan`)."""
     parts = model_class.layer_class.parts
+    plan_parts = dict(
+        fused_qkv=parts.fused_qkv, fused_gate_up=parts.fused_gate_up, qk_norm=parts.qk_norm, mlp_name=parts.mlp_name
+    )
+    plans = spec_fields.pop("tp_plan", None) or (
+        decoder_plan("", **plan_parts),
+        decoder_plan("model.", lm_head=True, **plan_parts),
+    )
     common = dict(
         model_type=model_type,
         prefix="model",
@@ -497,6 +507,7 @@ def register_decoder_family(
         output_embeddings=None,
         computed_buffers=_computed_buffers("", model_class),
         head_layout=_head_layout("", parts),
+        tp_plan=plans[0],
         output="base",
         **common,
     )
@@ -509,6 +520,7 @@ def register_decoder_family(
         output_embeddings="lm_head.weight",
         computed_buffers=_computed_buffers("model.", model_class),
         head_layout=_head_layout("model.", parts),
+        tp_plan=plans[1],
         output="causal_lm",
         **common,
     )

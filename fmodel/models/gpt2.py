@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionFunction, build_mask
+from ..distributed.plan import gpt2_plan
 from ..errors import ConfigError
 from ._stack import embed_inputs, run_cached_layers, step_positions, with_logits
 from .activations import ACTIVATIONS
@@ -265,6 +266,7 @@ register_architecture(
         ignore_unexpected=_IGNORE,
         position_embeddings="wpe.weight",
         head_layout=_head_layout(""),
+        tp_plan=gpt2_plan(""),
         takes_head_mask=True,
     )
 )
@@ -284,6 +286,7 @@ register_architecture(
         ignore_unexpected=_IGNORE,
         position_embeddings="transformer.wpe.weight",
         head_layout=_head_layout("transformer."),
+        tp_plan=gpt2_plan("transformer.", lm_head=True),
         takes_head_mask=True,
     )
 )

@@ -82,6 +82,8 @@ class ArchSpec:
         output_bias: name of the output projection's bias over the vocabulary, else None.
         head_layout: (config, layer index) -> HeadLayout, for `prune_heads`; None if unsupported.
         takes_head_mask: the forward accepts Transformers' `head_mask` (GPT-2, BERT).
+        tp_plan: config -> {module pattern: style}, the tensor-parallel plan `fmodel.distribute`
+            uses by default (`fmodel.distributed.plan` defines the format); None: none known.
     """
 
     name: str
@@ -102,6 +104,7 @@ class ArchSpec:
     output_bias: str | None = None
     head_layout: Callable[[object, int], HeadLayout] | None = None
     takes_head_mask: bool = False
+    tp_plan: Callable[[object], Mapping[str, str]] | None = None
 
     def rename_key(self, key: str) -> str:
         for pattern, replacement in self.key_renames:
