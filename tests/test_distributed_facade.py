@@ -157,6 +157,7 @@ def sharded(family: str, seed: int = 0, checkpointing: bool = False):
 
 
 def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
+    """Every FSDP2 run of this module on one rank (one spawn for all: each costs seconds)."""
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.tensor import DTensor
@@ -175,6 +176,9 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
             ]
             out[family, checkpointing, "layer calls"] = len(calls)
             handle.remove()
+    # save_pretrained from every rank: one ordinary checkpoint of the trained weights
+    model.save_pretrained(os.path.join(folder, "saved"), is_main_process=rank == 0)
+    out["saved_files"] = sorted(os.listdir(os.path.join(folder, "saved")))
     # what FSDP made of the facade: DTensor parameters, shared with `model.state`
     params = dict(model.named_parameters())
     state = model.state
@@ -187,13 +191,13 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
     batch = rank_batch(family, rank, world)
     first = [train_step(model, optimizer, batch, family, world) for _ in range(2)]
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(folder, "dcp"))
     continued = [train_step(model, optimizer, batch, family, world) for _ in range(2)]
 
     fresh, fresh_optimizer = sharded(family, seed=123)  # other weights: the restore must replace them
     model_sd, optim_sd = get_state_dict(fresh, fresh_optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=folder)
+    dcp.load(loaded, checkpoint_id=os.path.join(folder, "dcp"))
     set_state_dict(fresh, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     resumed = [train_step(fresh, fresh_optimizer, batch, family, world) for _ in range(2)]
     out["dcp"] = {"first": first, "continued": continued, "resumed": resumed}
@@ -203,7 +207,7 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    return spawn(_fsdp_and_dcp, tmp, str(tmp / "dcp"))
+    return tmp, spawn(_fsdp_and_dcp, tmp, str(tmp))
 
 
 # -- FSDP2 and DCP ----------------------------------------------------------------------------
@@ -212,6 +216,7 @@ def fsdp_runs(tmp_path_factory):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_fsdp2_training_equals_one_process(fsdp_runs, family, checkpointing):
+    _, fsdp_runs = fsdp_runs
     expected = single_losses(family, checkpointing)
     for rank, run in enumerate(fsdp_runs):
         got = run[family, checkpointing]
@@ -221,12 +226,33 @@ def test_fsdp2_training_equals_one_process(fsdp_runs, family, checkpointing):
 
 
 def test_fsdp2_parameters_are_dtensors_the_state_shares(fsdp_runs):
+    _, fsdp_runs = fsdp_runs
     assert all(run["dtensor_params"] and run["state_shares"] for run in fsdp_runs)
 
 
 def test_dcp_restore_resumes_to_the_same_losses(fsdp_runs):
+    _, fsdp_runs = fsdp_runs
     expected = single_losses("llama", checkpointing=False)
     for run in fsdp_runs:
         dcp = run["dcp"]
         assert max(abs(a - b) for a, b in zip(dcp["first"] + dcp["continued"], expected, strict=True)) < 1e-5
         assert max(abs(a - b) for a, b in zip(dcp["resumed"], dcp["continued"], strict=True)) < 1e-6, dcp
+
+
+def test_fsdp2_save_pretrained_from_every_rank_writes_the_trained_weights(fsdp_runs):
+    import fmodel
+
+    tmp, runs = fsdp_runs
+    assert runs[0]["saved_files"] == runs[1]["saved_files"]
+    assert "model.safetensors" in runs[0]["saved_files"]
+    model = make_model("bert", 0)  # the last FSDP run: BERT with checkpointing, trained STEPS steps
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    batch = rank_batch("bert", 0, 1)
+    for _ in range(STEPS):
+        train_step(model, optimizer, batch, "bert")
+    saved = fmodel.load(tmp / "saved")
+    trained = model.state
+    assert sorted(saved.params) == sorted(trained.params)
+    worst = max((saved.params[k] - trained.params[k]).abs().max().item() for k in trained.params)
+    assert worst < 1e-5, worst

@@ -28,6 +28,7 @@ from ..io.save import save
 from .adapters import has_adapters, save_adapter
 from .arg_checks import check_repo_id
 from .generation import saved_generation_config
+from .tensor_parallel import distributed_tensors, save_from_every_rank
 
 if TYPE_CHECKING:
     from ..state import ModelState
@@ -113,7 +114,10 @@ class HubMixin:
             save_directory: the folder (created if absent; a file there raises, where
                 Transformers logs an error and returns).
             is_main_process: False writes nothing and pushes nothing (Transformers still writes
-                the weights on every process and leaves the rest to `save_function`).
+                the weights on every process and leaves the rest to `save_function`). A model
+                with distributed tensors (`from_pretrained(tp_plan=...)`, FSDP2) is saved by
+                every rank together whatever this says: each gathers the full tensors, rank 0
+                writes one ordinary checkpoint, the others wait until it is written.
             state_dict: save these tensors instead of the model's, by Transformers' names; a tied
                 alias given beside its source is stored once.
             save_function: writes one pickle shard (`safe_serialization=False`); default
@@ -150,7 +154,8 @@ class HubMixin:
                     f"save_pretrained(push_to_hub=True): unexpected arguments {sorted(kwargs)}"
                 )
             warnings.warn(f"save_pretrained: ignoring unknown arguments {sorted(kwargs)}", stacklevel=2)
-        if not is_main_process:
+        distributed = distributed_tensors(self)
+        if not is_main_process and not distributed:
             return
         if has_adapters(self):  # PEFT adapters added by add_adapter/load_adapter: the adapter only
             if push_to_hub:
@@ -177,10 +182,17 @@ class HubMixin:
             "tags": self.model_tags,
             "ignore_metadata_errors": ignore_metadata_errors,
         }
+        if push_to_hub and distributed:
+            raise UnsupportedOptionError(
+                "save_pretrained(push_to_hub=True) of a model with distributed tensors: save it into a "
+                "folder from every rank, then upload that folder from one (huggingface_hub.upload_folder)"
+            )
         if push_to_hub:
             if push_options.get("commit_message") is None:
                 push_options["commit_message"] = _commit_message(self)
             save_and_push(self.state, save_directory, token=token, **push_options, **options)
+        elif distributed:  # tensor parallel or FSDP: every rank gathers, rank 0 writes
+            save_from_every_rank(self.state, lambda full: save(full, save_directory, **options))
         else:
             save(self.state, save_directory, **options)
 

@@ -40,6 +40,7 @@ from .loading import LoadingMixin
 from .mask_helpers import MaskHelpersMixin
 from .module_tree import get_param, move_hooks, set_tensor
 from .surgery import SurgeryMixin
+from .tensor_parallel import TensorParallelMixin
 from .training import TrainingMixin
 
 __all__ = ["PreTrainedModel"]
@@ -55,6 +56,7 @@ class PreTrainedModel(
     CountingMixin,
     DeviceMixin,
     TrainingMixin,
+    TensorParallelMixin,
     MaskHelpersMixin,
     GenerationMixin,
     nn.Module,
