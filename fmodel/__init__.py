@@ -23,6 +23,7 @@ from .config import (
     config_from_dict,
     load_config,
 )
+from .distributed.distribute import distribute
 from .errors import (
     ArgumentTypeError,
     AttentionUnavailableError,
@@ -131,6 +132,7 @@ __all__ = [
     "bind_forward",
     "config_from_dict",
     "dequantize",
+    "distribute",
     "forward",
     "generate",
     "get_input_embeddings",

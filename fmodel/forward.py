@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from . import attention
 from ._checks import check_state, describe
+from .distributed.distribute import local_tensors, mesh_of, tp_skeleton
 from .errors import ArgumentTypeError, InvalidArgumentError
 from .forward_checks import check_head_mask, check_module_inputs, check_options, check_seq2seq_inputs
 from .forward_checks import check_inputs as _check_inputs
@@ -182,7 +183,8 @@ def forward(
         gradient_checkpointing=gradient_checkpointing,
         **model_inputs,
     )
-    out = functional_call(module, state.tensors, args, kwargs, tie_weights=False, strict=False)
+    tensors = state.tensors if mesh_of(state) is None else local_tensors(state)
+    out = functional_call(module, tensors, args, kwargs, tie_weights=False, strict=False)
     return to_output(out)
 
 
@@ -231,7 +233,10 @@ def prepare_call(
         check_head_mask(state, head_mask)
         attn = _head_mask_attention(state, head_mask, inputs_embeds)
     if module is None:
-        module = skeleton(state.config, state.architecture, training)
+        if mesh_of(state) is None:
+            module = skeleton(state.config, state.architecture, training)
+        else:  # tensor parallel: local heads, collectives after the split layers
+            module = tp_skeleton(state, training)
     check_module_inputs(
         module, [k for k, v in model_inputs.items() if v is not None], get_spec(state.architecture).prefix
     )
@@ -265,8 +270,12 @@ class _Bound(nn.Module):
 
 def run_bound(state: ModelState, module: nn.Module, fn: Callable[[nn.Module], T]) -> T:
     """`fn(module)` with the state's tensors bound to `module` (its structure) for the whole
-    call: one `functional_call`, however many forwards `fn` runs."""
-    tensors = {f"model.{name}": t for name, t in state.tensors.items()}
+    call: one `functional_call`, however many forwards `fn` runs. A distributed state's
+    skeleton is replaced by its tensor-parallel one, and its tensors by their local shards."""
+    tensors = state.tensors
+    if mesh_of(state) is not None and module is skeleton(state.config, state.architecture, module.training):
+        module, tensors = tp_skeleton(state, module.training), local_tensors(state)
+    tensors = {f"model.{name}": t for name, t in tensors.items()}
     return functional_call(_Bound(module), tensors, (fn,), tie_weights=False, strict=False)
 
 

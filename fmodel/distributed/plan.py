@@ -292,15 +292,36 @@ def to_checkpoint_order(gathered: torch.Tensor, p: Placement, world: int) -> tor
     return torch.cat(sections, dim=p.dim)
 
 
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class IdentityWeakMap:
+    """{object: value} by identity, holding its keys weakly (a `WeakKeyDictionary` compares
+    keys with ==, which a tensor answers elementwise)."""
+
+    def __init__(self) -> None:
+        self._data: dict[int, tuple[weakref.ref, object]] = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __setitem__(self, key: object, value: object) -> None:
+        i = id(key)
+
+        def forget(ref: weakref.ref, i: int = i, data: dict = self._data) -> None:
+            if data.get(i, (None,))[0] is ref:
+                del data[i]
+
+        self._data[i] = (weakref.ref(key, forget), value)
+
+    def get(self, key: object, default: object = None) -> object:
+        entry = self._data.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else default
+
+
+_LAYOUTS = IdentityWeakMap()
 
 
 def layout_of(tensor: torch.Tensor) -> Placement | None:
     """The `Placement` recorded by `to_dtensor` for this tensor, else None."""
-    try:
-        return _LAYOUTS.get(tensor)
-    except TypeError:
-        return None
+    return _LAYOUTS.get(tensor)
 
 
 def to_dtensor(local: torch.Tensor, p: Placement, mesh, shape: Sequence[int]) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 
 from .._checks import check_device, check_float_dtype, check_positive_int, check_state_like, describe
 from .._limits import check_allocation
+from ..distributed.distribute import tp_world
 from ..errors import ArgumentTypeError, FModelError
 from ..models import get_spec
 from ..state import ModelState
@@ -175,9 +176,9 @@ def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:
             f"and cannot generate; use a decoder such as LlamaForCausalLM or GPT2LMHeadModel, "
             f"or an encoder-decoder such as T5ForConditionalGeneration"
         )
-    config = state.config
+    config, world = state.config, tp_world(state)  # a distributed state caches its local kv heads
     return [
-        (layout.kv_heads, layout.head_dim)
+        (layout.kv_heads // world, layout.head_dim)
         for layout in (spec.head_layout(config, i) for i in range(config.num_hidden_layers))
     ]
 
@@ -258,8 +259,9 @@ def _check_layer_shapes(state: ModelState, cache: KVCache) -> None:
     """Each layer's buffers are [B, kv_heads, max_length, head_dim] of this model (a cache made
     for another model, e.g. GPT-2's given to a Llama, fails here instead of deep in the
     attention). Checks the layers where the model's shapes change (first, last, pruned ones)."""
-    batch, length = cache.batch_size, cache.max_length
+    batch, length, world = cache.batch_size, cache.max_length, tp_world(state)
     for i, kv_heads, head_dim in _layer_shapes(state.config, state.architecture):
+        kv_heads //= world  # a distributed state's cache holds its local kv heads
         for kind, buffers in (("keys", cache.keys), ("values", cache.values)):
             shape = tuple(buffers[i].shape)
             if shape != (batch, kv_heads, length, head_dim):
