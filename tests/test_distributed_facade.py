@@ -14,6 +14,7 @@ equal halves: each rank's own loss, averaged by FSDP and over ranks for the log.
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def _rank_main(target, rank: int, world: int, store: str, queue, args) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        queue.put((rank, True, target(rank, world, *args)))
+        # pickled here: a tensor put on the queue as is would be shared through a file
+        # descriptor that dies with this process
+        queue.put((rank, True, pickle.dumps(target(rank, world, *args))))
     except BaseException:  # reported to the parent, which fails the test with it
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -67,7 +70,7 @@ def spawn(target, tmp: Path, *args, world: int = WORLD) -> list:
             rank, ok, payload = queue.get(timeout=TIMEOUT)
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -256,3 +259,160 @@ def test_fsdp2_save_pretrained_from_every_rank_writes_the_trained_weights(fsdp_r
     assert sorted(saved.params) == sorted(trained.params)
     worst = max((saved.params[k] - trained.params[k]).abs().max().item() for k in trained.params)
     assert worst < 1e-5, worst
+
+
+# -- from_pretrained(tp_plan="auto") ------------------------------------------------------------
+
+PROMPT = torch.tensor([[5, 17, 3, 42, 8, 11], [9, 2, 60, 33, 1, 70]])
+NEW_TOKENS = 6
+
+
+def tp_checkpoints(tmp: Path) -> tuple[Path, Path]:
+    """A tiny Llama (4 heads, 2 kv heads: 2 ranks divide them) and one with 3 heads (they do not)."""
+    from fmodel.facade import LlamaForCausalLM
+
+    good, bad = tmp / "llama", tmp / "llama-3-heads"
+    make_model("llama").save_pretrained(good)
+    torch.manual_seed(0)
+    config = tiny_config("llama", hidden_size=24, num_attention_heads=3, num_key_value_heads=3, head_dim=8)
+    LlamaForCausalLM(config).save_pretrained(bad)
+    return good, bad
+
+
+def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    import fmodel
+    from fmodel.errors import PlanDivisibilityError
+    from fmodel.facade import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(good, tp_plan="auto")
+    result = {
+        "tp_size": model.tp_size,
+        "sharded": sorted(
+            n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.placements[0].is_shard()
+        ),
+        "logits": model(input_ids=PROMPT).logits.detach(),
+        "tokens": model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False),
+    }
+    with torch.no_grad():  # the state it shares is a distributed state fmodel's own forward runs
+        result["state_logits"] = fmodel.forward(model.state, PROMPT).logits
+        result["base_hidden"] = model.model(PROMPT).last_hidden_state  # Transformers' model.model(...)
+    model.save_pretrained(out, is_main_process=rank == 0)
+    # a 2-D mesh names its "tp" dimension; tp_size must agree with it
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    again = AutoModelForCausalLM.from_pretrained(good, tp_plan="auto", device_mesh=mesh, tp_size=world)
+    result["mesh_logits"] = again(input_ids=PROMPT).logits.detach()
+    try:
+        AutoModelForCausalLM.from_pretrained(bad, tp_plan="auto")
+    except PlanDivisibilityError as error:
+        result["bad_heads"] = str(error)
+    return result
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    good, bad = tp_checkpoints(tmp)
+    return good, tmp / "saved", spawn(_tensor_parallel, tmp, str(good), str(bad), str(tmp / "saved"))
+
+
+def single_process(folder: Path):
+    from fmodel.facade import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits, hidden = model(input_ids=PROMPT).logits, model.model(PROMPT).last_hidden_state
+    return logits, hidden, model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def test_tp_plan_auto_forward_and_generate_equal_one_process(tp_runs):
+    good, _, runs = tp_runs
+    logits, hidden, tokens = single_process(good)
+    for run in runs:
+        assert run["tp_size"] == WORLD
+        assert "model.layers.0.self_attn.q_proj.weight" in run["sharded"]
+        assert "lm_head.weight" in run["sharded"]
+        assert (run["logits"] - logits).abs().max().item() < 1e-5
+        assert (run["mesh_logits"] - logits).abs().max().item() < 1e-5
+        assert (run["state_logits"] - logits).abs().max().item() < 1e-5
+        assert (run["base_hidden"] - hidden).abs().max().item() < 1e-5
+        assert torch.equal(run["tokens"], tokens)
+    assert tokens.shape[1] == PROMPT.shape[1] + NEW_TOKENS
+
+
+def test_tp_save_pretrained_from_every_rank_writes_one_checkpoint(tp_runs):
+    import fmodel
+
+    good, saved, _ = tp_runs
+    original, written = fmodel.load(good), fmodel.load(saved)
+    assert sorted(written.params) == sorted(original.params)
+    for name, tensor in original.params.items():
+        assert torch.equal(written.params[name], tensor), name
+    assert (saved / "config.json").is_file()
+
+
+def test_tp_world_size_not_dividing_heads_is_named(tp_runs):
+    for run in tp_runs[2]:
+        assert "3" in run["bad_heads"] and "2" in run["bad_heads"]
+
+
+def test_tp_plan_argument_errors(tmp_path, monkeypatch):
+    from fmodel.errors import DistributedError, InvalidArgumentError, PlanError
+    from fmodel.facade import AutoModelForCausalLM
+
+    folder = tmp_path / "m"
+    make_model("llama").save_pretrained(folder)
+    with pytest.raises(PlanError, match="'auto'"):
+        AutoModelForCausalLM.from_pretrained(folder, tp_plan="colwise")
+    with pytest.raises(PlanError, match="str -> str"):
+        AutoModelForCausalLM.from_pretrained(folder, tp_plan={"lm_head": 1})
+    with pytest.raises(InvalidArgumentError, match="mutually exclusive"):
+        AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", device_map="cpu")
+    with pytest.raises(InvalidArgumentError, match="only used with tp_plan"):
+        AutoModelForCausalLM.from_pretrained(folder, tp_size=2)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not dist.is_initialized()
+    with pytest.raises(DistributedError, match="torchrun"):
+        AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto")
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from fmodel.facade import AutoModelForCausalLM
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto")  # the process group from env://
+prompt = torch.tensor({prompt})
+logits = model(input_ids=prompt).logits.detach()
+if torch.distributed.get_rank() == 0:
+    torch.save({{"logits": logits, "world": torch.distributed.get_world_size(), "tp_size": model.tp_size}}, out)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_tp_plan_auto_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "m"
+    make_model("llama").save_pretrained(folder)
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(prompt=PROMPT.tolist()))
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, str(script), str(folder), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = torch.load(out)
+    assert got["world"] == 2 and got["tp_size"] == 2
+    logits, _, _ = single_process(folder)
+    assert (got["logits"] - logits).abs().max().item() < 1e-5

@@ -4,10 +4,14 @@ Transformers' classes, losses are `fmodel.losses` with Trainer's `num_items_in_b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .. import losses
 from ..errors import ArgumentTypeError
@@ -43,6 +47,8 @@ class ForwardMixin:
     def _call_info(self) -> _CallInfo:
         """What `prepare_call` reads of a state, without building one (cheap, and traceable by
         torch.compile: no attrs converters in the way)."""
+        if self.__dict__.get("_tp_mesh") is not None:  # tensor parallel: the state has the mesh
+            return self.state  # and plan (local kv heads in the cache, the tensor-parallel skeleton)
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
         return _CallInfo(
             self._frozen_config,
@@ -161,6 +167,9 @@ class ForwardMixin:
             if past_key_values is not None:
                 past_key_values = _with_room(past_key_values, _batch_and_length(input_ids, inputs_embeds)[1])
                 kwargs["past_key_values"] = past_key_values
+        tensor_parallel = None
+        if self.__dict__.get("_tp_mesh") is not None:
+            module, tensor_parallel = _tensor_parallel_module(self, module, spec, training)
         call = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -175,7 +184,10 @@ class ForwardMixin:
         )
         module, args, tree_kwargs = prepare_call(self._call_info(), input_ids, **call)
         runner = self.__dict__.get("_runner") if module is self._tree else None  # a compiled tree
-        if runner is None:
+        if tensor_parallel is not None:
+            runner = partial(functional_call, module, tensor_parallel, tie_weights=False, strict=False)
+            args, tree_kwargs = (args, tree_kwargs), {}
+        elif runner is None:
             runner = module
         out = to_output(runner(*args, **tree_kwargs))
         fields = {k: getattr(out, k) for k in _OUTPUT_FIELDS[head]}
@@ -205,9 +217,11 @@ class ForwardMixin:
 
 
 class _CallInfo:
-    """The part of a `ModelState` that `fmodel.forward.prepare_call` reads."""
+    """The part of a `ModelState` that `fmodel.forward.prepare_call` reads (no tensors: the
+    model is not tensor parallel, `fmodel.distributed.distribute.mesh_of` finds no mesh)."""
 
     __slots__ = ("architecture", "attn_implementation", "config", "device", "dtype")
+    params: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def __init__(self, config, architecture: str, attn_implementation: str, dtype, device) -> None:
         self.config = config
@@ -215,6 +229,22 @@ class _CallInfo:
         self.attn_implementation = attn_implementation
         self.dtype = dtype
         self.device = device
+
+
+def _tensor_parallel_module(model, module: nn.Module, spec, training: bool):
+    """For a tensor-parallel model: the tensor-parallel skeleton (or its base module, when
+    `module` is the facade's base module) and this rank's local tensors under its names. The
+    facade's own tree is not run then: hooks registered on its submodules do not fire."""
+    from ..distributed.distribute import local_tensors, tp_skeleton
+
+    state = model.state
+    root, tensors = tp_skeleton(state, training), local_tensors(state)
+    if module is model._tree:
+        return root, tensors
+    prefix = spec.prefix + "."
+    return getattr(root, spec.prefix), {
+        k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+    }
 
 
 def _batch_and_length(input_ids, inputs_embeds) -> tuple[int, int]:

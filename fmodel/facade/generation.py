@@ -307,7 +307,8 @@ class GenerationMixin:
             streamer=streamer,
             logits_processor=processors,
             stopping_criteria=criteria,
-            module=getattr(self, "_tree", None),
+            # a tensor-parallel model runs fmodel's tensor-parallel skeleton (forward_call.py)
+            module=None if self.__dict__.get("_tp_mesh") is not None else getattr(self, "_tree", None),
             decoder_input_ids=decoder_input_ids,
         )
         if not isinstance(out, GenerateOutput):

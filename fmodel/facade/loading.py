@@ -24,6 +24,12 @@ from .adapters import adapter_source, with_adapter
 from .arg_checks import DeviceArgumentError, check_pretrained_path
 from .config_view import ConfigView, DetachedConfig, as_fmodel_config
 from .devices import DEVICE_MAP_STRATEGIES, registers_on_meta
+from .tensor_parallel import (
+    mesh_device,
+    pop_tp_arguments,
+    record_tensor_parallel,
+    tensor_parallel_mesh,
+)
 
 if TYPE_CHECKING:
     from .model import PreTrainedModel
@@ -104,6 +110,12 @@ class LoadingMixin:
         (`fmodel.load(..., init_missing="transformers")`). A folder with a PEFT
         adapter (adapter_config.json) loads its base model, then the adapter (`adapter_name`,
         `adapter_kwargs`), as Transformers does (see `adapters.adapter_source`).
+        `tp_plan="auto"` (or a dict plan; `tp_size`, `device_mesh`, `distributed_config` as
+        Transformers 4.57) loads the model tensor parallel over the ranks (`fmodel.distribute`
+        of the loaded state), the process group started from torchrun's
+        environment if none is (see tensor_parallel.py); forward and generate give the
+        single-process results on every rank, `save_pretrained` from every rank writes one
+        checkpoint.
         """
         adapter_name = kwargs.pop("adapter_name", "default")
         adapter_kwargs = kwargs.pop("adapter_kwargs", None) or {}
@@ -128,6 +140,7 @@ class LoadingMixin:
         gguf_file = kwargs.pop("gguf_file", None)
         variant = kwargs.pop("variant", None)
         max_memory = kwargs.pop("max_memory", None)
+        tensor_parallel = pop_tp_arguments(kwargs, device_map, f"{cls.__name__}.from_pretrained")
         for name in _IGNORED_LOAD_KWARGS:
             kwargs.pop(name, None)
         is_gguf = gguf_file is not None or source.endswith(".gguf")
@@ -157,6 +170,10 @@ class LoadingMixin:
         # a strategy ("auto", ...) is resolved on the loaded model, as Transformers (accelerate)
         strategy = device_map in DEVICE_MAP_STRATEGIES and find_spec("accelerate") is not None
         device = None if per_module is not None or strategy else _device_from_map(device_map)
+        mesh = None
+        if tensor_parallel is not None:  # the process group and mesh first: no reading without them
+            mesh = tensor_parallel_mesh(tensor_parallel, f"{cls.__name__}.from_pretrained")
+            device = mesh_device(mesh)
         state, report = load_with_report(
             pretrained_model_name_or_path,
             revision=revision,
@@ -176,7 +193,13 @@ class LoadingMixin:
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
+        if mesh is not None:
+            from .. import distribute
+
+            state = distribute(state, mesh, plan=tensor_parallel.explicit_plan)
         model = cls.from_state(state)
+        if mesh is not None:
+            record_tensor_parallel(model, mesh, tensor_parallel)
         model.config.name_or_path = source
         model.config._commit_hash = _commit_hash(source, revision, cache_dir)
         if strategy:
@@ -345,9 +368,6 @@ _IGNORED_LOAD_KWARGS = (
     "subfolder",
     "mirror",
     "user_agent",
-    "tp_plan",
-    "tp_size",
-    "device_mesh",
 )
 
 

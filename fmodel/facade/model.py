@@ -40,7 +40,7 @@ from .loading import LoadingMixin
 from .mask_helpers import MaskHelpersMixin
 from .module_tree import get_param, move_hooks, set_tensor
 from .surgery import SurgeryMixin
-from .tensor_parallel import TensorParallelMixin
+from .tensor_parallel import TensorParallelMixin, as_parameter, keep_tensor_parallel
 from .training import TrainingMixin
 
 __all__ = ["PreTrainedModel"]
@@ -167,11 +167,7 @@ class PreTrainedModel(
         for name, tensor in state.params.items():
             param = installed.get(id(tensor))
             if param is None:
-                param = (
-                    tensor
-                    if isinstance(tensor, nn.Parameter)
-                    else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-                )
+                param = as_parameter(tensor)
                 set_tensor(self, name, param, parameter=True)
                 installed[id(tensor)] = get_param(self, name)
             else:
@@ -187,6 +183,9 @@ class PreTrainedModel(
         object.__setattr__(self, "_ties", dict(state.ties))
         object.__setattr__(self, "_attn_implementation", state.attn_implementation)
         object.__setattr__(self, "_architecture", state.architecture)
+        # a tensor-parallel state (fmodel.distribute, from_pretrained(tp_plan=...)): its mesh, and
+        # the plan it was split by, on the parameters made here (forward_call.py runs it)
+        object.__setattr__(self, "_tp_mesh", keep_tensor_parallel(state, self))
         # The skeleton root shares this module's children; forward runs it so hooks fire.
         object.__setattr__(self, "_tree", tree)
         bind_base_call(self, tree)

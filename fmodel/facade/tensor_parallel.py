@@ -9,7 +9,14 @@ their number (it must be the world size: fmodel shards over every rank). Unlike 
 takes a plan as a dict (module pattern -> style, as the family's `tp_plan` in
 `fmodel.distributed.plan`). The model's tensors are DTensors sharded by the plan
 (`fmodel.distribute`); `model.tp_size`, `model.tp_plan` and `model._device_mesh` say how, as in
-Transformers, and `save_pretrained` from every rank writes one ordinary checkpoint.
+Transformers, and `save_pretrained` from every rank writes one ordinary checkpoint (gathered,
+rank 0 writes: `save_from_every_rank`).
+
+A tensor-parallel model's parameters are the state's DTensors (each keeping how it was split,
+`as_parameter`); its forward and generate run fmodel's tensor-parallel skeleton over the local
+tensors (`fmodel.distributed.distribute`), not the facade's own module tree, so forward hooks
+registered on its submodules do not fire, and training it (autograd through the collectives)
+is not what this is for: train with FSDP2 (`fmodel.distributed.fsdp`).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from ..errors import ArgumentTypeError, DistributedError, InvalidArgumentError, 
 __all__ = [
     "TensorParallelMixin",
     "TensorParallelRequest",
-    "distribute_for_facade",
+    "as_parameter",
     "distributed_tensors",
     "gathered_state",
+    "keep_tensor_parallel",
     "mesh_device",
     "pop_tp_arguments",
     "record_tensor_parallel",
@@ -151,18 +159,51 @@ def tensor_parallel_mesh(request: TensorParallelRequest, where: str):
     return init_device_mesh(device_type, (world,))
 
 
+def as_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """`tensor` as the facade's parameter: itself if one already, else an `nn.Parameter` sharing
+    its storage (requiring grad when floating). A DTensor of a distributed state keeps how it was
+    split (`fmodel.distributed.plan.layout_of`, which `nn.Parameter`'s new object would not
+    have): the parameter is a DTensor over the same local tensor, made by `plan.to_dtensor`."""
+    if isinstance(tensor, torch.nn.Parameter):
+        return tensor
+    grad = tensor.is_floating_point()
+    layout = _layout(tensor)
+    if layout is None:
+        return torch.nn.Parameter(tensor, requires_grad=grad)
+    from ..distributed.plan import to_dtensor
+
+    param = to_dtensor(tensor.to_local(), layout, tensor.device_mesh, tensor.shape).requires_grad_(grad)
+    param._is_param = True  # what nn.Parameter does for a tensor subclass (a new object, here ours)
+    return param
+
+
+def keep_tensor_parallel(state, model: torch.nn.Module):
+    """After `model` installed the tensors of `state`: the mesh of a tensor-parallel `state`
+    (None for any other), its plan recorded for the model's own parameters too."""
+    from ..distributed.distribute import _state_plan, mesh_of, register_plan
+
+    mesh = mesh_of(state)
+    if mesh is not None:
+        register_plan(model.state, _state_plan(state))
+    return mesh
+
+
+def _layout(tensor: torch.Tensor):
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    if module is None or not isinstance(tensor, module.DTensor):
+        return None
+    from ..distributed.plan import layout_of
+
+    return layout_of(tensor)
+
+
 def mesh_device(mesh) -> torch.device:
     """This rank's device on `mesh`: the CPU, or the current device of the mesh's accelerator."""
     if mesh.device_type == "cpu":
         return torch.device("cpu")
     return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
-
-
-def distribute_for_facade(state, mesh, request: TensorParallelRequest):
-    """`fmodel.distribute(state, mesh, plan)`: the family's plan for "auto", else the dict."""
-    from .. import distribute
-
-    return distribute(state, mesh, plan=request.explicit_plan)
 
 
 def record_tensor_parallel(model: torch.nn.Module, mesh, request: TensorParallelRequest) -> None:
