@@ -148,8 +148,10 @@ def _tiny(model_type: str, **overrides):
 
 
 def _families(mesh) -> dict:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
     import fmodel
-    from fmodel.errors import PlanDivisibilityError, PlanError, StateDistributedError
+    from fmodel.errors import MeshSizeError, PlanDivisibilityError, PlanError, StateDistributedError
 
     world = mesh.size()
     results: dict = {}
@@ -162,6 +164,8 @@ def _families(mesh) -> dict:
         "qwen3": _tiny("qwen3"),
         "olmo2": _tiny("olmo2"),
         "gemma2": _tiny("gemma2", **gemma),
+        "gemma3_text": _tiny("gemma3_text", sliding_window=4, sliding_window_pattern=2),
+        "olmo": _tiny("olmo", clip_qkv=0.5),
         "phi3": _tiny("phi3"),
         "mixtral": _tiny("mixtral"),
         "qwen3_moe": _tiny("qwen3_moe"),
@@ -193,6 +197,14 @@ def _families(mesh) -> dict:
         fmodel.distribute(models["llama"], mesh, plan={"model.layers.*.attn.q_proj": "colwise"})
     except PlanError as e:
         errors["unmatched"] = str(e)
+    for key, bad_mesh in (
+        ("mesh_size", DeviceMesh("cpu", torch.arange(1))),
+        ("mesh_2d", init_device_mesh("cpu", (1, 2))),
+    ):
+        try:
+            fmodel.distribute(models["llama"], bad_mesh)
+        except MeshSizeError as e:
+            errors[key] = str(e)
     results["errors"] = errors
     results["world"] = world
     return results
@@ -251,7 +263,18 @@ def _assert_parity(name: str, r: dict, kv_heads_local: int | None = None) -> Non
 
 def test_families_at_two_ranks(tmp_path):
     results = _run("families", 2, tmp_path)
-    for name in ("llama", "llama_tied", "qwen3", "olmo2", "gemma2", "phi3", "mixtral", "qwen3_moe"):
+    for name in (
+        "llama",
+        "llama_tied",
+        "qwen3",
+        "olmo",
+        "olmo2",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "mixtral",
+        "qwen3_moe",
+    ):
         _assert_parity(name, results[name], kv_heads_local=1)
     _assert_parity("gpt2", results["gpt2"], kv_heads_local=2)
     _assert_parity("bert", results["bert"])
@@ -260,6 +283,8 @@ def test_families_at_two_ranks(tmp_path):
     assert "already distributed" in errors["already"]
     assert "3 key/value heads" in errors["kv_heads"] and "[1, 3]" in errors["kv_heads"]
     assert "match no module" in errors["unmatched"]
+    assert "the mesh has 1 ranks but the world size is 2" in errors["mesh_size"]
+    assert "1-D mesh, got 2-D" in errors["mesh_2d"]
 
 
 @pytest.mark.parametrize("world", [3, 4])

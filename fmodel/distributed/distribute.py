@@ -57,7 +57,16 @@ from ..models.spec import get_spec
 from ..state import ModelState
 from . import plan as tp
 
-__all__ = ["distribute", "is_distributed", "local_tensors", "mesh_of", "tp_skeleton", "tp_world"]
+__all__ = [
+    "distribute",
+    "is_distributed",
+    "local_tensors",
+    "mesh_of",
+    "register_plan",
+    "state_plan",
+    "tp_skeleton",
+    "tp_world",
+]
 
 
 # --------------------------------------------------------------------------- collectives
@@ -142,7 +151,8 @@ def _embedding_forward(self, ids: torch.Tensor) -> torch.Tensor:
     if n == 0:
         out = self.weight.new_zeros(*ids.shape, self.weight.shape[1])
     else:
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        # the class's own lookup (Gemma 3's scales its rows) over this rank's rows
+        out = super(type(self), self).forward(local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0)
     return _all_reduce(out, self.tp_group)
 
@@ -309,6 +319,12 @@ def _state_plan(state: ModelState) -> Mapping[str, str]:
         spec = get_spec(state.architecture)
         plan = spec.tp_plan(state.config) if spec.tp_plan is not None else {}
     return plan
+
+
+def state_plan(state: ModelState) -> Mapping[str, str]:
+    """The plan a distributed `state` was split by (its architecture's default unless a custom
+    one was recorded by `distribute` or `register_plan`)."""
+    return _state_plan(state)
 
 
 def register_plan(state: ModelState, plan: Mapping[str, str]) -> None:
