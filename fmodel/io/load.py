@@ -287,6 +287,8 @@ def load_with_report(
     config=None,
     variant: str | None = None,
     init_missing: str = "fmodel",
+    mesh=None,
+    plan: Mapping[str, str] | None = None,
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
     check_load_arguments(
@@ -305,6 +307,18 @@ def load_with_report(
         variant=variant,
         init_missing=init_missing,
     )
+    if mesh is not None:  # each rank reads its slices (fmodel.distributed.load_sharded)
+        from ..distributed.load_sharded import load_distributed
+
+        return load_distributed(
+            path_or_repo_id, mesh=mesh, plan=plan, revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only, gguf_file=gguf_file, dtype=dtype, device=device,
+            config=config, variant=variant, architecture=architecture,
+            attn_implementation=attn_implementation, allow_missing=allow_missing, strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes, init_missing=init_missing,
+        )  # fmt: skip
+    if plan is not None:
+        raise InvalidArgumentError("load: plan= applies to a distributed load; pass mesh= as well")
     if gguf_file is not None or _is_gguf(path_or_repo_id):
         if init_missing != "fmodel":
             raise InvalidArgumentError(
@@ -367,6 +381,8 @@ def load(
     strict: bool = True,
     variant: str | None = None,
     init_missing: str = "fmodel",
+    mesh=None,
+    plan: Mapping[str, str] | None = None,
 ) -> ModelState:
     """Load a Hugging Face checkpoint as a `ModelState`.
 
@@ -389,6 +405,11 @@ def load(
             (Transformers' `from_pretrained` draws, from torch's global generator).
         strict: raise on tensors the architecture has no place for.
         variant: read Transformers' variant files (`model.fp16.safetensors`, ...) instead.
+        mesh: a 1-D torch `DeviceMesh` over every rank: load a distributed state (DTensors
+            split by `plan`, equal to `fmodel.distribute(fmodel.load(path), mesh, plan)`), each
+            rank reading from safetensors files only its slices of the sharded tensors
+            (`fmodel.distributed.load_sharded`); GGUF and pickle files load whole, then split.
+        plan: the tensor-parallel plan ({module pattern: style}); None: the architecture's own.
 
     Returns:
         A new `ModelState`; the checkpoint files are never written.
@@ -397,6 +418,8 @@ def load(
         CheckpointError (ShapeMismatchError, CheckpointDtypeError), ConfigError, SizeLimitError,
             ArgumentTypeError, InvalidArgumentError: each names the file and tensor, field or
             argument (see `state_from_tensors`); all before a large allocation.
+        MeshSizeError, PlanError, PlanDivisibilityError: with `mesh`, a mesh that is not 1-D or
+            not the world size, a plan that does not fit the config (`fmodel.distribute`'s checks).
 
     Example:
         >>> state = fmodel.load("path/to/checkpoint", dtype="bfloat16")
@@ -415,5 +438,7 @@ def load(
         strict=strict,
         variant=variant,
         init_missing=init_missing,
+        mesh=mesh,
+        plan=plan,
     )
     return state

@@ -212,7 +212,23 @@ def save(
 
     Example:
         >>> fmodel.save(state, "out/", max_shard_size="2GB", variant="fp16")
+
+    A distributed state (DTensors, `fmodel.distribute` or `fmodel.load(..., mesh=)`) is saved
+    by calling `save` on every rank of its mesh: the sharded tensors are gathered, rank 0 of
+    the mesh writes the same ordinary checkpoint as above, and every rank returns once it is
+    written or raises the writer's error (`fmodel.distributed.save_sharded`).
     """
+    from ..distributed.save_sharded import is_distributed
+
+    if isinstance(state, ModelState) and is_distributed(state, tensors if isinstance(tensors, Mapping) else None):
+        from ..distributed.save_sharded import save_distributed
+
+        return save_distributed(
+            state, directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+            variant=variant, tensors=tensors, save_function=save_function,
+            generation_config=generation_config, tags=tags, model_card=model_card,
+            ignore_metadata_errors=ignore_metadata_errors,
+        )  # fmt: skip
     directory, shard_bytes = check_save_arguments(
         state,
         directory,
