@@ -34,6 +34,8 @@ WORLD = 2
 STEPS = 4
 LR = 1e-2
 TIMEOUT = 120  # seconds for one spawned run, a hang fails instead of blocking CI
+PROMPT = torch.tensor([[5, 17, 3, 42, 8, 11], [9, 2, 60, 33, 1, 70]])
+NEW_TOKENS = 6
 
 
 # -- spawning ---------------------------------------------------------------------------------
@@ -204,6 +206,13 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
     set_state_dict(fresh, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     resumed = [train_step(fresh, fresh_optimizer, batch, family, world) for _ in range(2)]
     out["dcp"] = {"first": first, "continued": continued, "resumed": resumed}
+
+    # inference on the FSDP2 model: forward and greedy generate (the layers gather their shards)
+    model, _ = sharded("llama")
+    model.eval()
+    with torch.no_grad():
+        out["eval_logits"] = model(input_ids=PROMPT).logits
+    out["eval_tokens"] = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
     return out
 
 
@@ -231,6 +240,17 @@ def test_fsdp2_training_equals_one_process(fsdp_runs, family, checkpointing):
 def test_fsdp2_parameters_are_dtensors_the_state_shares(fsdp_runs):
     _, fsdp_runs = fsdp_runs
     assert all(run["dtensor_params"] and run["state_shares"] for run in fsdp_runs)
+
+
+def test_fsdp2_forward_and_generate_equal_one_process(fsdp_runs):
+    _, fsdp_runs = fsdp_runs
+    model = make_model("llama").eval()
+    with torch.no_grad():
+        logits = model(input_ids=PROMPT).logits
+    tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for run in fsdp_runs:
+        assert (run["eval_logits"] - logits).abs().max().item() < 1e-5
+        assert torch.equal(run["eval_tokens"], tokens)
 
 
 def test_dcp_restore_resumes_to_the_same_losses(fsdp_runs):
@@ -262,9 +282,6 @@ def test_fsdp2_save_pretrained_from_every_rank_writes_the_trained_weights(fsdp_r
 
 
 # -- from_pretrained(tp_plan="auto") ------------------------------------------------------------
-
-PROMPT = torch.tensor([[5, 17, 3, 42, 8, 11], [9, 2, 60, 33, 1, 70]])
-NEW_TOKENS = 6
 
 
 def tp_checkpoints(tmp: Path) -> tuple[Path, Path]:
