@@ -28,7 +28,7 @@ from ..io.save import save
 from .adapters import has_adapters, save_adapter
 from .arg_checks import check_repo_id
 from .generation import saved_generation_config
-from .tensor_parallel import distributed_tensors, save_from_every_rank
+from .tensor_parallel import distributed_tensors
 
 if TYPE_CHECKING:
     from ..state import ModelState
@@ -191,9 +191,7 @@ class HubMixin:
             if push_options.get("commit_message") is None:
                 push_options["commit_message"] = _commit_message(self)
             save_and_push(self.state, save_directory, token=token, **push_options, **options)
-        elif distributed:  # tensor parallel or FSDP: every rank gathers, rank 0 writes
-            save_from_every_rank(self.state, lambda full: save(full, save_directory, **options))
-        else:
+        else:  # distributed tensors (tensor parallel, FSDP2): every rank gathers, rank 0 writes
             save(self.state, save_directory, **options)
 
     def push_to_hub(

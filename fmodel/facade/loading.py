@@ -111,8 +111,8 @@ class LoadingMixin:
         adapter (adapter_config.json) loads its base model, then the adapter (`adapter_name`,
         `adapter_kwargs`), as Transformers does (see `adapters.adapter_source`).
         `tp_plan="auto"` (or a dict plan; `tp_size`, `device_mesh`, `distributed_config` as
-        Transformers 4.57) loads the model tensor parallel over the ranks (`fmodel.distribute`
-        of the loaded state), the process group started from torchrun's
+        Transformers 4.57) loads the model tensor parallel over the ranks, each reading only its
+        slices (`fmodel.load(..., mesh=)`), the process group started from torchrun's
         environment if none is (see tensor_parallel.py); forward and generate give the
         single-process results on every rank, `save_pretrained` from every rank writes one
         checkpoint.
@@ -190,13 +190,11 @@ class LoadingMixin:
             gguf_file=gguf_file,
             variant=variant,
             init_missing="fmodel" if is_gguf else "transformers",  # Transformers' draws, global RNG
+            # tensor parallel: each rank reads its slices of the sharded tensors
+            **({} if mesh is None else {"mesh": mesh, "plan": tensor_parallel.explicit_plan}),
         )
         if report.unexpected:
             logger.warning("Some weights of the checkpoint were not used: %s", list(report.unexpected))
-        if mesh is not None:
-            from .. import distribute
-
-            state = distribute(state, mesh, plan=tensor_parallel.explicit_plan)
         model = cls.from_state(state)
         if mesh is not None:
             record_tensor_parallel(model, mesh, tensor_parallel)

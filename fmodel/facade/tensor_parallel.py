@@ -8,9 +8,9 @@ current); `device_mesh` (1-D, or n-D with a "tp" dimension) names the ranks inst
 their number (it must be the world size: fmodel shards over every rank). Unlike 4.57, fmodel also
 takes a plan as a dict (module pattern -> style, as the family's `tp_plan` in
 `fmodel.distributed.plan`). The model's tensors are DTensors sharded by the plan
-(`fmodel.distribute`); `model.tp_size`, `model.tp_plan` and `model._device_mesh` say how, as in
-Transformers, and `save_pretrained` from every rank writes one ordinary checkpoint (gathered,
-rank 0 writes: `save_from_every_rank`).
+(`fmodel.load(path, mesh=)`: each rank reads its slices); `model.tp_size`, `model.tp_plan` and
+`model._device_mesh` say how, as in Transformers, and `save_pretrained` from every rank writes
+one ordinary checkpoint (`fmodel.save` of a distributed state: gathered, rank 0 writes).
 
 A tensor-parallel model's parameters are the state's DTensors (each keeping how it was split,
 `as_parameter`); its forward and generate run fmodel's tensor-parallel skeleton over the local
@@ -35,12 +35,10 @@ __all__ = [
     "TensorParallelRequest",
     "as_parameter",
     "distributed_tensors",
-    "gathered_state",
     "keep_tensor_parallel",
     "mesh_device",
     "pop_tp_arguments",
     "record_tensor_parallel",
-    "save_from_every_rank",
     "tensor_parallel_mesh",
 ]
 
@@ -180,11 +178,11 @@ def as_parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
 def keep_tensor_parallel(state, model: torch.nn.Module):
     """After `model` installed the tensors of `state`: the mesh of a tensor-parallel `state`
     (None for any other), its plan recorded for the model's own parameters too."""
-    from ..distributed.distribute import _state_plan, mesh_of, register_plan
+    from ..distributed.distribute import mesh_of, register_plan, state_plan
 
     mesh = mesh_of(state)
     if mesh is not None:
-        register_plan(model.state, _state_plan(state))
+        register_plan(model.state, state_plan(state))
     return mesh
 
 
@@ -262,47 +260,3 @@ def _process_group_device_type() -> str:
     import torch.distributed as dist
 
     return "cpu" if dist.get_backend() == "gloo" else _accelerator_type()
-
-
-def gathered_state(state):
-    """`state` with each DTensor replaced by its full tensor (in the checkpoint's order, see
-    `fmodel.distributed.plan.full_tensor`): a collective, so every rank of the mesh calls it.
-    A tied alias stays the very tensor of its source."""
-    from ..distributed.plan import full_tensor
-
-    done: dict[int, torch.Tensor] = {}
-
-    def gather(tensors):
-        out = {}
-        for name, tensor in tensors.items():
-            full = done.get(id(tensor))
-            if full is None:
-                full = done[id(tensor)] = full_tensor(tensor.detach())
-            out[name] = full
-        return out
-
-    return state.replace(params=gather(state.params), buffers=gather(state.buffers))
-
-
-def save_from_every_rank(state, write) -> None:
-    """Save a distributed `state` from every rank: each takes part in gathering the full tensors,
-    rank 0 alone calls `write(full_state)`, then every rank waits for it (a barrier), so no rank
-    reads the folder before it is complete. An error on rank 0 is raised there; the others get
-    a DistributedError naming it."""
-    import torch.distributed as dist
-
-    full = gathered_state(state)
-    failure = [None]
-    if dist.get_rank() == 0:
-        try:
-            write(full)
-        except BaseException as error:  # re-raised below, after the others are told
-            failure[0] = f"{type(error).__name__}: {error}"
-            raise
-        finally:
-            dist.broadcast_object_list(failure, src=0)
-    else:
-        dist.broadcast_object_list(failure, src=0)
-        if failure[0] is not None:
-            raise DistributedError(f"save_pretrained: rank 0 failed to write the checkpoint: {failure[0]}")
-    dist.barrier()
