@@ -284,19 +284,33 @@ def test_fsdp2_save_pretrained_from_every_rank_writes_the_trained_weights(fsdp_r
 # -- from_pretrained(tp_plan="auto") ------------------------------------------------------------
 
 
-def tp_checkpoints(tmp: Path) -> tuple[Path, Path]:
-    """A tiny Llama (4 heads, 2 kv heads: 2 ranks divide them) and one with 3 heads (they do not)."""
-    from fmodel.facade import LlamaForCausalLM
+def tp_checkpoints(tmp: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A tiny Llama (4 heads, 2 kv heads: 2 ranks divide them), one with 3 heads (they do not),
+    and the other families of the tensor-parallel tests: GPT-2 (its fused c_attn packed by heads,
+    its LM head tied to the vocab-parallel embeddings) and a BERT classifier."""
+    from fmodel.facade import GPT2LMHeadModel, LlamaForCausalLM
 
     good, bad = tmp / "llama", tmp / "llama-3-heads"
     make_model("llama").save_pretrained(good)
     torch.manual_seed(0)
     config = tiny_config("llama", hidden_size=24, num_attention_heads=3, num_key_value_heads=3, head_dim=8)
     LlamaForCausalLM(config).save_pretrained(bad)
-    return good, bad
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_config("gpt2")).save_pretrained(tmp / "gpt2")
+    make_model("bert").save_pretrained(tmp / "bert")
+    return good, bad, {family: str(tmp / family) for family in OTHER_FAMILIES}
 
 
-def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str) -> dict:
+OTHER_FAMILIES = ("gpt2", "bert")
+
+
+def _auto_class(family: str):
+    from fmodel.facade import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
+
+
+def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str, others: dict[str, str]) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -325,14 +339,21 @@ def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str) -> di
         AutoModelForCausalLM.from_pretrained(bad, tp_plan="auto")
     except PlanDivisibilityError as error:
         result["bad_heads"] = str(error)
+    for family, folder in others.items():
+        other = _auto_class(family).from_pretrained(folder, tp_plan="auto")
+        with torch.no_grad():
+            result[family] = {"logits": other(input_ids=PROMPT).logits}
+        if family != "bert":
+            result[family]["tokens"] = other.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        other.save_pretrained(f"{out}-{family}")
     return result
 
 
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
-    good, bad = tp_checkpoints(tmp)
-    return good, tmp / "saved", spawn(_tensor_parallel, tmp, str(good), str(bad), str(tmp / "saved"))
+    good, bad, others = tp_checkpoints(tmp)
+    return good, tmp / "saved", spawn(_tensor_parallel, tmp, str(good), str(bad), str(tmp / "saved"), others)
 
 
 def single_process(folder: Path):
@@ -368,6 +389,26 @@ def test_tp_save_pretrained_from_every_rank_writes_one_checkpoint(tp_runs):
     for name, tensor in original.params.items():
         assert torch.equal(written.params[name], tensor), name
     assert (saved / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_tp_plan_auto_other_families(tp_runs, family):
+    import fmodel
+
+    good, saved, runs = tp_runs
+    folder = good.parent / family
+    model = _auto_class(family).from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(input_ids=PROMPT).logits
+    for run in runs:
+        assert (run[family]["logits"] - logits).abs().max().item() < 1e-5
+        if family != "bert":
+            tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert torch.equal(run[family]["tokens"], tokens)
+    original, written = fmodel.load(folder), fmodel.load(f"{saved}-{family}")
+    assert sorted(written.params) == sorted(original.params)
+    for name, tensor in original.params.items():  # a packed c_attn back in q | k | v order
+        assert torch.equal(written.params[name], tensor), name
 
 
 def test_tp_world_size_not_dividing_heads_is_named(tp_runs):
