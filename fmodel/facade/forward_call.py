@@ -4,9 +4,7 @@ Transformers' classes, losses are `fmodel.losses` with Trainer's `num_items_in_b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -221,7 +219,6 @@ class _CallInfo:
     model is not tensor parallel, `fmodel.distributed.distribute.mesh_of` finds no mesh)."""
 
     __slots__ = ("architecture", "attn_implementation", "config", "device", "dtype")
-    params: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def __init__(self, config, architecture: str, attn_implementation: str, dtype, device) -> None:
         self.config = config
@@ -229,6 +226,10 @@ class _CallInfo:
         self.attn_implementation = attn_implementation
         self.dtype = dtype
         self.device = device
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return {}  # a fresh dict (torch.compile traces it; a shared read-only proxy it refuses)
 
 
 def _tensor_parallel_module(model, module: nn.Module, spec, training: bool):
