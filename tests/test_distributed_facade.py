@@ -302,6 +302,14 @@ def tp_checkpoints(tmp: Path) -> tuple[Path, Path, dict[str, str]]:
 
 
 OTHER_FAMILIES = ("gpt2", "bert")
+# a plan of its own: the layers split as the family's, the embeddings and LM head replicated
+LAYERS_PLAN = {
+    **{f"model.layers.*.self_attn.{p}": "colwise" for p in ("q_proj", "k_proj", "v_proj")},
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
 
 
 def _auto_class(family: str):
@@ -335,6 +343,15 @@ def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str, other
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
     again = AutoModelForCausalLM.from_pretrained(good, tp_plan="auto", device_mesh=mesh, tp_size=world)
     result["mesh_logits"] = again(input_ids=PROMPT).logits.detach()
+    # a plan of its own: kept by the model, its state and its forward
+    custom = AutoModelForCausalLM.from_pretrained(good, tp_plan=LAYERS_PLAN)
+    with torch.no_grad():
+        result["custom_logits"] = custom(input_ids=PROMPT).logits
+        result["custom_state_logits"] = fmodel.forward(custom.state, PROMPT).logits
+    result["custom_plan"] = custom.tp_plan
+    result["custom_sharded"] = sorted(
+        n for n, p in custom.named_parameters() if isinstance(p, DTensor) and p.placements[0].is_shard()
+    )
     try:
         AutoModelForCausalLM.from_pretrained(bad, tp_plan="auto")
     except PlanDivisibilityError as error:
@@ -378,6 +395,21 @@ def test_tp_plan_auto_forward_and_generate_equal_one_process(tp_runs):
         assert (run["base_hidden"] - hidden).abs().max().item() < 1e-5
         assert torch.equal(run["tokens"], tokens)
     assert tokens.shape[1] == PROMPT.shape[1] + NEW_TOKENS
+
+
+LAYER_MODULES = [p.rpartition("*.")[2] for p in LAYERS_PLAN]
+
+
+def test_tp_plan_as_a_dict(tp_runs):
+    good, _, runs = tp_runs
+    logits, _, _ = single_process(good)
+    for run in runs:
+        assert run["custom_plan"] == LAYERS_PLAN
+        assert run["custom_sharded"] == sorted(
+            f"model.layers.{i}.{module}.weight" for i in range(2) for module in LAYER_MODULES
+        )
+        assert (run["custom_logits"] - logits).abs().max().item() < 1e-5
+        assert (run["custom_state_logits"] - logits).abs().max().item() < 1e-5
 
 
 def test_tp_save_pretrained_from_every_rank_writes_one_checkpoint(tp_runs):
