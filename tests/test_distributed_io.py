@@ -77,8 +77,9 @@ def checkpoints(tmp_path_factory):
     from .test_gguf import _write
 
     paths["gguf"] = _write(root / "llama.gguf", llama, "F32")
-    big = fmodel.LlamaConfig(
-        vocab_size=4096,
+    big = fmodel.LlamaConfig(  # tied: the shared table must be read once
+        vocab_size=16384,
+        tie_word_embeddings=True,
         hidden_size=512,
         intermediate_size=2048,
         num_hidden_layers=2,

@@ -306,8 +306,14 @@ def load_distributed(
         by_id = {id(t): name for name, t in headers.meta.items()}
         typed_tensors = typed.tensors
         locals_: dict[str, tuple[torch.Tensor, Any]] = {}
-        for name, t in shared.tensors.items():
-            if name in locals_:
+        read: dict[int, tuple[torch.Tensor, Any]] = {}  # a tied alias is its source's object: read once
+        tensors = shared.tensors
+        # sources before aliases, as fmodel.distribute: a tie's placement is its source's
+        names = [n for n in tensors if n not in shared.ties] + [n for n in tensors if n in shared.ties]
+        for name in names:
+            t = tensors[name]
+            if id(t) in read:
+                locals_[name] = read[id(t)]
                 continue
             want = typed_tensors[name]
             if t.is_meta:
@@ -319,6 +325,7 @@ def load_distributed(
                 if p.dim is not None:
                     local = local.clone(memory_format=torch.contiguous_format)
                 locals_[name] = (_convert(local, None, device), p)
+            read[id(t)] = locals_[name]
         for alias, src in shared.ties.items():
             locals_[alias] = locals_[src]
         out = _distributed(typed, locals_, mesh)
