@@ -217,9 +217,9 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    return tmp, spawn(_fsdp_and_dcp, tmp, str(tmp))
+def fsdp_runs(spawned_runs):
+    tmp, runs = spawned_runs
+    return tmp / "fsdp", [run["fsdp"] for run in runs]
 
 
 # -- FSDP2 and DCP ----------------------------------------------------------------------------
@@ -366,11 +366,29 @@ def _tensor_parallel(rank: int, world: int, good: str, bad: str, out: str, other
     return result
 
 
+def _every_run(rank: int, world: int, tmp: str, checkpoints) -> dict:
+    """The FSDP2 runs and the tensor-parallel ones of this module on one rank: one spawn for
+    the module (starting two ranks costs seconds)."""
+    fsdp = os.path.join(tmp, "fsdp")
+    os.makedirs(fsdp, exist_ok=True)
+    good, bad, others = checkpoints
+    return {
+        "fsdp": _fsdp_and_dcp(rank, world, fsdp),
+        "tp": _tensor_parallel(rank, world, good, bad, os.path.join(tmp, "tp", "saved"), others),
+    }
+
+
 @pytest.fixture(scope="module")
-def tp_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tp")
-    good, bad, others = tp_checkpoints(tmp)
-    return good, tmp / "saved", spawn(_tensor_parallel, tmp, str(good), str(bad), str(tmp / "saved"), others)
+def spawned_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ranks")
+    good, bad, others = tp_checkpoints(tmp / "tp")
+    return tmp, spawn(_every_run, tmp, str(tmp), (str(good), str(bad), others))
+
+
+@pytest.fixture(scope="module")
+def tp_runs(spawned_runs):
+    tmp, runs = spawned_runs
+    return tmp / "tp" / "llama", tmp / "tp" / "saved", [run["tp"] for run in runs]
 
 
 def single_process(folder: Path):
@@ -493,6 +511,9 @@ def test_tp_plan_auto_under_torchrun(tmp_path):
     script.write_text(TORCHRUN_SCRIPT.format(prompt=PROMPT.tolist()))
     out = tmp_path / "out.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env["FMODEL_NO_TRANSFORMERS"] = (
+        "1"  # what is tested is the env:// start; importing Transformers costs seconds
+    )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
         [*command, str(script), str(folder), str(out)],
