@@ -18,7 +18,10 @@ architecture, training, mesh, plan), in which
 - a vocab-parallel "embedding" looks up the ids of its range and sums the ranks' rows;
 - a norm split with a projection (OLMo 2's q/k norm over the whole projection) sums the
   squares over the ranks before normalising;
-- attention weights (`output_attentions`) are gathered over the heads.
+- attention weights (`output_attentions`) are gathered over the heads;
+- with gradients, the collectives are Megatron's: a split layer's replicated input sums its
+  gradient over the ranks in the backward, an all-reduced output passes its gradient through,
+  a gathered output keeps this rank's slice of it; without gradients none of that runs.
 So every output is a plain, replicated `torch.Tensor` on every rank. Each layer costs two
 all-reduces of the activations [B, T, hidden] (after o_proj and after down_proj), the head one
 all-gather of the logits.
@@ -76,41 +79,88 @@ def _group(mesh):
     return mesh.get_group()
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _wants_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+class _Reduce(torch.autograd.Function):
+    """Sum over the ranks in the forward; the backward is the identity (Megatron's "g": the
+    output is replicated, so is its gradient) unless `both` (the gradient is partial: summed)."""
+
+    @staticmethod
+    def forward(ctx, x, group, both):
+        import torch.distributed as dist
+
+        ctx.group, ctx.both = group, both
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.both:
+            grad = _Reduce.apply(grad, ctx.group, True)
+        return grad, None, None
+
+
+class _CopyIn(torch.autograd.Function):
+    """The identity in the forward; the backward sums the gradient over the ranks (Megatron's
+    "f": a replicated input to a split layer gets a partial gradient on each rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Reduce.apply(grad, ctx.group, False), None
+
+
+class _Gather(torch.autograd.Function):
+    """Every rank's x concatenated along `dim` in rank order (`sizes` when uneven); the backward
+    keeps this rank's slice of the (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, sizes):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        dim = dim % x.dim()
+        sizes = sizes or [x.shape[dim]] * world
+        ctx.dim, ctx.start, ctx.size = dim, sum(sizes[:rank]), x.shape[dim]
+        pad = max(sizes) - x.shape[dim]
+        if pad:
+            x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim=dim)
+        x = x.contiguous()
+        pieces = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(pieces, x, group=group)
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, sizes, strict=True)], dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(ctx.dim, ctx.start, ctx.size), None, None, None
+
+
+def _all_reduce(x: torch.Tensor, group, grad_partial: bool = False) -> torch.Tensor:
+    """Sum over the ranks. Without gradients in place (no copy); with them through `_Reduce`."""
+    if _wants_grad(x):
+        return _Reduce.apply(x, group, grad_partial)
     import torch.distributed as dist
 
-    if torch.is_grad_enabled() and x.requires_grad:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(x, group=group)
     x = x.contiguous()
     dist.all_reduce(x, group=group)
     return x
 
 
+def _copy_in(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyIn.apply(x, group) if _wants_grad(x) else x
+
+
 def _all_gather(x: torch.Tensor, dim: int, group, sizes: list[int] | None = None) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim` in rank order; `sizes` (per rank, along dim)
+    """Every rank's `x` concatenated along `dim` in rank order; `sizes` (per rank, along dim)
     when they differ (padded to the largest for the collective)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    dim = dim % x.dim()
-    pad = 0
-    if sizes is not None:
-        pad = max(sizes) - x.shape[dim]
-        if pad:
-            x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim=dim)
-    x = x.contiguous()
-    if torch.is_grad_enabled() and x.requires_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        pieces = list(all_gather(x, group=group))
-    else:
-        pieces = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(pieces, x, group=group)
-    if sizes is not None:
-        pieces = [p.narrow(dim, 0, n) for p, n in zip(pieces, sizes, strict=True)]
-    return torch.cat(pieces, dim=dim)
+    return _Gather.apply(x, dim, group, sizes)
 
 
 # --------------------------------------------------------------------------- swapped modules
@@ -137,8 +187,12 @@ def _rowwise_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out if self.bias is None else out + self.bias
 
 
+def _colwise_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return super(type(self), self).forward(_copy_in(x, self.tp_group))
+
+
 def _colwise_rep_forward(self, x: torch.Tensor) -> torch.Tensor:
-    out = _linear_no_bias(self, x)
+    out = _linear_no_bias(self, _copy_in(x, self.tp_group))
     if self.bias is not None:
         out = out + self.bias
     return _all_gather(out, -1, self.tp_group, self.tp_sizes)
@@ -161,13 +215,27 @@ def _split_rms_forward(self, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm over a dim split across the ranks: the sum of squares is summed over them."""
     dtype = x.dtype
     h = x.to(torch.float32)
-    squares = _all_reduce(h.pow(2).sum(-1, keepdim=True), self.tp_group)
+    # each rank's outputs depend on the total: its gradient is partial, summed in the backward
+    squares = _all_reduce(h.pow(2).sum(-1, keepdim=True), self.tp_group, grad_partial=True)
     h = h * torch.rsqrt(squares / self.tp_full + self.eps)
     return self.weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
 def _moe_forward(self, hidden: torch.Tensor):
-    out, router_logits = super(type(self), self).forward(hidden)
+    """`SparseMoeBlock.forward` whose experts return partial sums (their down projections are
+    split on the input features), summed once over the ranks. The routing is replicated; its
+    weights multiply partial outputs, so their gradient is partial and summed in the backward."""
+    from ..models.moe import dispatch_experts, route
+
+    b, t, c = hidden.shape
+    if self.training and self.jitter_noise > 0:
+        noise = torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        hidden = hidden * noise
+    x = hidden.reshape(-1, c)
+    router_logits = self.gate(x)
+    weights, selected = route(router_logits, self.top_k, self.renormalise, x.dtype)
+    weights = _copy_in(weights, self.tp_group)
+    out = dispatch_experts(x, weights, selected, self.experts).view(b, t, c)
     return _all_reduce(out, self.tp_group), router_logits
 
 
@@ -247,8 +315,10 @@ def _build_tp_skeleton(state: ModelState, mesh, plan: Mapping[str, str], trainin
         if s.kind in ("colwise", "packed_colwise"):
             if _is_norm(sub):
                 _swap(sub, "split_norm", _split_rms_forward, tp_full=sub.weight.shape[0], **common)
-            elif (s.kind == "colwise" and name.endswith(("q_proj", "query"))) or s.kind == "packed_colwise":
-                split_attention.add(parent)
+            else:
+                _swap(sub, "colwise", _colwise_forward, **common)
+                if (s.kind == "colwise" and name.endswith(("q_proj", "query"))) or s.kind == "packed_colwise":
+                    split_attention.add(parent)
         elif s.kind == "rowwise":
             in_expert = any(
                 isinstance(modules.get(p), SparseMoeBlock) and name.startswith(p + ".experts.")
