@@ -181,7 +181,13 @@ def _families(mesh) -> dict:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     import fmodel
-    from fmodel.errors import MeshSizeError, PlanDivisibilityError, PlanError, StateDistributedError
+    from fmodel.errors import (
+        DistributedError,
+        MeshSizeError,
+        PlanDivisibilityError,
+        PlanError,
+        StateDistributedError,
+    )
 
     world = mesh.size()
     results: dict = {}
@@ -239,6 +245,10 @@ def _families(mesh) -> dict:
             fmodel.distribute(models["llama"], bad_mesh)
         except MeshSizeError as e:
             errors[key] = str(e)
+    try:
+        fmodel.distribute(fmodel.quantize(models["llama"], "int8", group_size=32), mesh)
+    except DistributedError as e:
+        errors["quantized"] = str(e)
     results["errors"] = errors
     results["world"] = world
     return results
@@ -324,6 +334,7 @@ def test_families_at_two_ranks(tmp_path):
     assert "match no module" in errors["unmatched"]
     assert "the mesh has 1 ranks but the world size is 2" in errors["mesh_size"]
     assert "1-D mesh, got 2-D" in errors["mesh_2d"]
+    assert "a quantized state cannot be distributed" in errors["quantized"]
 
 
 @pytest.mark.parametrize("world", [3, 4])
