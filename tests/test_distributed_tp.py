@@ -81,7 +81,9 @@ def _max_diff(a, b) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _check_model(state, mesh, *, generative: bool = True, attentions: bool = True, bind: bool = True) -> dict:
+def _check_model(
+    state, mesh, *, generative: bool = True, attentions: bool = True, bind: bool = True, plan=None
+) -> dict:
     """Distributed vs undistributed results of one state (run on every rank)."""
     from torch.distributed.tensor import DTensor
 
@@ -93,7 +95,7 @@ def _check_model(state, mesh, *, generative: bool = True, attentions: bool = Tru
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # left padding
     before = dict(state.tensors)
-    dist_state = fmodel.distribute(state, mesh)
+    dist_state = fmodel.distribute(state, mesh, plan)
     r: dict = {}
     assert all(isinstance(t, DTensor) for t in dist_state.tensors.values())
     assert all(state.tensors[n] is t for n, t in before.items()), "distribute changed its input"
@@ -210,6 +212,13 @@ def _families(mesh) -> dict:
     for name, state in models.items():
         results[name] = _check_model(state, mesh, attentions=name in ("llama", "gemma2", "gpt2", "phi3"))
     results["bert"] = _check_model(_tiny("bert"), mesh, generative=False)
+    # a plan that splits only the MLP: attention stays whole, so the cache holds every kv head
+    mlp_only = {
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+    }
+    results["llama_mlp_only"] = _check_model(models["llama"], mesh, attentions=False, plan=mlp_only)
     results["grads"] = {
         name: _check_grads(models[name], mesh) for name in ("llama_tied", "olmo2", "phi3", "mixtral", "gpt2")
     }
@@ -325,6 +334,7 @@ def test_families_at_two_ranks(tmp_path):
         _assert_parity(name, results[name], kv_heads_local=1)
     _assert_parity("gpt2", results["gpt2"], kv_heads_local=2)
     _assert_parity("bert", results["bert"])
+    _assert_parity("llama_mlp_only", results["llama_mlp_only"], kv_heads_local=2)
     assert results["llama_local_q"] == [16, 32] and results["llama_local_o"] == [32, 16]
     for name, diff in results["grads"].items():
         assert diff <= 1e-5, (name, diff)

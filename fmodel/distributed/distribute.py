@@ -68,6 +68,7 @@ from . import plan as tp
 __all__ = [
     "distribute",
     "is_distributed",
+    "local_kv_heads",
     "local_tensors",
     "mesh_of",
     "register_plan",
@@ -381,6 +382,20 @@ def mesh_of(state: ModelState):
 def is_distributed(state: ModelState) -> bool:
     """True when `state` is tensor-parallel (its tensors are DTensors from `distribute`)."""
     return mesh_of(state) is not None
+
+
+def local_kv_heads(state: ModelState) -> dict[int, int] | None:
+    """{layer index: the key/value heads this rank's cache holds} for a distributed state (its
+    tensor-parallel skeleton's attention modules: local counts where the plan splits attention,
+    all heads where it replicates it), None for a state that is not distributed."""
+    if mesh_of(state) is None:
+        return None
+    counts: dict[int, int] = {}
+    for module in tp_skeleton(state).modules():
+        layer, heads = getattr(module, "layer_idx", None), getattr(module, "num_heads", None)
+        if isinstance(layer, int) and isinstance(heads, int) and hasattr(module, "head_dim"):
+            counts[layer] = getattr(module, "num_key_value_heads", heads)
+    return counts
 
 
 def tp_world(state: ModelState) -> int:

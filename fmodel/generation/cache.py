@@ -33,7 +33,7 @@ import torch
 
 from .._checks import check_device, check_float_dtype, check_positive_int, check_state_like, describe
 from .._limits import check_allocation
-from ..distributed.distribute import tp_world
+from ..distributed.distribute import local_kv_heads
 from ..errors import ArgumentTypeError, FModelError
 from ..models import get_spec
 from ..state import ModelState
@@ -176,11 +176,9 @@ def _cache_shapes(state: ModelState) -> list[tuple[int, int]]:
             f"and cannot generate; use a decoder such as LlamaForCausalLM or GPT2LMHeadModel, "
             f"or an encoder-decoder such as T5ForConditionalGeneration"
         )
-    config, world = state.config, tp_world(state)  # a distributed state caches its local kv heads
-    return [
-        (layout.kv_heads // world, layout.head_dim)
-        for layout in (spec.head_layout(config, i) for i in range(config.num_hidden_layers))
-    ]
+    config, local = state.config, local_kv_heads(state)  # a distributed state caches its local heads
+    layouts = [spec.head_layout(config, i) for i in range(config.num_hidden_layers)]
+    return [(layout.kv_heads if local is None else local[i], layout.head_dim) for i, layout in enumerate(layouts)]
 
 
 def supports_cache(state: ModelState) -> bool:
@@ -259,9 +257,10 @@ def _check_layer_shapes(state: ModelState, cache: KVCache) -> None:
     """Each layer's buffers are [B, kv_heads, max_length, head_dim] of this model (a cache made
     for another model, e.g. GPT-2's given to a Llama, fails here instead of deep in the
     attention). Checks the layers where the model's shapes change (first, last, pruned ones)."""
-    batch, length, world = cache.batch_size, cache.max_length, tp_world(state)
+    batch, length, local = cache.batch_size, cache.max_length, local_kv_heads(state)
     for i, kv_heads, head_dim in _layer_shapes(state.config, state.architecture):
-        kv_heads //= world  # a distributed state's cache holds its local kv heads
+        if local is not None:  # a distributed state's cache holds this rank's kv heads
+            kv_heads = local[i]
         for kind, buffers in (("keys", cache.keys), ("values", cache.values)):
             shape = tuple(buffers[i].shape)
             if shape != (batch, kv_heads, length, head_dim):
