@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ from torch.func import functional_call
 from . import attention
 from ._checks import check_state, describe
 from .distributed.distribute import local_tensors, mesh_of, tp_skeleton
-from .errors import ArgumentTypeError, InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError, StateDistributedError
 from .forward_checks import check_head_mask, check_module_inputs, check_options, check_seq2seq_inputs
 from .forward_checks import check_inputs as _check_inputs
 from .forward_checks import check_not_stacked as _check_not_stacked
@@ -168,6 +169,8 @@ def forward(
     """
     check_state(state, "forward(state)")
     _check_not_stacked(state, "forward")
+    if module is None and mesh_of(state) is None:  # a given module may run DTensors itself (FSDP2)
+        _refuse_foreign_dtensors(state)
     module, args, kwargs = prepare_call(
         state,
         input_ids,
@@ -186,6 +189,22 @@ def forward(
     tensors = state.tensors if mesh_of(state) is None else local_tensors(state)
     out = functional_call(module, tensors, args, kwargs, tie_weights=False, strict=False)
     return to_output(out)
+
+
+def _refuse_foreign_dtensors(state: ModelState) -> None:
+    """A state of DTensors fmodel did not split (FSDP2's `fully_shard` parameters, or a hand-made
+    `distribute_tensor`) cannot run through the plain skeleton: name that instead of torch's
+    "mixed torch.Tensor and DTensor" error deep in a layer. (FSDP2 leaves some tensors plain
+    between steps, so every one is looked at: ~10 us, only in a process that imported DTensor.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    if dtensor is None:  # (importing it here would cost ~0.4 s on a first forward)
+        return
+    if any(isinstance(t, dtensor.DTensor) for t in state.params.values()):
+        raise StateDistributedError(
+            "forward: the state's tensors are DTensors without fmodel's tensor-parallel layout (e.g. "
+            "parameters of an FSDP2 fully_shard model); call the facade model itself, or gather them "
+            "first ({name: t.full_tensor() for name, t in state.params.items()}), or use fmodel.distribute"
+        )
 
 
 def prepare_call(

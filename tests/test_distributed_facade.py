@@ -213,6 +213,13 @@ def _fsdp_and_dcp(rank: int, world: int, folder: str) -> dict:
     with torch.no_grad():
         out["eval_logits"] = model(input_ids=PROMPT).logits
     out["eval_tokens"] = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    import fmodel
+
+    try:  # the functional forward cannot run FSDP2's DTensor parameters: named, not torch's error
+        fmodel.forward(model.state, PROMPT)
+        out["functional_forward"] = "ran"
+    except fmodel.errors.StateDistributedError as exc:
+        out["functional_forward"] = str(exc)
     return out
 
 
@@ -251,6 +258,7 @@ def test_fsdp2_forward_and_generate_equal_one_process(fsdp_runs):
     for run in fsdp_runs:
         assert (run["eval_logits"] - logits).abs().max().item() < 1e-5
         assert torch.equal(run["eval_tokens"], tokens)
+        assert "DTensors without fmodel's tensor-parallel layout" in run["functional_forward"]
 
 
 def test_dcp_restore_resumes_to_the_same_losses(fsdp_runs):
