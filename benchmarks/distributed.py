@@ -16,9 +16,9 @@ colwise_rep) divides it at world sizes 1 and 3 only (the script prints the valid
 checkpoint it runs). For 2 and 4 ranks it measures, clearly labelled SYNTHETIC, a random-weight
 Llama of the same shape with 8 heads / 4 kv heads (head_dim 72; everything else as SmolLM2:
 hidden 576, 30 layers, intermediate 1536, vocab 49152, tied), also at 1 rank for its own
-token check. (A plan that replicates attention and splits only the MLP loads at any world size
-(`fmodel.load(path, mesh=, plan=)`), but `fmodel.generate`'s KV cache assumes the kv heads are
-split, so it cannot decode yet.)
+token check. (A plan that replicates attention and splits only the MLP, passed as
+`fmodel.load(path, mesh=, plan=)`, loads and decodes at any world size dividing the FFN width,
+each rank computing every head; it is not what this script measures.)
 
 Per world size, in one run: `world` ranks are spawned (torch.multiprocessing, gloo over
 localhost, `--threads` torch threads each); each rank runs `fmodel.load(path, mesh=mesh,
