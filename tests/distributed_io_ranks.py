@@ -6,18 +6,18 @@ from __future__ import annotations
 import gc
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fmodel
 from fmodel.distributed.load_sharded import expected_local_bytes, loaded_bytes
 from fmodel.distributed.plan import layout_of
 from fmodel.models import get_spec
+
+from . import spawn_ranks
 
 TIMEOUT = 90  # seconds for one spawned run: a hang fails the test instead of blocking CI
 
@@ -25,43 +25,9 @@ TIMEOUT = 90  # seconds for one spawned run: a hang fails the test instead of bl
 # -- spawning ---------------------------------------------------------------------------------
 
 
-def _rank_main(target, rank: int, world: int, store: str, queue, args) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        queue.put((rank, True, target(rank, world, *args)))
-    except BaseException:  # reported to the parent, which fails the test with it
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def spawn(target, tmp: Path, *args, world: int) -> list:
-    """Run `target(rank, world, *args)` on `world` spawned gloo ranks; their results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = tmp / f"store-{os.urandom(4).hex()}"
-    procs = [
-        ctx.Process(target=_rank_main, args=(target, r, world, str(store), queue, args), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results: list = [None] * world
-    try:
-        for _ in procs:
-            rank, ok, payload = queue.get(timeout=TIMEOUT)
-            if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
+    """`spawn_ranks.spawn` with this module's timeout."""
+    return spawn_ranks.spawn(target, tmp, *args, world=world, timeout=TIMEOUT)
 
 
 # -- measuring --------------------------------------------------------------------------------

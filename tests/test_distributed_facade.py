@@ -14,14 +14,12 @@ equal halves: each rank's own loss, averaged by FSDP and over ranks for the log.
 from __future__ import annotations
 
 import os
-import pickle
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests import spawn_ranks
 from tests.families import tiny_config
 
 dist = pytest.importorskip("torch.distributed")
@@ -41,45 +39,9 @@ NEW_TOKENS = 6
 # -- spawning ---------------------------------------------------------------------------------
 
 
-def _rank_main(target, rank: int, world: int, store: str, queue, args) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        # pickled here: a tensor put on the queue as is would be shared through a file
-        # descriptor that dies with this process
-        queue.put((rank, True, pickle.dumps(target(rank, world, *args))))
-    except BaseException:  # reported to the parent, which fails the test with it
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def spawn(target, tmp: Path, *args, world: int = WORLD) -> list:
-    """Run `target(rank, world, *args)` on `world` spawned gloo ranks; their results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    store = tmp / f"store-{os.urandom(4).hex()}"
-    procs = [
-        ctx.Process(target=_rank_main, args=(target, r, world, str(store), queue, args), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results: list = [None] * world
-    try:
-        for _ in procs:
-            rank, ok, payload = queue.get(timeout=TIMEOUT)
-            if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{payload}")
-            results[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
+    """`spawn_ranks.spawn` with this module's world size and timeout."""
+    return spawn_ranks.spawn(target, tmp, *args, world=world, timeout=TIMEOUT)
 
 
 # -- models and batches -----------------------------------------------------------------------

@@ -6,70 +6,23 @@ and the named errors. Each test spawns its ranks once and runs many checks in th
 from __future__ import annotations
 
 import json
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 
+from .spawn_ranks import spawn
+
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _suite(rank: int, world: int, suite: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
 
-
-def _rank_main(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,))
-        results = SUITES[suite](mesh)
-        if rank == 0:
-            with open(os.path.join(out_dir, "results.json"), "w") as f:
-                json.dump(results, f)
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    return SUITES[suite](init_device_mesh("cpu", (world,)))
 
 
 def _run(suite: str, world: int, tmp_path) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(world, _free_port(), suite, str(tmp_path)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{suite} at {world} ranks did not finish in {TIMEOUT_S} s")
-    except Exception as exc:
-        errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
-        raise AssertionError(f"ranks failed: {exc}\n" + "\n".join(errors)) from None
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = spawn(_suite, tmp_path, suite, world=world, timeout=TIMEOUT_S)[0]
     print(json.dumps(results, indent=1))  # the parity numbers, shown with -s or on failure
     return results
 
