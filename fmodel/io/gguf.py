@@ -9,6 +9,8 @@ tensors before building a config (`fmodel.io.gguf_meta`), dequantizes every weig
 permutation llama.cpp applies to the query and key projections of Llama models (`gguf`, the
 package maintained with llama.cpp, is an optional dependency: `pip install 'fmodel[gguf]'`).
 The result is an ordinary floating-point state, equal to what Transformers builds from the same file.
+With `quantized=True` the Q4_1 weights of the decoder layers' projections stay quantized instead,
+re-laid out losslessly as fmodel's int4 (group size 32; `q4_1_to_int4`): an ordinary int4 state.
 
 Supported: general.architecture "llama" (Llama, Mistral and SmolLM GGUFs) and "qwen2";
 tensor types F32, F16, BF16 and every block quantization `gguf.quants` can dequantize
@@ -27,7 +29,8 @@ import torch
 
 from .._frozen import FrozenDict
 from ..config import config_from_dict
-from ..errors import CheckpointError, ConfigError
+from ..errors import ArgumentTypeError, CheckpointError, ConfigError
+from ..models.quant_linear import quantization_config
 from ..state import ModelState
 from .gguf_config import config_dict as _config_dict
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
@@ -40,6 +43,7 @@ __all__ = [
     "load_gguf",
     "load_gguf_with_report",
     "packaged_smollm2_path",
+    "q4_1_to_int4",
     "read_gguf",
     "resolve_gguf",
 ]
@@ -113,12 +117,17 @@ def _unpermute(w: torch.Tensor, n_heads: int, file: GGUFFile, name: str) -> torc
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(file: GGUFFile, config=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def gguf_tensors(
+    file: GGUFFile, config=None, *, quantized: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of the file, dequantized to float32, under Transformers' names.
 
     Arguments:
         file: a parsed GGUF file (`read_gguf`).
         config: the config (its head counts undo the q/k permutation); default: built from the file.
+        quantized: keep each Q4_1 weight of a decoder layer as fmodel's int4 entries
+            (`<m>.weight_int4`, `<m>.weight_scale`, `<m>.weight_zero`, group size 32; see
+            `q4_1_to_int4`) instead of a float32 `<m>.weight`.
 
     Returns:
         ({Transformers name: tensor}, {Transformers name: "file (GGUF tensor name)"}). Names this
@@ -142,14 +151,98 @@ def gguf_tensors(file: GGUFFile, config=None) -> tuple[dict[str, torch.Tensor], 
                 "(Llama 3.1-style scaling), which fmodel does not read from GGUF yet; ignoring them "
                 "would change every output"
             )
-        w = dequantize(t, file)
-        if arch.permute_qk and ".attn_q." in t.name:
-            w = _unpermute(w, config.num_attention_heads, file, t.name)
+        keep = quantized and _keeps_int4(t, name)
+        parts = q4_1_to_int4(t, file) if keep else (dequantize(t, file),)
+        if arch.permute_qk and ".attn_q." in t.name:  # whole rows: packed, scale and zero alike
+            parts = tuple(_unpermute(w, config.num_attention_heads, file, t.name) for w in parts)
         elif arch.permute_qk and ".attn_k." in t.name:
-            w = _unpermute(w, config.kv_heads, file, t.name)
-        tensors[name] = w
-        origin[name] = f"{file.path} (GGUF tensor {t.name!r})"
+            parts = tuple(_unpermute(w, config.kv_heads, file, t.name) for w in parts)
+        if keep:
+            base = name[: -len(".weight")]
+            entries = dict(
+                zip(
+                    (f"{base}.weight_int4", f"{base}.weight_scale", f"{base}.weight_zero"), parts, strict=True
+                )
+            )
+        else:
+            entries = {name: parts[0]}
+        for key, w in entries.items():
+            tensors[key] = w
+            origin[key] = f"{file.path} (GGUF tensor {t.name!r})"
     return tensors, origin
+
+
+def _keeps_int4(t, name: str) -> bool:
+    """A Q4_1 2-D weight of a decoder layer's linear projection (what `quantize` would pick)."""
+    return (
+        t.tensor_type.name == "Q4_1"
+        and len(t.shape) == 2
+        and name.startswith("model.layers.")
+        and name.endswith("_proj.weight")
+    )
+
+
+Q4_1_BLOCK = 32  # weights per Q4_1 block
+_Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+
+
+def q4_1_to_int4(t, file: GGUFFile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_1 tensor's blocks re-laid out, losslessly, as fmodel's int4 layout with group size 32.
+
+    A Q4_1 block holds 32 consecutive weights of a row: `d` (fp16), `m` (fp16) and 16 bytes,
+    element j in the low nibble of byte j and element j + 16 in the high one; its value is
+    `q * d + m` (`gguf.quants.Q4_1`). fmodel's int4 (`fmodel.models.quant_linear`) stores
+    `q * weight_scale + weight_zero` per group, columns 2j / 2j + 1 in the low / high nibble of
+    byte j. So `weight_scale` = d and `weight_zero` = m (widened to float32, exactly), and the
+    nibbles are unpacked and packed again in fmodel's order. `dequantize_int4` of the result
+    equals `gguf.quants.dequantize` of the block bit for bit (the same float32 product and sum).
+
+    Returns:
+        (weight_int4 [out, in / 2] uint8, weight_scale [out, in / 32] float32,
+        weight_zero [out, in / 32] float32), rows in the file's order.
+
+    Raises:
+        CheckpointError: data that does not fill whole blocks of the shape.
+    """
+    import numpy as np
+
+    from ..models.quant_linear import pack_int4
+
+    out, cols = (int(n) for n in reversed(t.shape.tolist()))
+    raw = np.asarray(t.data, dtype=np.uint8)
+    if cols % Q4_1_BLOCK or raw.size != out * cols // Q4_1_BLOCK * _Q4_1_BYTES:
+        raise CheckpointError(
+            f"{file.path}: tensor {t.name!r} (Q4_1) holds {raw.size} bytes, expected "
+            f"{out * cols // Q4_1_BLOCK * _Q4_1_BYTES} for shape {[out, cols]} in blocks of {Q4_1_BLOCK}"
+        )
+    blocks = torch.from_numpy(raw.reshape(out, cols // Q4_1_BLOCK, _Q4_1_BYTES).copy())
+    scale = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
+    zero = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
+    qs = blocks[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(out, cols)  # elements 0..15, then 16..31
+    return pack_int4(q), scale, zero
+
+
+def _int4_quantization_config(config, architecture: str, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """The `quantization_config` `fmodel.quantize(..., "int4", group_size=32)` records, for the
+    linear modules whose weights `gguf_tensors(quantized=True)` kept as int4."""
+    from torch import nn
+
+    from ..models.quant_linear import QUANT_METHOD
+    from ..models.skeleton import skeleton
+
+    module = skeleton(config, architecture)  # as `quantize` walks it
+    chosen, skipped = [], []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            (chosen if f"{name}.weight_int4" in tensors else skipped).append(name)
+    return {
+        "quant_method": QUANT_METHOD,
+        "scheme": "int4",
+        "group_size": Q4_1_BLOCK,
+        "modules": chosen,
+        "skipped_modules": skipped,
+    }
 
 
 def _has_output(file: GGUFFile) -> bool:
@@ -231,6 +324,7 @@ def load_gguf_with_report(
     allow_missing: bool = False,
     strict: bool = True,
     config=None,
+    quantized: bool = False,
 ):
     """`load_gguf`, also returning the `LoadReport` (renamed, unused and missing tensors)."""
     from .load import state_from_tensors
@@ -252,11 +346,19 @@ def load_gguf_with_report(
             config = config_from_dict(_config_dict(file, arch, _has_output(file)))
         except ConfigError as exc:
             raise ConfigError(f"{file.path}: the GGUF metadata gives an invalid config: {exc}") from None
-    tensors, origin = gguf_tensors(file, config)
+    if not isinstance(quantized, bool):
+        raise ArgumentTypeError(f"load_gguf(quantized) must be a bool, got {type(quantized).__name__}")
+    tensors, origin = gguf_tensors(file, config, quantized=quantized)
+    architecture = architecture or arch.architecture
+    if any(k.endswith(".weight_int4") for k in tensors):
+        if quantization_config(config) is not None:
+            raise CheckpointError(f"{file.path}: quantized=True with a config= that is already quantized")
+        qc = _int4_quantization_config(config, architecture, tensors)
+        config = config.replace(extra=config.extra | {"quantization_config": qc})
     return state_from_tensors(
         config,
         tensors,
-        architecture=architecture or arch.architecture,
+        architecture=architecture,
         origin=origin,
         source=file.path,
         dtype=dtype,
@@ -278,6 +380,7 @@ def load_gguf(
     device: torch.device | str | None = None,
     architecture: str | None = None,
     attn_implementation: str = "sdpa",
+    quantized: bool = False,
 ) -> ModelState:
     """Load a Llama-family GGUF file (llama.cpp's format) as a floating-point `ModelState`.
 
@@ -298,6 +401,15 @@ def load_gguf(
         device: move the tensors there.
         architecture: class to load as (default: the causal LM of the family).
         attn_implementation: the registered attention function the state's forward uses.
+        quantized: keep the Q4_1 weights of the decoder layers' linear projections quantized:
+            each is re-laid out losslessly as fmodel's int4 (`fmodel.quantize`'s "int4" layout,
+            group size 32, float32 scales and minimums; `q4_1_to_int4`) and the config gets the
+            `quantization_config` `fmodel.quantize(state, "int4", group_size=32)` records, so
+            forward, generate, save/load and `fmodel.dequantize` work as on any int4 state;
+            `fmodel.dequantize` gives back exactly the default float32 load. Every other tensor
+            (embeddings, Q8_0 / K-quant / other-type weights, norms) loads as by default
+            (dequantized to float32); a file with no such Q4_1 weight loads unquantized. Not
+            with `dtype`.
 
     Returns:
         A new `ModelState`; the file is never written.
@@ -331,6 +443,7 @@ def load_gguf(
         device=device,
         architecture=architecture,
         attn_implementation=attn_implementation,
+        quantized=quantized,
     )
     return state
 

