@@ -41,14 +41,6 @@ from .errors import (
     TokenIdError,
     UnknownArchitectureError,
 )
-from .facade import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    PreTrainedModel,
-)
 from .forward import ModelOutput, bind_forward, forward
 from .generation.cache import CacheError, KVCache, init_cache, reorder_cache
 from .generation.config import GenerationConfig, load_generation_config
@@ -81,6 +73,37 @@ from .transforms import (
 )
 
 __version__ = "0.1.0"
+
+# The Transformers-style facade (nn.Module classes, config views, hub and training mixins) is
+# imported on first use: the functional API and the CLI never need it, and it is a tenth of
+# `import fmodel`'s own time. `fmodel.AutoModel` etc. and `from fmodel import AutoModel` work as
+# before (PEP 562 module `__getattr__`).
+_LAZY = {
+    "AutoModel": ".facade",
+    "AutoModelForCausalLM": ".facade",
+    "AutoModelForMaskedLM": ".facade",
+    "AutoModelForSeq2SeqLM": ".facade",
+    "AutoModelForSequenceClassification": ".facade",
+    "PreTrainedModel": ".facade",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name == "facade":
+        import importlib
+
+        return importlib.import_module(".facade", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"facade"})
 
 __all__ = [
     "ArgumentTypeError",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -125,7 +126,15 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(lines) or type(exc).__name__
 
 
-def _configure_logging(verbose: int, quiet: bool) -> tuple[logging.Handler, dict[str, int]]:
+def _may_use_hub(args: argparse.Namespace) -> bool:
+    """Whether the command's MODEL / SRC may be a hub repo id: given, and no local path."""
+    where = getattr(args, "model", None) or getattr(args, "src", None)
+    return isinstance(where, str) and not os.path.exists(where)
+
+
+def _configure_logging(
+    verbose: int, quiet: bool, hub: bool = True
+) -> tuple[logging.Handler, dict[str, int]]:
     level = logging.ERROR if quiet else logging.WARNING
     if verbose == 1:
         level = logging.INFO
@@ -137,8 +146,11 @@ def _configure_logging(verbose: int, quiet: bool) -> tuple[logging.Handler, dict
     logger.addHandler(handler)
     logger.setLevel(level)
     # huggingface_hub's retry chatter (offline, no network) only with -v. Imported first: its
-    # logging module sets the level when it is imported.
-    import huggingface_hub.utils.logging  # noqa: F401
+    # logging module sets the level when it is imported. Only when the command may reach the
+    # hub (or it is loaded already): importing huggingface_hub takes ~0.2 s, a tenth of the
+    # demo's startup, and a local path or the packaged default model never touches it.
+    if hub or "huggingface_hub" in sys.modules:
+        import huggingface_hub.utils.logging  # noqa: F401
 
     logging.getLogger("huggingface_hub").setLevel(max(level, logging.ERROR) if verbose == 0 else level)
     return handler, previous
@@ -152,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)  # usage errors: SystemExit(2), argparse's message
-    handler, previous = _configure_logging(args.verbose, args.quiet)
+    handler, previous = _configure_logging(args.verbose, args.quiet, hub=_may_use_hub(args))
     show_traceback = args.traceback or args.verbose >= 2
     try:
         return args.run(args)

@@ -53,12 +53,15 @@ class TextPrinter:
         self._stopped = False
         self.new_tokens = 0
         self.text = ""
+        self.first_token_at: float | None = None  # time.perf_counter() of the first new token
 
     def put(self, value: torch.Tensor) -> None:
         """The prompt [B, P] (first call), then a step's new tokens [B]."""
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         for token in value.reshape(-1).tolist():
             self.new_tokens += 1
             if self._stopped:
@@ -213,6 +216,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     loaded_s = time.perf_counter() - started
 
     ids = _prompt_ids(args, tokenizer)
+    prompt_s = time.perf_counter() - started - loaded_s
     context = getattr(state.config, "max_position_embeddings", None)
     new = args.max_new_tokens
     if context is not None:
@@ -247,6 +251,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     started = time.perf_counter()
     fmodel.generate(state, input_ids, generation_config=config, generator=generator, streamer=printer)
     seconds = time.perf_counter() - started
+    first_s = (printer.first_token_at or started) - started
     written = (args.prompt if args.echo else "") + printer.text
     if written and not written.endswith("\n"):
         out.write("\n")
@@ -258,5 +263,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         printer.new_tokens / seconds if seconds else 0.0,
         len(ids),
         loaded_s,
+    )
+    # Startup phases (benchmarks/startup.py measures the whole command from outside).
+    logger.debug(
+        "phases: load %.3f s (model, tokenizer, generation config), prompt %.3f s, first token %.3f s "
+        "after that (prefill), %.3f s for the rest",
+        loaded_s,
+        prompt_s,
+        first_s,
+        seconds - first_s,
     )
     return 0
