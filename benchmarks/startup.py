@@ -16,7 +16,8 @@ is Paris."), then `import fmodel`: the median over the runs of the in-process im
 (torch included, printed apart) and of a fresh `python -c "import fmodel"` from start to exit.
 
 The command is `python -m fmodel` with this interpreter (the same code as the `fmodel` console
-script, without depending on PATH). Target (issue 15): first token < 2 s warm on this machine.
+script, without depending on PATH). With PYTHONDONTWRITEBYTECODE set (as in some sandboxes),
+an editable install's modules are compiled in every process; the script says so. Target (issue 15): first token < 2 s warm on this machine.
 Benchmark only: no timed unit test ever asserts these numbers.
 """
 
@@ -80,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "fmodel", "generate", "--chat", "--prompt", args.prompt, *args.extra]
     env_note = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     print(f"command: {env_note}{' '.join(cmd[1:])}  ({os.cpu_count()} cores)", flush=True)
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        # fmodel's own modules (an editable install) are then compiled in every process: ~0.1 s
+        print(
+            "note: PYTHONDONTWRITEBYTECODE is set: every run compiles fmodel's sources (set "
+            "PYTHONPYCACHEPREFIX=/some/dir and unset it to measure with cached bytecode)",
+            flush=True,
+        )
     for _ in range(args.warmup):
         run_demo(cmd)
     firsts, totals, answers = [], [], set()

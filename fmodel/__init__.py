@@ -105,6 +105,7 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | {"facade"})
 
+
 __all__ = [
     "ArgumentTypeError",
     "AttentionUnavailableError",

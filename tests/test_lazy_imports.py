@@ -10,12 +10,21 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("transformers", "torch.distributed.tensor", "jinja2", "tokenizers", "huggingface_hub", "fmodel.facade")
+HEAVY = (
+    "transformers",
+    "torch.distributed.tensor",
+    "jinja2",
+    "tokenizers",
+    "huggingface_hub",
+    "fmodel.facade",
+)
 
 
 def _modules_after(code: str) -> dict:
     probe = f"import json, sys\n{code}\nprint(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

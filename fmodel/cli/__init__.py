@@ -132,9 +132,7 @@ def _may_use_hub(args: argparse.Namespace) -> bool:
     return isinstance(where, str) and not os.path.exists(where)
 
 
-def _configure_logging(
-    verbose: int, quiet: bool, hub: bool = True
-) -> tuple[logging.Handler, dict[str, int]]:
+def _configure_logging(verbose: int, quiet: bool, hub: bool = True) -> tuple[logging.Handler, dict[str, int]]:
     level = logging.ERROR if quiet else logging.WARNING
     if verbose == 1:
         level = logging.INFO
