@@ -138,3 +138,26 @@ def test_quantized_without_q4_1_weights_and_outside_gguf(tmp_path):
     fmodel.save(state, tmp_path / "folder")
     with pytest.raises(InvalidArgumentError, match="GGUF"):
         fmodel.load(tmp_path / "folder", quantized=True)
+
+
+@requires_smollm2
+def test_torch_block_dequantization_is_bit_equal_to_gguf():
+    """The loader's torch path for Q4_1 / Q8_0 blocks gives gguf.quants.dequantize's values bit for
+    bit on every such tensor of the SmolLM2 file (it replaced the package's numpy code for speed)."""
+    import gguf
+    import numpy as np
+
+    from fmodel.io.gguf_file import _dequantize_blocks_torch
+
+    reader = gguf.GGUFReader(packaged_smollm2_path())
+    checked = 0
+    for t in reader.tensors:
+        fast = _dequantize_blocks_torch(t)
+        if fast is None:
+            continue
+        want = torch.from_numpy(
+            np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)
+        )
+        assert torch.equal(fast, want), t.name
+        checked += 1
+    assert checked == 211  # 210 Q4_1 projections and the Q8_0 embedding

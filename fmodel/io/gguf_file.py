@@ -9,6 +9,7 @@ table and dequantizes. Mapping the tensors to a model is `fmodel.io.gguf`'s busi
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import attrs
@@ -177,6 +178,9 @@ def dequantize(t: Any, file: GGUFFile) -> torch.Tensor:
     """
     gguf = _gguf()
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists dimensions fastest first
+    fast = _dequantize_blocks_torch(t)
+    if fast is not None:
+        return fast.reshape(shape)
     try:
         if t.tensor_type.name == "F64":
             array = t.data.view("float64").astype("float32")
@@ -194,3 +198,34 @@ def dequantize(t: Any, file: GGUFFile) -> torch.Tensor:
     if not array.flags.writeable:  # F32 data is a read-only view of the mapped file
         array = array.copy()
     return torch.from_numpy(array.reshape(shape))
+
+
+# (block bytes, values per block) of the types `_dequantize_blocks_torch` handles
+_TORCH_BLOCKS = {"Q4_1": (20, 32), "Q8_0": (34, 32)}
+
+
+def _dequantize_blocks_torch(t: Any) -> torch.Tensor | None:
+    """Q4_1 / Q8_0 data as float32 [n_values], computed by torch with gguf.quants' operations in
+    the same order (fp16 scales widened to float32, then `q * d + m` / `d * q`), so bit-equal to
+    `gguf.quants.dequantize`, about 3x faster (the demo's start-up spent ~0.8 s there). None for
+    other types or data that does not fill whole blocks (the gguf path reports those)."""
+    layout = _TORCH_BLOCKS.get(t.tensor_type.name)
+    if layout is None:
+        return None
+    import numpy as np
+
+    block_bytes, per_block = layout
+    with warnings.catch_warnings():  # the mapped file is read-only; the bytes are only read
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.asarray(t.data, dtype=np.uint8).reshape(-1))
+    if raw.numel() % block_bytes or raw.numel() // block_bytes * per_block != int(t.n_elements):
+        return None
+    blocks = raw.view(-1, block_bytes)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).to(torch.float32)  # [n, 1]
+    if t.tensor_type.name == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+        return (d * q).reshape(-1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).to(torch.float32)
+    qs = blocks[:, 4:]  # [n, 16]: element j in the low nibble of byte j, j + 16 in the high one
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=1).to(torch.float32)
+    return ((d * q) + m).reshape(-1)
