@@ -4,7 +4,7 @@ A model is data (`ModelState`); loading, saving and every change are pure functi
 `forward` runs the state through `torch.func.functional_call` with pluggable attention.
 """
 
-from . import attention
+from . import attention, stats
 from .config import (
     BertConfig,
     Gemma2Config,
@@ -180,6 +180,7 @@ __all__ = [
     "set_input_embeddings",
     "set_output_embeddings",
     "stack_states",
+    "stats",
     "tie_weights",
     "to",
     "unstack_state",
