@@ -9,12 +9,15 @@ again; the entries die with their tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
+
+logger = logging.getLogger("fmodel")
 
 __all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "versions"]
 
@@ -52,7 +55,10 @@ class PackCache:
         if entry is None or entry[0] != stamp:
             try:
                 packed = build()
-            except (RuntimeError, AttributeError, NotImplementedError):
+            except (RuntimeError, AttributeError, NotImplementedError) as exc:  # torch refused the shape
+                logger.debug(
+                    "packed kernel weight not built (%s: %s); the plain path runs", type(exc).__name__, exc
+                )
                 packed = None
             entry = (stamp, packed)
             self._entries[key] = entry
