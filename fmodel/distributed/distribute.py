@@ -390,11 +390,15 @@ def local_kv_heads(state: ModelState) -> dict[int, int] | None:
     all heads where it replicates it), None for a state that is not distributed."""
     if mesh_of(state) is None:
         return None
-    counts: dict[int, int] = {}
-    for module in tp_skeleton(state).modules():
-        layer, heads = getattr(module, "layer_idx", None), getattr(module, "num_heads", None)
-        if isinstance(layer, int) and isinstance(heads, int) and hasattr(module, "head_dim"):
-            counts[layer] = getattr(module, "num_key_value_heads", heads)
+    skeleton_ = tp_skeleton(state)
+    counts = skeleton_.__dict__.get("_local_kv_heads")  # computed once per cached skeleton
+    if counts is None:  # (the cache is checked on every cached forward step)
+        counts = {}
+        for module in skeleton_.modules():
+            layer, heads = getattr(module, "layer_idx", None), getattr(module, "num_heads", None)
+            if isinstance(layer, int) and isinstance(heads, int) and hasattr(module, "head_dim"):
+                counts[layer] = getattr(module, "num_key_value_heads", heads)
+        skeleton_.__dict__["_local_kv_heads"] = counts
     return counts
 
 
