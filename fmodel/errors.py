@@ -14,7 +14,9 @@ __all__ = [
     "FModelError",
     "HubUnavailableError",
     "InvalidArgumentError",
+    "KernelBuildError",
     "MeshSizeError",
+    "MissingDependencyError",
     "PlanDivisibilityError",
     "PlanError",
     "QuantizationError",
@@ -54,6 +56,12 @@ class UnknownArchitectureError(FModelError, KeyError):
 
 class AttentionUnavailableError(FModelError, RuntimeError):
     """An attention implementation is unknown, or its package / hardware is missing."""
+
+
+class KernelBuildError(FModelError, RuntimeError):
+    """fmodel's CPU kernel extension (`fmodel.kernels`) cannot be built or loaded on this machine
+    (no C++ compiler, a failed compile, `FMODEL_KERNELS=0`); the message carries the reason.
+    `fmodel.kernels.available()` says so without raising."""
 
 
 class QuantizationError(FModelError, ValueError):
@@ -100,6 +108,11 @@ class CheckpointDtypeError(CheckpointError, TypeError):
 class CorruptFileError(CheckpointError, ValueError):
     """A weight file contradicts itself: a header that is not what the format says, tensor
     offsets or sizes outside the file or overlapping, an unknown tensor type id."""
+
+
+class MissingDependencyError(FModelError, ImportError):
+    """An optional package a feature needs is not installed (h5py for TensorFlow checkpoints,
+    msgpack for Flax ones); the message names the extra to install (`pip install fmodel[legacy]`)."""
 
 
 class HubUnavailableError(CheckpointError, ConnectionError):

@@ -1,0 +1,89 @@
+"""Shape functions ("fake" implementations) of the fmodel ops, so that torch.compile, torch.export
+and AOTInductor can trace calls to them: each checks what the C++ op checks about shapes and
+dtypes and returns an empty float32 tensor [..., N]."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidArgumentError(message)
+
+
+def _out(x: torch.Tensor, n: int, op: str) -> torch.Tensor:
+    _check(x.dtype == torch.float32, f"{op}: x must be float32, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _groups(k: int, group_size: int, op: str) -> int:
+    _check(group_size >= 1, f"{op}: group_size must be >= 1, got {group_size}")
+    return (k + group_size - 1) // group_size
+
+
+def _int4_linear(x, packed, scale, zero, group_size, act_int8):
+    op = "fmodel::int4_linear"
+    k = x.shape[-1]
+    g = _groups(k, group_size, op)
+    n = packed.shape[0]
+    _check(
+        packed.dtype == torch.uint8 and tuple(packed.shape) == (n, (k + 1) // 2),
+        f"{op}: packed must be uint8 [out, ceil(in / 2)] for x of width {k}, got {packed.dtype} {tuple(packed.shape)}",
+    )
+    for name, t in (("scale", scale), ("zero", zero)):
+        _check(
+            t.dtype == torch.float32 and tuple(t.shape) == (n, g),
+            f"{op}: {name} must be float32 [{n}, {g}], got {t.dtype} {tuple(t.shape)}",
+        )
+    return _out(x, n, op)
+
+
+def _int8_linear(x, q, scale, zero, group_size, act_int8):
+    op = "fmodel::int8_linear"
+    n, k = q.shape
+    _check(q.dtype == torch.int8, f"{op}: q must be int8, got {q.dtype}")
+    _check(x.shape[-1] == k, f"{op}: x must be [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
+    g = _groups(k, group_size, op)
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t is not None:
+            _check(
+                t.dtype == torch.float32 and tuple(t.shape) == (n, g),
+                f"{op}: {name} must be float32 [{n}, {g}], got {t.dtype} {tuple(t.shape)}",
+            )
+    return _out(x, n, op)
+
+
+def _dense_linear(x, weight):
+    op = "fmodel::dense_linear"
+    _check(
+        weight.dtype in (torch.float32, torch.bfloat16),
+        f"{op}: weight must be float32 or bfloat16, got {weight.dtype}",
+    )
+    n, k = weight.shape
+    _check(x.shape[-1] == k, f"{op}: x must be [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
+    return _out(x, n, op)
+
+
+def _quantize_act(x):
+    m, k = x.shape
+    kb = (k + 31) // 32
+    return x.new_empty((m, kb * 32), dtype=torch.int8), x.new_empty((m, kb))
+
+
+def register() -> None:
+    """Register the shape functions (once per process, after the extension is loaded)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("fmodel::int4_linear")(_int4_linear)
+    torch.library.register_fake("fmodel::int8_linear")(_int8_linear)
+    torch.library.register_fake("fmodel::dense_linear")(_dense_linear)
+    torch.library.register_fake("fmodel::quantize_act")(_quantize_act)
+    _registered = True

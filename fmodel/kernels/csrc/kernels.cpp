@@ -1,0 +1,663 @@
+// fmodel's CPU decode kernels (see kernels.h). No torch headers here.
+//
+// SIMD layouts prepared once per call (x is small next to the weights: the weights are read
+// as they are stored, x is rearranged to fit them):
+//   int4, act_int8: a 64-byte chunk of a packed row holds columns 128c .. 128c+127, even ones in
+//     the low nibbles, odd ones in the high nibbles. xl holds q per chunk de-interleaved
+//     (128 int8: the 64 even columns, then the 64 odd ones), so that one vpdpbusd multiplies the
+//     low nibbles with the even columns and another the high nibbles with the odd ones. Int32
+//     lane L of a chunk then sums columns 128c + 8L .. 8L+7, all in one activation block and one
+//     weight group when the group size is a multiple of 8.
+//   int4, weight-only: per 32-column block, x's 16 even columns then its 16 odd ones (float).
+//   int8, act_int8: q in its own order, rows padded to 64; vpdpbusd wants an unsigned operand, so
+//     the weight is offset by 128 (q ^ 0x80) and each lane starts from -128 * (its sum of q):
+//     the lane's integer is exactly sum(w * q). Lane L of a 64-column chunk sums 4 columns.
+//   int8, weight-only: x padded to 16 columns (float).
+// The act_int8 result is sum over lanes of float(int dot) * scale(lane's group) * d(lane's
+// block), plus sum over groups of zero[g] * gs[g] (gs[g] = sum of d * q over the group's
+// columns): llama.cpp's Q4_1 x Q8_1 formula, with float32 scales instead of float16.
+#include "kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    !defined(FMK_PORTABLE_ONLY)
+#define FMK_AVX512 1
+#include <immintrin.h>
+#else
+#define FMK_AVX512 0
+#endif
+
+namespace fmk {
+
+namespace {
+std::atomic<bool> g_portable{false};
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+bool use_simd() { return FMK_AVX512 && !g_portable.load(std::memory_order_relaxed); }
+}  // namespace
+
+bool simd_compiled() { return FMK_AVX512; }
+const char* simd_name() { return use_simd() ? "avx512vnni" : "portable"; }
+void set_portable(bool portable) { g_portable.store(portable); }
+
+// --------------------------------------------------------------------------- preparation
+
+void quantize_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* d) {
+  const int64_t KB = cdiv(K, 32);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < KB; ++b) {
+      const int64_t k0 = b * 32, k1 = std::min(K, k0 + 32);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float db = amax / 127.0f;
+      const float id = db != 0.0f ? 1.0f / db : 0.0f;
+      int8_t* qb = q + m * KB * 32 + k0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::nearbyint(xr[k] * id);  // round half to even (the default mode)
+        qb[k - k0] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+      }
+      for (int64_t k = k1; k < k0 + 32; ++k) qb[k - k0] = 0;
+      d[m * KB + b] = db;
+    }
+  }
+}
+
+namespace {
+
+// The SIMD kernel's way to find a lane's weight group: a fixed pattern of 1, 2 or 4 groups
+// per chunk, a gather from a table, or the portable kernel (-1).
+int lane_mode(int64_t G, int64_t group, int64_t chunk_cols, int64_t lane_cols, bool fits) {
+  if (!use_simd() || !fits) return -1;
+  if (G == 1 || group % chunk_cols == 0) return 1;
+  if (group * 2 == chunk_cols) return 2;
+  if (group * 4 == chunk_cols) return 4;
+  if (group % lane_cols == 0) return 0;
+  return -1;
+}
+
+struct Layout {
+  int64_t KB, Kp, lanes, chunk, lane_cols;
+  bool a8, int4;
+};
+
+Layout layout(Kind kind, const Problem& p) {
+  Layout l{};
+  l.KB = cdiv(p.K, 32);
+  l.a8 = kind == Kind::int4_a8 || kind == Kind::int8_a8;
+  l.int4 = kind == Kind::int4_w || kind == Kind::int4_a8;
+  switch (kind) {
+    case Kind::int4_a8: l.chunk = 128; l.lane_cols = 8; break;
+    case Kind::int8_a8: l.chunk = 64; l.lane_cols = 4; break;
+    case Kind::int4_w: l.chunk = 32; l.lane_cols = 32; break;
+    case Kind::int8_w: l.chunk = 16; l.lane_cols = 16; break;
+  }
+  l.Kp = up(p.K, l.chunk);
+  l.lanes = l.Kp / l.lane_cols;
+  return l;
+}
+
+struct Carver {
+  char* p;
+  int64_t used = 0;
+  template <class T>
+  T* take(int64_t n) {
+    T* r = reinterpret_cast<T*>(p ? p + used : nullptr);
+    used += up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64);
+    return r;
+  }
+};
+
+Scratch carve(Kind kind, const Problem& p, Carver& c) {
+  const Layout l = layout(kind, p);
+  Scratch s;
+  s.Kp = l.Kp;
+  s.gs = c.take<float>(p.M * p.G);
+  if (l.a8) {
+    s.q = c.take<int8_t>(p.M * l.KB * 32);
+    s.d = c.take<float>(p.M * l.KB);
+    s.xl = c.take<int8_t>(p.M * l.Kp);
+    s.dl = c.take<float>(p.M * l.lanes);
+    if (kind == Kind::int8_a8) s.corr = c.take<int32_t>(p.M * l.lanes);
+  } else {
+    s.xl = c.take<float>(p.M * l.Kp);
+  }
+  s.idx = c.take<int32_t>(l.lanes);
+  return s;
+}
+
+}  // namespace
+
+int64_t scratch_bytes(Kind kind, const Problem& p) {
+  Carver c{nullptr};
+  carve(kind, p, c);
+  return c.used;
+}
+
+Scratch prepare(Kind kind, const Problem& p, void* buffer) {
+  Carver c{static_cast<char*>(buffer)};
+  Scratch s = carve(kind, p, c);
+  const Layout l = layout(kind, p);
+  const int64_t M = p.M, K = p.K, G = p.G, group = p.group;
+  // the SIMD kernels need each lane inside one group: a single group, or groups a multiple of
+  // the lane width (act_int8: 8 or 4 columns) or of the block (weight-only: 32 or 16 columns)
+  if (l.a8)
+    s.mode = lane_mode(G, group, l.chunk, l.lane_cols, G == 1 || group % l.lane_cols == 0);
+  else
+    s.mode = use_simd() && (G == 1 || group % l.chunk == 0) ? 1 : -1;
+  if (l.a8) {
+    quantize_q8(p.x, M, K, s.q, s.d);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* q = s.q + m * l.KB * 32;
+      const float* d = s.d + m * l.KB;
+      float* gs = s.gs + m * G;
+      for (int64_t g = 0; g < G; ++g) {
+        // sum of d * q over the group, block by block (each block's integer sum is exact)
+        const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
+        float acc = 0.0f;
+        for (int64_t k = k0; k < k1;) {
+          const int64_t b = k / 32, kb1 = std::min(k1, (b + 1) * 32);
+          int32_t isum = 0;
+          for (; k < kb1; ++k) isum += q[k];
+          acc += d[b] * static_cast<float>(isum);
+        }
+        gs[g] = acc;
+      }
+      if (s.mode < 0) continue;
+      int8_t* xl = static_cast<int8_t*>(s.xl) + m * l.Kp;
+      float* dl = s.dl + m * l.lanes;
+      if (kind == Kind::int4_a8) {
+        for (int64_t cb = 0; cb < l.Kp; cb += 128)
+          for (int64_t i = 0; i < 64; ++i) {
+            const int64_t ke = cb + 2 * i, ko = ke + 1;
+            xl[cb + i] = ke < l.KB * 32 ? q[ke] : 0;
+            xl[cb + 64 + i] = ko < l.KB * 32 ? q[ko] : 0;
+          }
+      } else {
+        for (int64_t k = 0; k < l.Kp; ++k) xl[k] = k < l.KB * 32 ? q[k] : 0;
+        int32_t* corr = s.corr + m * l.lanes;
+        for (int64_t L = 0; L < l.lanes; ++L) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < 4; ++j) sum += xl[L * 4 + j];
+          corr[L] = -128 * sum;
+        }
+      }
+      for (int64_t L = 0; L < l.lanes; ++L) {
+        const int64_t b = L * l.lane_cols / 32;
+        dl[L] = b < l.KB ? d[b] : 0.0f;
+      }
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = p.x + m * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
+        float acc = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) acc += x[k];
+        s.gs[m * G + g] = acc;
+      }
+      if (s.mode < 0) continue;
+      float* xl = static_cast<float*>(s.xl) + m * l.Kp;
+      if (kind == Kind::int4_w) {
+        for (int64_t cb = 0; cb < l.Kp; cb += 32)
+          for (int64_t i = 0; i < 16; ++i) {
+            const int64_t ke = cb + 2 * i, ko = ke + 1;
+            xl[cb + i] = ke < K ? x[ke] : 0.0f;
+            xl[cb + 16 + i] = ko < K ? x[ko] : 0.0f;
+          }
+      } else {
+        for (int64_t k = 0; k < l.Kp; ++k) xl[k] = k < K ? x[k] : 0.0f;
+      }
+    }
+  }
+  if (s.mode == 0)
+    for (int64_t L = 0; L < l.lanes; ++L)
+      s.idx[L] = static_cast<int32_t>(std::min<int64_t>(L * l.lane_cols / group, G - 1));
+  return s;
+}
+
+// --------------------------------------------------------------------------- portable kernels
+
+namespace {
+
+// act_int8, any layout: the columns split into runs inside one activation block and one weight
+// group; each run's integer dot product and integer sum are exact.
+template <class Weight>
+void a8_portable(const Problem& p, const Scratch& s, const Weight& wq, const float* scale, const float* zero,
+                 int64_t n0, int64_t n1) {
+  const int64_t KB = cdiv(p.K, 32);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* q = s.q + m * KB * 32;
+      const float* d = s.d + m * KB;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < p.K;) {
+        const int64_t b = k / 32, g = k / p.group;
+        const int64_t k1 = std::min({p.K, (b + 1) * 32, (g + 1) * p.group});
+        int32_t dot = 0, sum = 0;
+        for (; k < k1; ++k) {
+          dot += static_cast<int32_t>(wq(n, k)) * q[k];
+          sum += q[k];
+        }
+        acc += scale[n * p.G + g] * d[b] * static_cast<float>(dot);
+        if (zero) acc += zero[n * p.G + g] * d[b] * static_cast<float>(sum);
+      }
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+template <class Weight>
+void w_portable(const Problem& p, const Scratch& s, const Weight& wq, const float* scale, const float* zero,
+                int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
+        float t = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) t += static_cast<float>(wq(n, k)) * x[k];
+        acc += scale[n * p.G + g] * t;
+        if (zero) acc += zero[n * p.G + g] * s.gs[m * p.G + g];
+      }
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+struct Int4At {
+  const uint8_t* w;
+  int64_t KB2;
+  int operator()(int64_t n, int64_t k) const {
+    const uint8_t b = w[n * KB2 + k / 2];
+    return (k & 1) ? (b >> 4) : (b & 15);
+  }
+};
+struct Int8At {
+  const int8_t* w;
+  int64_t K;
+  int operator()(int64_t n, int64_t k) const { return w[n * K + k]; }
+};
+
+}  // namespace
+
+#if FMK_AVX512
+// --------------------------------------------------------------------------- AVX-512 kernels
+namespace {
+
+// Output rows [n0, n1) in passes of MB x-rows and NR weight rows: the weight chunk loaded
+// once serves MB rows of x; NR rows give independent dependency chains.
+template <class Kern>
+void drive(const Kern& k, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t left = M - m0;
+    if (left >= 4) {
+      k.template run<4, 1>(m0, n0, n1);
+      m0 += 4;
+    } else if (left >= 2) {
+      const int64_t n = n0 + (n1 - n0) / 2 * 2;
+      k.template run<2, 2>(m0, n0, n);
+      k.template run<2, 1>(m0, n, n1);
+      m0 += 2;
+    } else {
+      const int64_t n = n0 + (n1 - n0) / 4 * 4;
+      k.template run<1, 4>(m0, n0, n);
+      k.template run<1, 1>(m0, n, n1);
+      m0 += 1;
+    }
+  }
+}
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
+
+// The scale of each of the 16 lanes of chunk c of a row's scales s.
+template <int MODE>
+inline __m512 lane_scales(const float* s, int64_t c, int64_t chunk, int64_t G, int64_t group,
+                          const int32_t* idx) {
+  if constexpr (MODE == 1) {
+    return _mm512_set1_ps(s[G == 1 ? 0 : c * chunk / group]);
+  } else if constexpr (MODE == 2 || MODE == 4) {
+    const int64_t g0 = c * MODE;
+    const __m128 v = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << std::min<int64_t>(MODE, G - g0)) - 1), s + g0);
+    const __m512i pick = MODE == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                   : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(v));
+  } else {
+    return _mm512_i32gather_ps(_mm512_loadu_si512(idx + c * 16), s, 4);
+  }
+}
+
+// acc += zero[0:G] * gs[0:G] lane-wise (the zero points' term, reduced with the rest)
+inline __m512 add_zero_term(__m512 acc, const float* z, const float* gs, int64_t G) {
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(z + g), _mm512_loadu_ps(gs + g), acc);
+  if (g < G) {
+    const __mmask16 k = mask16(G - g);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, z + g), _mm512_maskz_loadu_ps(k, gs + g), acc);
+  }
+  return acc;
+}
+
+template <int MODE>
+struct Int4A8 {
+  const Problem& p;
+  const Scratch& s;
+  const uint8_t* w;
+  const float* scale;
+  const float* zero;
+  template <int MB, int NR>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t KB2 = (p.K + 1) / 2, C = s.Kp / 128, G = p.G, Kp = s.Kp, lanes = Kp / 8;
+    const __mmask64 last = mask64(KB2 - 64 * (C - 1));
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int8_t* xl = static_cast<const int8_t*>(s.xl) + m0 * Kp;
+    const float* dl = s.dl + m0 * lanes;
+    for (int64_t n = n0; n + NR <= n1; n += NR) {
+      __m512 acc[NR][MB];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        const __mmask64 k = c == C - 1 ? last : ~__mmask64(0);
+        __m512i xe[MB], xo[MB];
+        __m512 dv[MB];
+        for (int m = 0; m < MB; ++m) {
+          xe[m] = _mm512_loadu_si512(xl + m * Kp + c * 128);
+          xo[m] = _mm512_loadu_si512(xl + m * Kp + c * 128 + 64);
+          dv[m] = _mm512_loadu_ps(dl + m * lanes + c * 16);
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m512i b = _mm512_maskz_loadu_epi8(k, w + (n + r) * KB2 + c * 64);
+          const __m512i lo = _mm512_and_si512(b, m4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 128, G, p.group, s.idx);
+          for (int m = 0; m < MB; ++m) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
+            dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
+            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dv[m]), acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) {
+          const __m512 a = add_zero_term(acc[r][m], zero + (n + r) * G, s.gs + (m0 + m) * G, G);
+          p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(a);
+        }
+    }
+  }
+};
+
+template <int MODE>
+struct Int8A8 {
+  const Problem& p;
+  const Scratch& s;
+  const int8_t* w;
+  const float* scale;
+  const float* zero;
+  template <int MB, int NR>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t K = p.K, C = s.Kp / 64, G = p.G, Kp = s.Kp, lanes = Kp / 4;
+    const __mmask64 last = mask64(K - 64 * (C - 1));
+    const __m512i off = _mm512_set1_epi8(static_cast<char>(0x80));
+    const int8_t* xl = static_cast<const int8_t*>(s.xl) + m0 * Kp;
+    const float* dl = s.dl + m0 * lanes;
+    const int32_t* corr = s.corr + m0 * lanes;
+    for (int64_t n = n0; n + NR <= n1; n += NR) {
+      __m512 acc[NR][MB];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        const __mmask64 k = c == C - 1 ? last : ~__mmask64(0);
+        __m512i xq[MB], cv[MB];
+        __m512 dv[MB];
+        for (int m = 0; m < MB; ++m) {
+          xq[m] = _mm512_loadu_si512(xl + m * Kp + c * 64);
+          cv[m] = _mm512_loadu_si512(corr + m * lanes + c * 16);
+          dv[m] = _mm512_loadu_ps(dl + m * lanes + c * 16);
+        }
+        for (int r = 0; r < NR; ++r) {
+          // q + 128 as unsigned (masked-off bytes become 128, against x's zero padding)
+          const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w + (n + r) * K + c * 64), off);
+          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 64, G, p.group, s.idx);
+          for (int m = 0; m < MB; ++m) {
+            const __m512i dot = _mm512_dpbusd_epi32(cv[m], u, xq[m]);
+            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dv[m]), acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) {
+          __m512 a = acc[r][m];
+          if (zero) a = add_zero_term(a, zero + (n + r) * G, s.gs + (m0 + m) * G, G);
+          p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(a);
+        }
+    }
+  }
+};
+
+// Weight-only: dequantize 16 weights at a time into float32 lanes, FMA with float32 x, one
+// float32 sum per row and group, scaled once per group.
+struct Int4W {
+  const Problem& p;
+  const Scratch& s;
+  const uint8_t* w;
+  const float* scale;
+  const float* zero;
+  template <int MB, int NR>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t KB2 = (p.K + 1) / 2, B = s.Kp / 32, G = p.G, Kp = s.Kp;
+    const int64_t per_group = G == 1 ? B : p.group / 32;
+    const __mmask16 last = mask16(KB2 - 16 * (B - 1));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const float* xl = static_cast<const float*>(s.xl) + m0 * Kp;
+    for (int64_t n = n0; n + NR <= n1; n += NR) {
+      __m512 acc[NR][MB];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 te[NR][MB], to[NR][MB];
+        for (int r = 0; r < NR; ++r)
+          for (int m = 0; m < MB; ++m) te[r][m] = to[r][m] = _mm512_setzero_ps();
+        const int64_t b1 = std::min(B, (g + 1) * per_group);
+        for (int64_t b = g * per_group; b < b1; ++b) {
+          const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
+          __m512 xe[MB], xo[MB];
+          for (int m = 0; m < MB; ++m) {
+            xe[m] = _mm512_loadu_ps(xl + m * Kp + b * 32);
+            xo[m] = _mm512_loadu_ps(xl + m * Kp + b * 32 + 16);
+          }
+          for (int r = 0; r < NR; ++r) {
+            const __m128i v = _mm_maskz_loadu_epi8(k, w + (n + r) * KB2 + b * 16);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m4)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+            for (int m = 0; m < MB; ++m) {
+              te[r][m] = _mm512_fmadd_ps(lo, xe[m], te[r][m]);
+              to[r][m] = _mm512_fmadd_ps(hi, xo[m], to[r][m]);
+            }
+          }
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m512 sv = _mm512_set1_ps(scale[(n + r) * G + g]);
+          for (int m = 0; m < MB; ++m)
+            acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(te[r][m], to[r][m]), sv, acc[r][m]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) {
+          const __m512 a = add_zero_term(acc[r][m], zero + (n + r) * G, s.gs + (m0 + m) * G, G);
+          p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(a);
+        }
+    }
+  }
+};
+
+struct Int8W {
+  const Problem& p;
+  const Scratch& s;
+  const int8_t* w;
+  const float* scale;
+  const float* zero;
+  template <int MB, int NR>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t K = p.K, B = s.Kp / 16, G = p.G, Kp = s.Kp;
+    const int64_t per_group = G == 1 ? B : p.group / 16;
+    const __mmask16 last = mask16(K - 16 * (B - 1));
+    const float* xl = static_cast<const float*>(s.xl) + m0 * Kp;
+    for (int64_t n = n0; n + NR <= n1; n += NR) {
+      __m512 acc[NR][MB];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 t[NR][MB];
+        for (int r = 0; r < NR; ++r)
+          for (int m = 0; m < MB; ++m) t[r][m] = _mm512_setzero_ps();
+        const int64_t b1 = std::min(B, (g + 1) * per_group);
+        for (int64_t b = g * per_group; b < b1; ++b) {
+          const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
+          __m512 xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xl + m * Kp + b * 16);
+          for (int r = 0; r < NR; ++r) {
+            const __m512 wv =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, w + (n + r) * K + b * 16)));
+            for (int m = 0; m < MB; ++m) t[r][m] = _mm512_fmadd_ps(wv, xv[m], t[r][m]);
+          }
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m512 sv = _mm512_set1_ps(scale[(n + r) * G + g]);
+          for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(t[r][m], sv, acc[r][m]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) {
+          __m512 a = acc[r][m];
+          if (zero) a = add_zero_term(a, zero + (n + r) * G, s.gs + (m0 + m) * G, G);
+          p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(a);
+        }
+    }
+  }
+};
+
+inline __m512 load_w(const float* w, __mmask16 k) { return _mm512_maskz_loadu_ps(k, w); }
+inline __m512 load_w(const uint16_t* w, __mmask16 k) {
+  // bfloat16 -> float32 is exact: the 16 bits become the high half of the float
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, w)), 16));
+}
+
+template <class T>
+struct Dense {
+  const Problem& p;
+  const T* w;
+  template <int MB, int NR>
+  void run(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t K = p.K, B = cdiv(K, 16);
+    const __mmask16 last = mask16(K - 16 * (B - 1));
+    const float* x = p.x + m0 * K;
+    for (int64_t n = n0; n + NR <= n1; n += NR) {
+      __m512 acc[NR][MB];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < B; ++b) {
+        const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
+        __m512 xv[MB];
+        for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(k, x + m * K + b * 16);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 wv = load_w(w + (n + r) * K + b * 16, k);
+          for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+  }
+};
+
+template <template <int> class Kern, class W>
+void run_mode(int mode, const Problem& p, const Scratch& s, const W* w, const float* scale, const float* zero,
+              int64_t n0, int64_t n1) {
+  switch (mode) {
+    case 1: drive(Kern<1>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    case 2: drive(Kern<2>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    case 4: drive(Kern<4>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    default: drive(Kern<0>{p, s, w, scale, zero}, p.M, n0, n1); break;
+  }
+}
+
+}  // namespace
+#endif  // FMK_AVX512
+
+// --------------------------------------------------------------------------- entry points
+
+void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const float* scale,
+               const float* zero, int64_t n0, int64_t n1) {
+#if FMK_AVX512
+  if (s.mode >= 0) {
+    if (kind == Kind::int4_a8)
+      run_mode<Int4A8>(s.mode, p, s, packed, scale, zero, n0, n1);
+    else
+      drive(Int4W{p, s, packed, scale, zero}, p.M, n0, n1);
+    return;
+  }
+#endif
+  const Int4At at{packed, (p.K + 1) / 2};
+  if (kind == Kind::int4_a8)
+    a8_portable(p, s, at, scale, zero, n0, n1);
+  else
+    w_portable(p, s, at, scale, zero, n0, n1);
+}
+
+void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const float* scale,
+               const float* zero, int64_t n0, int64_t n1) {
+#if FMK_AVX512
+  if (s.mode >= 0) {
+    if (kind == Kind::int8_a8)
+      run_mode<Int8A8>(s.mode, p, s, q, scale, zero, n0, n1);
+    else
+      drive(Int8W{p, s, q, scale, zero}, p.M, n0, n1);
+    return;
+  }
+#endif
+  const Int8At at{q, p.K};
+  if (kind == Kind::int8_a8)
+    a8_portable(p, s, at, scale, zero, n0, n1);
+  else
+    w_portable(p, s, at, scale, zero, n0, n1);
+}
+
+void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1) {
+#if FMK_AVX512
+  if (use_simd()) return drive(Dense<float>{p, w}, p.M, n0, n1);
+#endif
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      const float* wr = w + n * p.K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < p.K; ++k) acc += wr[k] * x[k];
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1) {
+#if FMK_AVX512
+  if (use_simd()) return drive(Dense<uint16_t>{p, w}, p.M, n0, n1);
+#endif
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      const uint16_t* wr = w + n * p.K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < p.K; ++k) {
+        const uint32_t bits = static_cast<uint32_t>(wr[k]) << 16;
+        float wf;
+        std::memcpy(&wf, &bits, sizeof wf);
+        acc += wf * x[k];
+      }
+      p.out[m * p.N + n] = acc;
+    }
+}
+
+}  // namespace fmk

@@ -1,0 +1,64 @@
+// fmodel's CPU decode kernels: plain C++ (no torch headers, so this half of the extension
+// compiles in about a second). ops.cpp binds them to torch ops and splits output rows
+// over threads; every kernel here computes output rows [n0, n1) of out[M, N].
+//
+// Two implementations of each kernel, selected when this file is compiled:
+//   - AVX-512 (F, BW, VL, VNNI; BF16 not needed): compiled when the compiler targets them
+//     (-march=native on such a machine), used unless set_portable(true);
+//   - portable: plain loops (the compiler vectorises what it can), always compiled, the only
+//     one on other machines. Both compute the same integers on the act_int8 paths; float sums
+//     may associate differently (float32 rounding apart, they agree).
+#pragma once
+#include <cstdint>
+
+namespace fmk {
+
+// Which implementation the kernels use: "avx512vnni" or "portable" (what was compiled and
+// not switched off by set_portable).
+const char* simd_name();
+bool simd_compiled();
+void set_portable(bool portable);
+
+// llama.cpp's Q8_1 activation scheme: x [M, K] in blocks of 32 columns (the last one padded
+// with zeros), per block d = max|x| / 127, q = round-half-even(x * (1/d)) (q = 0 if d = 0).
+// q: [M, KB * 32] int8, d: [M, KB] float, KB = ceil(K / 32).
+void quantize_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* d);
+
+// What a call prepares once from x, before its rows are split over threads: quantized
+// activations, x in the SIMD kernels' layout, per-group sums (kernels.cpp describes them).
+struct Scratch {
+  int8_t* q = nullptr;       // act_int8: quantized activations, original order [M, KB*32]
+  float* d = nullptr;        // act_int8: their block scales [M, KB]
+  float* gs = nullptr;       // [M, G]: the sum over each weight group's columns of x
+                             // (weight-only) or of d * q (act_int8), for the zero points
+  void* xl = nullptr;        // x in the SIMD kernels' layout, [M, Kp] (int8 or float)
+  float* dl = nullptr;       // act_int8: each SIMD lane's block scale
+  int32_t* corr = nullptr;   // int8 act_int8: -128 * each lane's sum of q
+  int32_t* idx = nullptr;    // lane -> weight group, for group sizes without a fixed pattern
+  int64_t Kp = 0;            // row length of xl
+  int mode = 0;              // how the SIMD kernel finds a lane's group (-1: portable kernel)
+};
+
+struct Problem {
+  int64_t M, N, K, G, group;  // x [M, K], weight [N, K] in G groups of `group` columns
+  const float* x;
+  float* out;                 // [M, N]
+};
+
+enum class Kind { int4_w, int4_a8, int8_w, int8_a8 };
+// The bytes of scratch a call needs; prepare() lays the Scratch out in `buffer` (64-aligned).
+int64_t scratch_bytes(Kind kind, const Problem& p);
+Scratch prepare(Kind kind, const Problem& p, void* buffer);
+
+// W[n, k] = q[n, k] * scale[n, k / group] + zero[n, k / group]
+// int4: packed [N, ceil(K/2)] uint8, column 2j in the low nibble; scale, zero float [N, G].
+void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const float* scale,
+               const float* zero, int64_t n0, int64_t n1);
+// int8: q [N, K] int8; scale [N, G]; zero [N, G] or nullptr.
+void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const float* scale,
+               const float* zero, int64_t n0, int64_t n1);
+// dense: weight [N, K] float32 or bfloat16 (raw uint16), float32 accumulation.
+void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1);
+void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1);
+
+}  // namespace fmk

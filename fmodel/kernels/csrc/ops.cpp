@@ -1,0 +1,172 @@
+// The torch ops over kernels.cpp: argument checks, the per-call preparation of x, and the split of
+// output rows over torch's intra-op threads (at::parallel_for: torch.set_num_threads applies).
+// Only torch/library.h and ATen core headers: the first build compiles this file in seconds.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+// Output rows per task: enough weight bytes per task (~64 KiB) that a thread's start-up cost
+// stays small next to its work; a small layer runs on one thread.
+int64_t grain(int64_t row_bytes) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)); }
+
+void check_x(const Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must be [..., ", K, "] (the weight's in_features), got ",
+                    x.sizes());
+}
+
+void check_w(const Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols, const char* what, const char* op) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", what, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", what, " must be [", rows, ", ",
+                    cols, "], got ", t.sizes());
+}
+
+Tensor out_like(const Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
+
+fmk::Problem problem(const Tensor& x, const Tensor& out, int64_t N, int64_t K, int64_t G, int64_t group) {
+  const int64_t M = N == 0 ? 0 : out.numel() / N;
+  return fmk::Problem{M, N, K, G, group, x.data_ptr<float>(), out.data_ptr<float>()};
+}
+
+template <class F>
+Tensor quantized(const Tensor& x_in, int64_t N, int64_t K, int64_t G, int64_t group, fmk::Kind kind,
+                 int64_t row_bytes, const F& rows) {
+  const Tensor x = x_in.contiguous();
+  Tensor out = out_like(x, N);
+  const fmk::Problem p = problem(x, out, N, K, G, group);
+  if (p.M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const Tensor buffer = at::empty({fmk::scratch_bytes(kind, p)}, x.options().dtype(at::kByte));
+  const fmk::Scratch s = fmk::prepare(kind, p, buffer.data_ptr());
+  at::parallel_for(0, N, grain(row_bytes * p.M), [&](int64_t n0, int64_t n1) { rows(p, s, n0, n1); });
+  return out;
+}
+
+int64_t groups_of(int64_t K, int64_t group_size, const char* op) {
+  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  return (K + group_size - 1) / group_size;
+}
+
+Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scale, const Tensor& zero, int64_t group_size,
+                   bool act_int8) {
+  const char* op = "fmodel::int4_linear";
+  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must be [out, ceil(in / 2)], got ", packed.sizes());
+  const int64_t N = packed.size(0), K = x.dim() >= 1 ? x.size(-1) : 0;
+  check_x(x, K, op);
+  TORCH_CHECK_VALUE(packed.size(1) == (K + 1) / 2, op, ": packed must be [out, ceil(in / 2)] = [", N, ", ",
+                    (K + 1) / 2, "] for x of width ", K, ", got ", packed.sizes());
+  const int64_t G = groups_of(K, group_size, op);
+  check_w(packed, at::kByte, N, (K + 1) / 2, "packed", op);
+  check_w(scale, at::kFloat, N, G, "scale", op);
+  check_w(zero, at::kFloat, N, G, "zero", op);
+  const Tensor w = packed.contiguous(), s = scale.contiguous(), z = zero.contiguous();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const fmk::Kind kind = act_int8 ? fmk::Kind::int4_a8 : fmk::Kind::int4_w;
+  return quantized(x, N, K, G, group_size, kind, (K + 1) / 2,
+                   [&](const fmk::Problem& p, const fmk::Scratch& sc, int64_t n0, int64_t n1) {
+                     fmk::int4_rows(kind, p, sc, wp, sp, zp, n0, n1);
+                   });
+}
+
+Tensor int8_linear(const Tensor& x, const Tensor& q, const Tensor& scale, const std::optional<Tensor>& zero,
+                   int64_t group_size, bool act_int8) {
+  const char* op = "fmodel::int8_linear";
+  TORCH_CHECK_VALUE(q.dim() == 2, op, ": q must be [out, in], got ", q.sizes());
+  const int64_t N = q.size(0), K = q.size(1);
+  check_x(x, K, op);
+  const int64_t G = groups_of(K, group_size, op);
+  check_w(q, at::kChar, N, K, "q", op);
+  check_w(scale, at::kFloat, N, G, "scale", op);
+  Tensor z;
+  if (zero.has_value()) {
+    check_w(*zero, at::kFloat, N, G, "zero", op);
+    z = zero->contiguous();
+  }
+  const Tensor w = q.contiguous(), s = scale.contiguous();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
+  const fmk::Kind kind = act_int8 ? fmk::Kind::int8_a8 : fmk::Kind::int8_w;
+  return quantized(x, N, K, G, group_size, kind, K,
+                   [&](const fmk::Problem& p, const fmk::Scratch& sc, int64_t n0, int64_t n1) {
+                     fmk::int8_rows(kind, p, sc, wp, sp, zp, n0, n1);
+                   });
+}
+
+Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
+  const char* op = "fmodel::dense_linear";
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [out, in], got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16, op,
+                    ": weight must be float32 or bfloat16, got ", weight.scalar_type());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_x(x_in, K, op);
+  check_w(weight, weight.scalar_type(), N, K, "weight", op);
+  const Tensor x = x_in.contiguous(), w = weight.contiguous();
+  Tensor out = out_like(x, N);
+  const fmk::Problem p = problem(x, out, N, K, 1, K);
+  if (p.M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const void* wp = w.data_ptr();
+  at::parallel_for(0, N, grain(K * w.element_size() * p.M), [&](int64_t n0, int64_t n1) {
+    if (bf16)
+      fmk::bf16_rows(p, static_cast<const uint16_t*>(wp), n0, n1);
+    else
+      fmk::f32_rows(p, static_cast<const float*>(wp), n0, n1);
+  });
+  return out;
+}
+
+// llama.cpp's Q8_1 activation quantization as the act_int8 kernels apply it (for tests):
+// q [M, ceil(K/32)*32] int8, d [M, ceil(K/32)] float32.
+std::tuple<Tensor, Tensor> quantize_act(const Tensor& x_in) {
+  const char* op = "fmodel::quantize_act";
+  TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be [M, K], got ", x_in.sizes());
+  check_x(x_in, x_in.size(1), op);
+  const Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), KB = (K + 31) / 32;
+  Tensor q = at::empty({M, KB * 32}, x.options().dtype(at::kChar));
+  Tensor d = at::empty({M, KB}, x.options());
+  fmk::quantize_q8(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>());
+  return {q, d};
+}
+
+std::string simd() { return fmk::simd_name(); }
+bool simd_compiled() { return fmk::simd_compiled(); }
+void set_portable(bool portable) { fmk::set_portable(portable); }
+
+}  // namespace
+
+TORCH_LIBRARY(fmodel, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, bool act_int8) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, int group_size, bool act_int8) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("quantize_act(Tensor x) -> (Tensor, Tensor)");
+  m.def("simd() -> str", &simd);
+  m.def("simd_compiled() -> bool", &simd_compiled);
+  m.def("set_portable(bool portable) -> ()", &set_portable);
+}
+
+TORCH_LIBRARY_IMPL(fmodel, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("dense_linear", &dense_linear);
+  m.impl("quantize_act", &quantize_act);
+}
