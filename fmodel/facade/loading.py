@@ -139,6 +139,11 @@ class LoadingMixin:
             return with_adapter(loaded, source, adapter_name, adapter_kwargs)
         gguf_file = kwargs.pop("gguf_file", None)
         variant = kwargs.pop("variant", None)
+        from_tf, from_flax = kwargs.pop("from_tf", False), kwargs.pop("from_flax", False)
+        if from_tf or from_flax:  # TF / Flax weights (fmodel.io.legacy): the folder must hold them
+            from ..io.legacy import check_requested_format
+
+            check_requested_format(source, "tf" if from_tf else "flax")
         max_memory = kwargs.pop("max_memory", None)
         tensor_parallel = pop_tp_arguments(kwargs, device_map, f"{cls.__name__}.from_pretrained")
         for name in _IGNORED_LOAD_KWARGS:
@@ -292,6 +297,36 @@ class LoadingMixin:
             model._add_device_hooks(device_map)
         mismatched = [m[0] for m in report.mismatched]
         return model, list(report.missing), list(report.unexpected), mismatched, None, []
+
+    @classmethod
+    def _load_from_tf(cls, model: PreTrainedModel, config, checkpoint_files: list[str]):
+        """Transformers' `_load_from_tf`: the weights of TF 2 files written by Transformers
+        (`tf_model.h5`, or its shards, all of them read) into `model`, names and layouts converted
+        as `load_tf2_checkpoint_in_pytorch_model` does, without TensorFlow (h5py reads the file,
+        `fmodel.io.legacy`). Returns `(model, loading_info)` with `missing_keys` and
+        `unexpected_keys`, as there; missing tensors are initialised. `config` is unused, as in
+        Transformers' TF 2 path (it serves TensorFlow 1 checkpoints, which only TensorFlow reads:
+        a `.index` file raises CheckpointError)."""
+        from ..io.legacy import read_legacy_files
+
+        tensors = read_legacy_files(checkpoint_files, "tf")
+        model, missing, unexpected, *_ = cls._load_pretrained_model(
+            model, tensors, None, checkpoint_files[0] if checkpoint_files else None
+        )
+        return model, {"missing_keys": missing, "unexpected_keys": unexpected}
+
+    @classmethod
+    def _load_from_flax(cls, model: PreTrainedModel, checkpoint_files: list[str]):
+        """Transformers' `_load_from_flax`: the weights of Flax msgpack files written by
+        Transformers (`flax_model.msgpack`, or its shards) into `model`, converted as
+        `load_flax_checkpoint_in_pytorch_model` does, without JAX (msgpack reads the file).
+        Returns the model, as there."""
+        from ..io.legacy import read_legacy_files
+
+        tensors = read_legacy_files(checkpoint_files, "flax")
+        return cls._load_pretrained_model(
+            model, tensors, None, checkpoint_files[0] if checkpoint_files else None
+        )[0]
 
 
 def _config_dtype(config) -> Any:

@@ -109,6 +109,10 @@ def read_tensors(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[
             with its shards (tensors no shard holds, tensors in another shard than listed,
             shard tensors the index does not list), each named.
     """
+    if files.format in ("tf", "flax"):  # TensorFlow / Flax files, renamed as Transformers does
+        from .legacy import read_legacy_tensors
+
+        return read_legacy_tensors(files)
     reader = _read_safetensors if files.format == "safetensors" else _read_pickle
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}

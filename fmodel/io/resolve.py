@@ -30,12 +30,20 @@ def variant_name(filename: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{suffix}"
 
 
+# TensorFlow and Flax checkpoints (fmodel.io.legacy), looked for after safetensors and pickle:
+# a folder holding several formats loads its safetensors. They have no variant files.
+LEGACY_CANDIDATES = (
+    ("tf_model.h5.index.json", "tf_model.h5", "tf"),
+    ("flax_model.msgpack.index.json", "flax_model.msgpack", "flax"),
+)
+
+
 def _candidates(variant: str | None) -> tuple[tuple[str, str, str], ...]:
     """(index name, single-file name, format) in the order they are looked for."""
     return tuple(
         (variant_name(index, variant), variant_name(single, variant), fmt)
         for index, single, fmt in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (PT_INDEX, PT_SINGLE, "pickle"))
-    )
+    ) + (() if variant else LEGACY_CANDIDATES)
 
 
 @attrs.frozen
@@ -47,7 +55,7 @@ class CheckpointFiles:
         config: path of config.json (None when the caller brought its own config).
         weights: weight files, in shard order.
         index: path of the shard index, if sharded.
-        format: "safetensors" or "pickle".
+        format: "safetensors", "pickle", "tf" (tf_model.h5) or "flax" (flax_model.msgpack).
         folder: the folder holding the files (a hub snapshot folder for repo ids).
     """
 
