@@ -274,6 +274,31 @@ def test_int8_bit_identical_to_emulation(impl, n, k, group, with_zero, act_int8)
     assert torch.equal(fk.int8_linear(x, q, scale, zero, group, act_int8).double(), ref)
 
 
+@pytest.mark.parametrize("act_int8", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128, 576, 24])
+def test_float16_scales_equal_float32_of_them(impl, group, act_int8):
+    """GGUF's float16 d / m read as stored: the result is the float32 call on their float32
+    values, bit for bit (including subnormal and zero scales). Groups of 24 have no fixed lane
+    pattern: float32 scales are gathered there, float16 ones run the portable loops, so the two
+    agree to float32 rounding only."""
+    x, q, packed, scale, zero = int4_case(40, 576, group, 3, seed=group)
+    scale, zero = scale.half(), zero.half()
+    scale[0, 0], scale[1, 0], zero[2, 0] = 3e-6, 0.0, -1e-7  # float16 subnormals, a zero
+    same = torch.equal if group != 24 or impl == "portable" or not act_int8 else _close
+    got = fk.int4_linear(x, packed, scale, zero, group, act_int8)
+    assert same(got, fk.int4_linear(x, packed, scale.float(), zero.float(), group, act_int8))
+    check(got, x, q, scale.float(), zero.float(), group, act_int8)
+    x, q8, scale8, zero8 = int8_case(40, 576, group, 3, True, seed=group)
+    for z in (zero8.half(), None):
+        got = fk.int8_linear(x, q8, scale8.half(), z, group, act_int8)
+        want = fk.int8_linear(x, q8, scale8.half().float(), None if z is None else z.float(), group, act_int8)
+        assert same(got, want)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_act_is_llama_cpp_q8(impl):
     """Bit for bit the torch emulation, including ties (half to even), zero blocks and a
     partial last block; d is max|x| / 127."""
@@ -369,6 +394,10 @@ def test_bad_arguments_raise_named_errors():
         fk.int4_linear(x, packed[:, :-1], scale, zero, 32, False)
     with pytest.raises(InvalidArgumentError, match="scale must be"):
         fk.int4_linear(x, packed, scale[:, :1], zero, 32, False)
+    with pytest.raises(InvalidArgumentError, match="zero must have scale's dtype"):
+        fk.int4_linear(x, packed, scale, zero.half(), 32, False)
+    with pytest.raises(InvalidArgumentError, match="scale must be float32 or float16"):
+        fk.int4_linear(x, packed, scale.double(), zero.double(), 32, False)
     with pytest.raises(InvalidArgumentError, match="x must be float32"):
         fk.int4_linear(x.double(), packed, scale, zero, 32, False)
     with pytest.raises(InvalidArgumentError, match="group_size"):

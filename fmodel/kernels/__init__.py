@@ -19,6 +19,9 @@ The ops (float32 x [..., K] in, float32 [..., N] out; output rows split over tor
 - `int8_linear(x, q, scale, zero, group_size, act_int8)`: q int8 [N, K], scale float32 [N, G]
   (G = 1 with group_size = K: per channel), zero float32 [N, G] or None (llama.cpp's Q8_0:
   group 32, no zero).
+- Both also take scale and zero in float16 (GGUF's own d / m, kept as stored: 0.625 bytes per
+  Q4_1 weight instead of 0.75, so memory stays at the file's size); they are widened exactly to
+  float32 as they are read, so the result equals the float32 call on `scale.float()` bit for bit.
 - `dense_linear(x, weight)`: weight float32 or bfloat16 [N, K].
 
 Numerics:
@@ -118,7 +121,7 @@ def int4_linear(
     Arguments:
         x: float32 [..., K] (CPU).
         packed: uint8 [N, ceil(K / 2)], column 2j in the low nibble, 2j+1 in the high one.
-        scale, zero: float32 [N, G], G = ceil(K / group_size):
+        scale, zero: float32 (or both float16) [N, G], G = ceil(K / group_size):
             W[n, k] = q[n, k] * scale[n, k // group_size] + zero[n, k // group_size].
         group_size: the group width (32 for GGUF Q4_0 / Q4_1).
         act_int8: False: weight-only (float32 x, float32 accumulation). True: x quantized to int8
@@ -155,8 +158,9 @@ def int8_linear(
     Arguments:
         x: float32 [..., K] (CPU).
         q: int8 [N, K].
-        scale: float32 [N, G], G = ceil(K / group_size) (G = 1 with group_size = K: per channel).
-        zero: float32 [N, G], or None (symmetric, as GGUF Q8_0).
+        scale: float32 or float16 [N, G], G = ceil(K / group_size) (G = 1 with group_size = K:
+            per channel).
+        zero: [N, G] of scale's dtype, or None (symmetric, as GGUF Q8_0).
         group_size: the group width (32 for Q8_0; K for per-channel scales).
         act_int8: as for `int4_linear`.
 

@@ -28,6 +28,17 @@ def _groups(k: int, group_size: int, op: str) -> int:
     return (k + group_size - 1) // group_size
 
 
+def _scales(scale, zero, n: int, g: int, op: str) -> None:
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t is not None:
+            _check(
+                t.dtype in (torch.float32, torch.float16)
+                and t.dtype == scale.dtype
+                and tuple(t.shape) == (n, g),
+                f"{op}: {name} must be float32 or float16 (scale's dtype) [{n}, {g}], got {t.dtype} {tuple(t.shape)}",
+            )
+
+
 def _int4_linear(x, packed, scale, zero, group_size, act_int8):
     op = "fmodel::int4_linear"
     k = x.shape[-1]
@@ -37,11 +48,7 @@ def _int4_linear(x, packed, scale, zero, group_size, act_int8):
         packed.dtype == torch.uint8 and tuple(packed.shape) == (n, (k + 1) // 2),
         f"{op}: packed must be uint8 [out, ceil(in / 2)] for x of width {k}, got {packed.dtype} {tuple(packed.shape)}",
     )
-    for name, t in (("scale", scale), ("zero", zero)):
-        _check(
-            t.dtype == torch.float32 and tuple(t.shape) == (n, g),
-            f"{op}: {name} must be float32 [{n}, {g}], got {t.dtype} {tuple(t.shape)}",
-        )
+    _scales(scale, zero, n, g, op)
     return _out(x, n, op)
 
 
@@ -51,12 +58,7 @@ def _int8_linear(x, q, scale, zero, group_size, act_int8):
     _check(q.dtype == torch.int8, f"{op}: q must be int8, got {q.dtype}")
     _check(x.shape[-1] == k, f"{op}: x must be [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
     g = _groups(k, group_size, op)
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t is not None:
-            _check(
-                t.dtype == torch.float32 and tuple(t.shape) == (n, g),
-                f"{op}: {name} must be float32 [{n}, {g}], got {t.dtype} {tuple(t.shape)}",
-            )
+    _scales(scale, zero, n, g, op)
     return _out(x, n, op)
 
 

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     !defined(FMK_PORTABLE_ONLY)
@@ -40,6 +41,32 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 bool use_simd() { return FMK_AVX512 && !g_portable.load(std::memory_order_relaxed); }
 }  // namespace
+
+float to_f32(float v) { return v; }
+float to_f32(f16 v) {
+  // IEEE half -> float, exact (normals, subnormals, infinities, NaNs)
+  const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
+  uint32_t exp = (v.bits >> 10) & 0x1Fu, man = v.bits & 0x3FFu, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise the mantissa
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while (!(man & 0x400u));
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 bool simd_compiled() { return FMK_AVX512; }
 const char* simd_name() { return use_simd() ? "avx512vnni" : "portable"; }
@@ -227,8 +254,8 @@ namespace {
 
 // act_int8, any layout: the columns split into runs inside one activation block and one weight
 // group; each run's integer dot product and integer sum are exact.
-template <class Weight>
-void a8_portable(const Problem& p, const Scratch& s, const Weight& wq, const float* scale, const float* zero,
+template <class Weight, class S>
+void a8_portable(const Problem& p, const Scratch& s, const Weight& wq, const S* scale, const S* zero,
                  int64_t n0, int64_t n1) {
   const int64_t KB = cdiv(p.K, 32);
   for (int64_t n = n0; n < n1; ++n)
@@ -244,15 +271,15 @@ void a8_portable(const Problem& p, const Scratch& s, const Weight& wq, const flo
           dot += static_cast<int32_t>(wq(n, k)) * q[k];
           sum += q[k];
         }
-        acc += scale[n * p.G + g] * d[b] * static_cast<float>(dot);
-        if (zero) acc += zero[n * p.G + g] * d[b] * static_cast<float>(sum);
+        acc += to_f32(scale[n * p.G + g]) * d[b] * static_cast<float>(dot);
+        if (zero) acc += to_f32(zero[n * p.G + g]) * d[b] * static_cast<float>(sum);
       }
       p.out[m * p.N + n] = acc;
     }
 }
 
-template <class Weight>
-void w_portable(const Problem& p, const Scratch& s, const Weight& wq, const float* scale, const float* zero,
+template <class Weight, class S>
+void w_portable(const Problem& p, const Scratch& s, const Weight& wq, const S* scale, const S* zero,
                 int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
@@ -262,8 +289,8 @@ void w_portable(const Problem& p, const Scratch& s, const Weight& wq, const floa
         const int64_t k0 = g * p.group, k1 = std::min(p.K, k0 + p.group);
         float t = 0.0f;
         for (int64_t k = k0; k < k1; ++k) t += static_cast<float>(wq(n, k)) * x[k];
-        acc += scale[n * p.G + g] * t;
-        if (zero) acc += zero[n * p.G + g] * s.gs[m * p.G + g];
+        acc += to_f32(scale[n * p.G + g]) * t;
+        if (zero) acc += to_f32(zero[n * p.G + g]) * s.gs[m * p.G + g];
       }
       p.out[m * p.N + n] = acc;
     }
@@ -315,41 +342,56 @@ void drive(const Kern& k, int64_t M, int64_t n0, int64_t n1) {
 inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
 
-// The scale of each of the 16 lanes of chunk c of a row's scales s.
-template <int MODE>
-inline __m512 lane_scales(const float* s, int64_t c, int64_t chunk, int64_t G, int64_t group,
-                          const int32_t* idx) {
+inline float scalar(const float* s) { return *s; }
+inline float scalar(const f16* s) { return _cvtsh_ss(s->bits); }
+// up to 4 scales (mask: which) as floats
+inline __m128 load4(const float* s, __mmask8 k) { return _mm_maskz_loadu_ps(k, s); }
+inline __m128 load4(const f16* s, __mmask8 k) { return _mm_cvtph_ps(_mm_maskz_loadu_epi16(k, s)); }
+inline __m512 load16(const float* s, __mmask16 k) { return _mm512_maskz_loadu_ps(k, s); }
+inline __m512 load16(const f16* s, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, s)); }
+
+// The scale of each of the 16 lanes of chunk c of a row's scales s (k: the valid groups of the
+// chunk, for MODE 2 / 4).
+template <int MODE, class S>
+inline __m512 lane_scales(const S* s, int64_t c, int64_t chunk, int64_t G, int64_t group, const int32_t* idx,
+                          __mmask8 k) {
   if constexpr (MODE == 1) {
-    return _mm512_set1_ps(s[G == 1 ? 0 : c * chunk / group]);
+    return _mm512_set1_ps(scalar(s + (G == 1 ? 0 : c * chunk / group)));
   } else if constexpr (MODE == 2 || MODE == 4) {
-    const int64_t g0 = c * MODE;
-    const __m128 v = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << std::min<int64_t>(MODE, G - g0)) - 1), s + g0);
     const __m512i pick = MODE == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(v));
+    return _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(load4(s + c * MODE, k)));
   } else {
+    static_assert(std::is_same_v<S, float>, "gather mode reads float32 scales only");
     return _mm512_i32gather_ps(_mm512_loadu_si512(idx + c * 16), s, 4);
   }
 }
 
+// which of a chunk's MODE groups exist: all but in the last chunk
+inline __mmask8 group_mask(int mode, int64_t c, int64_t C, int64_t G) {
+  if (mode != 2 && mode != 4) return 0xFF;
+  return c < C - 1 ? static_cast<__mmask8>((1u << mode) - 1) : static_cast<__mmask8>((1u << (G - c * mode)) - 1);
+}
+
 // acc += zero[0:G] * gs[0:G] lane-wise (the zero points' term, reduced with the rest)
-inline __m512 add_zero_term(__m512 acc, const float* z, const float* gs, int64_t G) {
+template <class S>
+inline __m512 add_zero_term(__m512 acc, const S* z, const float* gs, int64_t G) {
   int64_t g = 0;
-  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(z + g), _mm512_loadu_ps(gs + g), acc);
+  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(load16(z + g, 0xFFFF), _mm512_loadu_ps(gs + g), acc);
   if (g < G) {
     const __mmask16 k = mask16(G - g);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, z + g), _mm512_maskz_loadu_ps(k, gs + g), acc);
+    acc = _mm512_fmadd_ps(load16(z + g, k), _mm512_maskz_loadu_ps(k, gs + g), acc);
   }
   return acc;
 }
 
-template <int MODE>
+template <int MODE, class S>
 struct Int4A8 {
   const Problem& p;
   const Scratch& s;
   const uint8_t* w;
-  const float* scale;
-  const float* zero;
+  const S* scale;
+  const S* zero;
   template <int MB, int NR>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
     const int64_t KB2 = (p.K + 1) / 2, C = s.Kp / 128, G = p.G, Kp = s.Kp, lanes = Kp / 8;
@@ -363,6 +405,7 @@ struct Int4A8 {
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
         const __mmask64 k = c == C - 1 ? last : ~__mmask64(0);
+        const __mmask8 gk = group_mask(MODE, c, C, G);
         __m512i xe[MB], xo[MB];
         __m512 dv[MB];
         for (int m = 0; m < MB; ++m) {
@@ -374,7 +417,7 @@ struct Int4A8 {
           const __m512i b = _mm512_maskz_loadu_epi8(k, w + (n + r) * KB2 + c * 64);
           const __m512i lo = _mm512_and_si512(b, m4);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
-          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 128, G, p.group, s.idx);
+          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 128, G, p.group, s.idx, gk);
           for (int m = 0; m < MB; ++m) {
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe[m]);
             dot = _mm512_dpbusd_epi32(dot, hi, xo[m]);
@@ -391,13 +434,13 @@ struct Int4A8 {
   }
 };
 
-template <int MODE>
+template <int MODE, class S>
 struct Int8A8 {
   const Problem& p;
   const Scratch& s;
   const int8_t* w;
-  const float* scale;
-  const float* zero;
+  const S* scale;
+  const S* zero;
   template <int MB, int NR>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
     const int64_t K = p.K, C = s.Kp / 64, G = p.G, Kp = s.Kp, lanes = Kp / 4;
@@ -412,6 +455,7 @@ struct Int8A8 {
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
         const __mmask64 k = c == C - 1 ? last : ~__mmask64(0);
+        const __mmask8 gk = group_mask(MODE, c, C, G);
         __m512i xq[MB], cv[MB];
         __m512 dv[MB];
         for (int m = 0; m < MB; ++m) {
@@ -422,7 +466,7 @@ struct Int8A8 {
         for (int r = 0; r < NR; ++r) {
           // q + 128 as unsigned (masked-off bytes become 128, against x's zero padding)
           const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w + (n + r) * K + c * 64), off);
-          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 64, G, p.group, s.idx);
+          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 64, G, p.group, s.idx, gk);
           for (int m = 0; m < MB; ++m) {
             const __m512i dot = _mm512_dpbusd_epi32(cv[m], u, xq[m]);
             acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dv[m]), acc[r][m]);
@@ -441,18 +485,19 @@ struct Int8A8 {
 
 // Weight-only: dequantize 16 weights at a time into float32 lanes, FMA with float32 x, one
 // float32 sum per row and group, scaled once per group.
+template <class S>
 struct Int4W {
   const Problem& p;
   const Scratch& s;
   const uint8_t* w;
-  const float* scale;
-  const float* zero;
+  const S* scale;
+  const S* zero;
   template <int MB, int NR>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
     const int64_t KB2 = (p.K + 1) / 2, B = s.Kp / 32, G = p.G, Kp = s.Kp;
     const int64_t per_group = G == 1 ? B : p.group / 32;
     const __mmask16 last = mask16(KB2 - 16 * (B - 1));
-    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m512i m4 = _mm512_set1_epi32(0x0F);
     const float* xl = static_cast<const float*>(s.xl) + m0 * Kp;
     for (int64_t n = n0; n + NR <= n1; n += NR) {
       __m512 acc[NR][MB];
@@ -464,16 +509,20 @@ struct Int4W {
           for (int m = 0; m < MB; ++m) te[r][m] = to[r][m] = _mm512_setzero_ps();
         const int64_t b1 = std::min(B, (g + 1) * per_group);
         for (int64_t b = g * per_group; b < b1; ++b) {
-          const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
+          const __mmask16 k = last;
           __m512 xe[MB], xo[MB];
           for (int m = 0; m < MB; ++m) {
             xe[m] = _mm512_loadu_ps(xl + m * Kp + b * 32);
             xo[m] = _mm512_loadu_ps(xl + m * Kp + b * 32 + 16);
           }
           for (int r = 0; r < NR; ++r) {
-            const __m128i v = _mm_maskz_loadu_epi8(k, w + (n + r) * KB2 + b * 16);
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, m4)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+            // 16 bytes zero-extended to 16 int32 lanes (the load folds into vpmovzxbd), then
+            // the two nibbles of each: 32 weights
+            const uint8_t* src = w + (n + r) * KB2 + b * 16;
+            const __m512i v = _mm512_cvtepu8_epi32(b == B - 1 ? _mm_maskz_loadu_epi8(k, src)
+                                                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m4));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
             for (int m = 0; m < MB; ++m) {
               te[r][m] = _mm512_fmadd_ps(lo, xe[m], te[r][m]);
               to[r][m] = _mm512_fmadd_ps(hi, xo[m], to[r][m]);
@@ -481,7 +530,7 @@ struct Int4W {
           }
         }
         for (int r = 0; r < NR; ++r) {
-          const __m512 sv = _mm512_set1_ps(scale[(n + r) * G + g]);
+          const __m512 sv = _mm512_set1_ps(scalar(scale + (n + r) * G + g));
           for (int m = 0; m < MB; ++m)
             acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(te[r][m], to[r][m]), sv, acc[r][m]);
         }
@@ -495,12 +544,13 @@ struct Int4W {
   }
 };
 
+template <class S>
 struct Int8W {
   const Problem& p;
   const Scratch& s;
   const int8_t* w;
-  const float* scale;
-  const float* zero;
+  const S* scale;
+  const S* zero;
   template <int MB, int NR>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
     const int64_t K = p.K, B = s.Kp / 16, G = p.G, Kp = s.Kp;
@@ -517,17 +567,18 @@ struct Int8W {
           for (int m = 0; m < MB; ++m) t[r][m] = _mm512_setzero_ps();
         const int64_t b1 = std::min(B, (g + 1) * per_group);
         for (int64_t b = g * per_group; b < b1; ++b) {
-          const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
+          const __mmask16 k = last;
           __m512 xv[MB];
           for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xl + m * Kp + b * 16);
           for (int r = 0; r < NR; ++r) {
-            const __m512 wv =
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, w + (n + r) * K + b * 16)));
+            const int8_t* src = w + (n + r) * K + b * 16;
+            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                b == B - 1 ? _mm_maskz_loadu_epi8(k, src) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
             for (int m = 0; m < MB; ++m) t[r][m] = _mm512_fmadd_ps(wv, xv[m], t[r][m]);
           }
         }
         for (int r = 0; r < NR; ++r) {
-          const __m512 sv = _mm512_set1_ps(scale[(n + r) * G + g]);
+          const __m512 sv = _mm512_set1_ps(scalar(scale + (n + r) * G + g));
           for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(t[r][m], sv, acc[r][m]);
         }
       }
@@ -575,14 +626,16 @@ struct Dense {
   }
 };
 
-template <template <int> class Kern, class W>
-void run_mode(int mode, const Problem& p, const Scratch& s, const W* w, const float* scale, const float* zero,
-              int64_t n0, int64_t n1) {
+template <template <int, class> class Kern, class W, class S>
+void run_mode(int mode, const Problem& p, const Scratch& s, const W* w, const S* scale, const S* zero, int64_t n0,
+              int64_t n1) {
   switch (mode) {
-    case 1: drive(Kern<1>{p, s, w, scale, zero}, p.M, n0, n1); break;
-    case 2: drive(Kern<2>{p, s, w, scale, zero}, p.M, n0, n1); break;
-    case 4: drive(Kern<4>{p, s, w, scale, zero}, p.M, n0, n1); break;
-    default: drive(Kern<0>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    case 1: drive(Kern<1, S>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    case 2: drive(Kern<2, S>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    case 4: drive(Kern<4, S>{p, s, w, scale, zero}, p.M, n0, n1); break;
+    default:
+      if constexpr (std::is_same_v<S, float>) drive(Kern<0, S>{p, s, w, scale, zero}, p.M, n0, n1);
+      break;
   }
 }
 
@@ -591,14 +644,18 @@ void run_mode(int mode, const Problem& p, const Scratch& s, const W* w, const fl
 
 // --------------------------------------------------------------------------- entry points
 
-void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const float* scale,
-               const float* zero, int64_t n0, int64_t n1) {
+namespace {
+
+template <class S>
+void int4_typed(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const S* scale, const S* zero,
+                int64_t n0, int64_t n1) {
 #if FMK_AVX512
-  if (s.mode >= 0) {
+  // the gather mode reads float32 scales only: float16 ones with such groups run the loops
+  if (s.mode > 0 || (s.mode == 0 && std::is_same_v<S, float>)) {
     if (kind == Kind::int4_a8)
       run_mode<Int4A8>(s.mode, p, s, packed, scale, zero, n0, n1);
     else
-      drive(Int4W{p, s, packed, scale, zero}, p.M, n0, n1);
+      drive(Int4W<S>{p, s, packed, scale, zero}, p.M, n0, n1);
     return;
   }
 #endif
@@ -609,14 +666,15 @@ void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* pac
     w_portable(p, s, at, scale, zero, n0, n1);
 }
 
-void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const float* scale,
-               const float* zero, int64_t n0, int64_t n1) {
+template <class S>
+void int8_typed(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const S* scale, const S* zero,
+                int64_t n0, int64_t n1) {
 #if FMK_AVX512
-  if (s.mode >= 0) {
+  if (s.mode > 0 || (s.mode == 0 && std::is_same_v<S, float>)) {
     if (kind == Kind::int8_a8)
       run_mode<Int8A8>(s.mode, p, s, q, scale, zero, n0, n1);
     else
-      drive(Int8W{p, s, q, scale, zero}, p.M, n0, n1);
+      drive(Int8W<S>{p, s, q, scale, zero}, p.M, n0, n1);
     return;
   }
 #endif
@@ -625,6 +683,24 @@ void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, c
     a8_portable(p, s, at, scale, zero, n0, n1);
   else
     w_portable(p, s, at, scale, zero, n0, n1);
+}
+
+}  // namespace
+
+void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const void* scale,
+               const void* zero, bool half, int64_t n0, int64_t n1) {
+  if (half)
+    int4_typed(kind, p, s, packed, static_cast<const f16*>(scale), static_cast<const f16*>(zero), n0, n1);
+  else
+    int4_typed(kind, p, s, packed, static_cast<const float*>(scale), static_cast<const float*>(zero), n0, n1);
+}
+
+void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const void* scale, const void* zero,
+               bool half, int64_t n0, int64_t n1) {
+  if (half)
+    int8_typed(kind, p, s, q, static_cast<const f16*>(scale), static_cast<const f16*>(zero), n0, n1);
+  else
+    int8_typed(kind, p, s, q, static_cast<const float*>(scale), static_cast<const float*>(zero), n0, n1);
 }
 
 void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1) {

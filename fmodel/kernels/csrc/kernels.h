@@ -16,6 +16,11 @@ namespace fmk {
 // Which implementation the kernels use: "avx512vnni" or "portable" (what was compiled and
 // not switched off by set_portable).
 const char* simd_name();
+struct f16 {
+  uint16_t bits;  // an IEEE float16, as stored
+};
+float to_f32(float v);
+float to_f32(f16 v);
 bool simd_compiled();
 void set_portable(bool portable);
 
@@ -50,13 +55,14 @@ enum class Kind { int4_w, int4_a8, int8_w, int8_a8 };
 int64_t scratch_bytes(Kind kind, const Problem& p);
 Scratch prepare(Kind kind, const Problem& p, void* buffer);
 
-// W[n, k] = q[n, k] * scale[n, k / group] + zero[n, k / group]
-// int4: packed [N, ceil(K/2)] uint8, column 2j in the low nibble; scale, zero float [N, G].
-void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const float* scale,
-               const float* zero, int64_t n0, int64_t n1);
+// W[n, k] = q[n, k] * scale[n, k / group] + zero[n, k / group]; scale and zero are float32, or
+// IEEE float16 when `half` (GGUF's own scale type: converted exactly to float32 as they are read).
+// int4: packed [N, ceil(K/2)] uint8, column 2j in the low nibble; scale, zero [N, G].
+void int4_rows(Kind kind, const Problem& p, const Scratch& s, const uint8_t* packed, const void* scale,
+               const void* zero, bool half, int64_t n0, int64_t n1);
 // int8: q [N, K] int8; scale [N, G]; zero [N, G] or nullptr.
-void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const float* scale,
-               const float* zero, int64_t n0, int64_t n1);
+void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, const void* scale, const void* zero,
+               bool half, int64_t n0, int64_t n1);
 // dense: weight [N, K] float32 or bfloat16 (raw uint16), float32 accumulation.
 void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1);
 void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1);

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "kernels.h"
@@ -25,11 +26,25 @@ void check_x(const Tensor& x, int64_t K, const char* op) {
                     x.sizes());
 }
 
+void check_shape(const Tensor& t, int64_t rows, int64_t cols, const char* what, const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", what, " must be [", rows, ", ",
+                    cols, "], got ", t.sizes());
+}
+
 void check_w(const Tensor& t, at::ScalarType dtype, int64_t rows, int64_t cols, const char* what, const char* op) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", what, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", what, " must be [", rows, ", ",
-                    cols, "], got ", t.sizes());
+  check_shape(t, rows, cols, what, op);
+}
+
+// scales / zeros: float32 or float16 (GGUF's own), both of one dtype
+void check_scale(const Tensor& t, const Tensor& scale, int64_t rows, int64_t cols, const char* what, const char* op) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf, op, ": ", what,
+                    " must be float32 or float16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == scale.scalar_type(), op, ": ", what, " must have scale's dtype (",
+                    scale.scalar_type(), "), got ", t.scalar_type());
+  check_shape(t, rows, cols, what, op);
 }
 
 Tensor out_like(const Tensor& x, int64_t N) {
@@ -51,8 +66,12 @@ Tensor quantized(const Tensor& x_in, int64_t N, int64_t K, int64_t G, int64_t gr
   const fmk::Problem p = problem(x, out, N, K, G, group);
   if (p.M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
-  const Tensor buffer = at::empty({fmk::scratch_bytes(kind, p)}, x.options().dtype(at::kByte));
-  const fmk::Scratch s = fmk::prepare(kind, p, buffer.data_ptr());
+  // the calling thread's scratch, reused across calls (the threads below only read it)
+  thread_local std::vector<uint8_t> buffer;
+  const size_t bytes = static_cast<size_t>(fmk::scratch_bytes(kind, p)) + 64;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  void* base = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
+  const fmk::Scratch s = fmk::prepare(kind, p, base);
   at::parallel_for(0, N, grain(row_bytes * p.M), [&](int64_t n0, int64_t n1) { rows(p, s, n0, n1); });
   return out;
 }
@@ -72,16 +91,17 @@ Tensor int4_linear(const Tensor& x, const Tensor& packed, const Tensor& scale, c
                     (K + 1) / 2, "] for x of width ", K, ", got ", packed.sizes());
   const int64_t G = groups_of(K, group_size, op);
   check_w(packed, at::kByte, N, (K + 1) / 2, "packed", op);
-  check_w(scale, at::kFloat, N, G, "scale", op);
-  check_w(zero, at::kFloat, N, G, "zero", op);
+  check_scale(scale, scale, N, G, "scale", op);
+  check_scale(zero, scale, N, G, "zero", op);
   const Tensor w = packed.contiguous(), s = scale.contiguous(), z = zero.contiguous();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
-  const float* zp = z.data_ptr<float>();
+  const void* sp = s.data_ptr();
+  const void* zp = z.data_ptr();
+  const bool half = s.scalar_type() == at::kHalf;
   const fmk::Kind kind = act_int8 ? fmk::Kind::int4_a8 : fmk::Kind::int4_w;
   return quantized(x, N, K, G, group_size, kind, (K + 1) / 2,
                    [&](const fmk::Problem& p, const fmk::Scratch& sc, int64_t n0, int64_t n1) {
-                     fmk::int4_rows(kind, p, sc, wp, sp, zp, n0, n1);
+                     fmk::int4_rows(kind, p, sc, wp, sp, zp, half, n0, n1);
                    });
 }
 
@@ -93,20 +113,21 @@ Tensor int8_linear(const Tensor& x, const Tensor& q, const Tensor& scale, const 
   check_x(x, K, op);
   const int64_t G = groups_of(K, group_size, op);
   check_w(q, at::kChar, N, K, "q", op);
-  check_w(scale, at::kFloat, N, G, "scale", op);
+  check_scale(scale, scale, N, G, "scale", op);
   Tensor z;
   if (zero.has_value()) {
-    check_w(*zero, at::kFloat, N, G, "zero", op);
+    check_scale(*zero, scale, N, G, "zero", op);
     z = zero->contiguous();
   }
   const Tensor w = q.contiguous(), s = scale.contiguous();
   const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = s.data_ptr<float>();
-  const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
+  const void* sp = s.data_ptr();
+  const void* zp = z.defined() ? z.data_ptr() : nullptr;
+  const bool half = s.scalar_type() == at::kHalf;
   const fmk::Kind kind = act_int8 ? fmk::Kind::int8_a8 : fmk::Kind::int8_w;
   return quantized(x, N, K, G, group_size, kind, K,
                    [&](const fmk::Problem& p, const fmk::Scratch& sc, int64_t n0, int64_t n1) {
-                     fmk::int8_rows(kind, p, sc, wp, sp, zp, n0, n1);
+                     fmk::int8_rows(kind, p, sc, wp, sp, zp, half, n0, n1);
                    });
 }
 
