@@ -90,7 +90,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
         help="generate text from a prompt, streamed to stdout",
         description=(
             "Generate text from a prompt and stream it to stdout. Greedy (deterministic) unless "
-            "--temperature > 0; stops at the model's end-of-sequence tokens or --max-new-tokens."
+            "--temperature > 0; stops at the model's end-of-sequence tokens or --max-new-tokens. "
+            "A GGUF file runs with its quantized weights kept as they are (fast start, about the "
+            "file's size in memory); --dequantize runs float32 instead."
         ),
     )
     p.add_argument(
@@ -125,7 +127,25 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     p.add_argument("--top-p", type=float, metavar="P", help="when sampling: nucleus sampling threshold")
     p.add_argument("--seed", type=int, help="when sampling: the random seed (default: a fresh one)")
     p.add_argument("--attn", metavar="NAME", help="attention implementation (default sdpa)")
-    p.add_argument("--dtype", metavar="D", help="cast the weights: float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        metavar="D",
+        help="cast the weights: float32, bfloat16, float16 (a GGUF file is then dequantized first)",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="GGUF: dequantize every weight to float32 (Transformers' numbers). Default: keep the "
+        "file's Q4_0/Q4_1/Q5_x/Q8_0/Q4_K/Q5_K/Q6_K weights as they are (about the file's size "
+        "in memory, lossless: the same weights, products rounded differently)",
+    )
+    p.add_argument(
+        "--activations",
+        choices=("float", "int8"),
+        default="float",
+        help="GGUF kept quantized: 'float' (default) multiplies float32 activations; 'int8' rounds "
+        "them per block of 32 first, as llama.cpp's integer dot products do (less accurate)",
+    )
     p.add_argument("--device", metavar="DEV", help="run on this torch device (default cpu)")
     p.add_argument("--gguf-file", metavar="NAME", help="the GGUF file inside a folder or hub repo MODEL")
     p.add_argument(
@@ -209,6 +229,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         dtype=args.dtype,
         device=args.device,
         attn=args.attn,
+        quantized=not args.dequantize,
+        activations=args.activations,
     )
     state = loaded.state
     tokenizer = load_tokenizer(loaded)

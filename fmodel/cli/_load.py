@@ -130,6 +130,8 @@ def _locate(model: str, gguf_file: str | None) -> tuple[str, str]:
 
 def _read_shards(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """`read_tensors`, one shard at a time under a progress bar."""
+    if files.format not in ("safetensors", "pickle"):  # TF / Flax: names checked against the index
+        return read_tensors(files)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     shards = progress(files.weights, total=len(files.weights), desc="reading shards", unit="shard")
@@ -167,6 +169,8 @@ def load_model(
     dtype: str | None = None,
     device: str | None = None,
     attn: str | None = None,
+    quantized: bool = False,
+    activations: str = "float",
 ) -> LoadedModel:
     """Load MODEL: a checkpoint folder, a GGUF file (or a folder holding exactly one), a hub id.
 
@@ -174,6 +178,8 @@ def load_model(
         model: the path or hub repo id.
         gguf_file: a GGUF file inside the folder or hub repo `model`.
         dtype: cast floating tensors ("bfloat16", ...); None keeps what is stored (float32 for GGUF).
+        quantized, activations: GGUF only: keep the file's block-quantized weights as they are
+            (`fmodel.io.gguf.load_gguf`); ignored for other checkpoints, and not with `dtype`.
         device: move the tensors there.
         attn: the attention implementation (checked to be available).
 
@@ -187,7 +193,10 @@ def load_model(
     kind, where = _locate(model, gguf_file)
     if kind == "gguf":
         file = read_gguf(where)
-        state = load_gguf(file, dtype=target, device=device)
+        keep = quantized and target is None
+        state = load_gguf(
+            file, dtype=target, device=device, quantized=keep, activations=activations if keep else "float"
+        )
         types = Counter(t.tensor_type.name for t in file.tensors)
         loaded = LoadedModel(
             state,

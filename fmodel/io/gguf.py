@@ -9,8 +9,9 @@ tensors before building a config (`fmodel.io.gguf_meta`), dequantizes every weig
 permutation llama.cpp applies to the query and key projections of Llama models (`gguf`, the
 package maintained with llama.cpp, is an optional dependency: `pip install 'fmodel[gguf]'`).
 The result is an ordinary floating-point state, equal to what Transformers builds from the same file.
-With `quantized=True` the Q4_1 weights of the decoder layers' projections stay quantized instead,
-re-laid out losslessly as fmodel's int4 (group size 32; `q4_1_to_int4`): an ordinary int4 state.
+With `quantized=True` the block-quantized weights (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) of the
+linear projections and the token embedding stay quantized instead, re-laid out losslessly as
+fmodel's int4 / int8 layouts (`fmodel.io.gguf_quant`): an ordinary quantized state.
 
 Supported: general.architecture "llama" (Llama, Mistral and SmolLM GGUFs) and "qwen2";
 tensor types F32, F16, BF16 and every block quantization `gguf.quants` can dequantize
@@ -20,6 +21,7 @@ tensor types F32, F16, BF16 and every block quantization `gguf.quants` can dequa
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -29,11 +31,14 @@ import torch
 
 from .._frozen import FrozenDict
 from ..config import config_from_dict
-from ..errors import ArgumentTypeError, CheckpointError, ConfigError
-from ..models.quant_linear import quantization_config
+from ..errors import ArgumentTypeError, CheckpointError, ConfigError, InvalidArgumentError
+from ..models.quant_linear import Layout, check_activations, quantization_config
 from ..state import ModelState
 from .gguf_config import config_dict as _config_dict
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
+from .gguf_quant import kept_layout, to_layout
+
+logger = logging.getLogger("fmodel")
 
 __all__ = [
     "GGUF_ARCHITECTURES",
@@ -43,7 +48,6 @@ __all__ = [
     "load_gguf",
     "load_gguf_with_report",
     "packaged_smollm2_path",
-    "q4_1_to_int4",
     "read_gguf",
     "resolve_gguf",
 ]
@@ -120,14 +124,16 @@ def _unpermute(w: torch.Tensor, n_heads: int, file: GGUFFile, name: str) -> torc
 def gguf_tensors(
     file: GGUFFile, config=None, *, quantized: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the file, dequantized to float32, under Transformers' names.
+    """Every tensor of the file under Transformers' names: dequantized to float32, or kept.
 
     Arguments:
         file: a parsed GGUF file (`read_gguf`).
         config: the config (its head counts undo the q/k permutation); default: built from the file.
-        quantized: keep each Q4_1 weight of a decoder layer as fmodel's int4 entries
-            (`<m>.weight_int4`, `<m>.weight_scale`, `<m>.weight_zero`, group size 32; see
-            `q4_1_to_int4`) instead of a float32 `<m>.weight`.
+        quantized: keep each 2-D weight of a linear projection or of the token embedding whose
+            format `fmodel.io.gguf_quant` maps losslessly (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+            Q6_K, Q8_0) as fmodel's quantized entries (`<m>.weight_int4` or `<m>.weight_int8`,
+            `<m>.weight_scale`, `<m>.weight_zero` where the layout has one) instead of a float32
+            `<m>.weight`.
 
     Returns:
         ({Transformers name: tensor}, {Transformers name: "file (GGUF tensor name)"}). Names this
@@ -136,13 +142,22 @@ def gguf_tensors(
     Raises:
         CheckpointError: unsupported architecture or tensor type, or a tensor whose rows do not
             divide into heads.
+        CorruptFileError: quantized data that does not fill whole blocks of its shape.
     """
+    tensors, origin, _ = _gguf_entries(file, config, quantized)
+    return tensors, origin
+
+
+def _gguf_entries(file: GGUFFile, config, quantized: bool):
+    """`gguf_tensors`, and {module: Layout} of the weights kept quantized."""
     arch = _arch(file)
     check_tensor_types(file)
     if config is None:
         config = config_from_dict(_config_dict(file, arch, _has_output(file)))
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
+    layouts: dict[str, Layout] = {}
+    dequantized: list[str] = []
     for t in file.tensors:
         name = _hf_name(t.name) or t.name
         if t.name == "rope_freqs.weight":
@@ -151,98 +166,90 @@ def gguf_tensors(
                 "(Llama 3.1-style scaling), which fmodel does not read from GGUF yet; ignoring them "
                 "would change every output"
             )
-        keep = quantized and _keeps_int4(t, name)
-        parts = q4_1_to_int4(t, file) if keep else (dequantize(t, file),)
-        if arch.permute_qk and ".attn_q." in t.name:  # whole rows: packed, scale and zero alike
-            parts = tuple(_unpermute(w, config.num_attention_heads, file, t.name) for w in parts)
-        elif arch.permute_qk and ".attn_k." in t.name:
-            parts = tuple(_unpermute(w, config.kv_heads, file, t.name) for w in parts)
-        if keep:
-            base = name[: -len(".weight")]
-            entries = dict(
-                zip(
-                    (f"{base}.weight_int4", f"{base}.weight_scale", f"{base}.weight_zero"), parts, strict=True
-                )
-            )
+        layout = kept_layout(t) if quantized and _keepable(name) else None
+        if layout is not None:
+            _, parts = to_layout(t, file.path)
         else:
-            entries = {name: parts[0]}
+            parts = {"weight": dequantize(t, file)}
+            if quantized and t.tensor_type.name not in _FLOAT_TYPES:
+                dequantized.append(f"{t.name} ({t.tensor_type.name})")
+        if arch.permute_qk and ".attn_q." in t.name:  # whole rows: values, scales and zeros alike
+            parts = {k: _unpermute(w, config.num_attention_heads, file, t.name) for k, w in parts.items()}
+        elif arch.permute_qk and ".attn_k." in t.name:
+            parts = {k: _unpermute(w, config.kv_heads, file, t.name) for k, w in parts.items()}
+        if layout is not None:
+            base = name[: -len(".weight")]
+            layouts[base] = layout
+            entries = {f"{base}.{suffix}": w for suffix, w in parts.items()}
+        else:
+            entries = {name: parts["weight"]}
         for key, w in entries.items():
             tensors[key] = w
             origin[key] = f"{file.path} (GGUF tensor {t.name!r})"
-    return tensors, origin
+    if dequantized:
+        logger.debug(
+            "%s: quantized=True keeps no fmodel layout for %d tensor(s), dequantized to float32: %s",
+            file.path,
+            len(dequantized),
+            ", ".join(dequantized),
+        )
+    return tensors, origin, layouts
 
 
-def _keeps_int4(t, name: str) -> bool:
-    """A Q4_1 2-D weight of a decoder layer's linear projection (what `quantize` would pick)."""
-    return (
-        t.tensor_type.name == "Q4_1"
-        and len(t.shape) == 2
-        and name.startswith("model.layers.")
-        and name.endswith("_proj.weight")
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _keepable(name: str) -> bool:
+    """A weight that `quantized=True` may keep: a decoder layer's linear projection, the output
+    projection or the token embedding."""
+    return (name.startswith("model.layers.") and name.endswith("_proj.weight")) or name in (
+        "lm_head.weight",
+        "model.embed_tokens.weight",
     )
 
 
-Q4_1_BLOCK = 32  # weights per Q4_1 block
-_Q4_1_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+def _quantized_config(config, architecture: str, layouts: Mapping[str, Layout], activations: str):
+    """`config` with the `quantization_config` recording `layouts` (see `load_gguf`), and
+    `tie_word_embeddings` false where the tie moved into the record ("tied_modules")."""
+    from collections import Counter
 
-
-def q4_1_to_int4(t, file: GGUFFile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Q4_1 tensor's blocks re-laid out, losslessly, as fmodel's int4 layout with group size 32.
-
-    A Q4_1 block holds 32 consecutive weights of a row: `d` (fp16), `m` (fp16) and 16 bytes,
-    element j in the low nibble of byte j and element j + 16 in the high one; its value is
-    `q * d + m` (`gguf.quants.Q4_1`). fmodel's int4 (`fmodel.models.quant_linear`) stores
-    `q * weight_scale + weight_zero` per group, columns 2j / 2j + 1 in the low / high nibble of
-    byte j. So `weight_scale` = d and `weight_zero` = m (widened to float32, exactly), and the
-    nibbles are unpacked and packed again in fmodel's order. `dequantize_int4` of the result
-    equals `gguf.quants.dequantize` of the block bit for bit (the same float32 product and sum).
-
-    Returns:
-        (weight_int4 [out, in / 2] uint8, weight_scale [out, in / 32] float32,
-        weight_zero [out, in / 32] float32), rows in the file's order.
-
-    Raises:
-        CheckpointError: data that does not fill whole blocks of the shape.
-    """
-    import numpy as np
-
-    from ..models.quant_linear import pack_int4
-
-    out, cols = (int(n) for n in reversed(t.shape.tolist()))
-    raw = np.asarray(t.data, dtype=np.uint8)
-    if cols % Q4_1_BLOCK or raw.size != out * cols // Q4_1_BLOCK * _Q4_1_BYTES:
-        raise CheckpointError(
-            f"{file.path}: tensor {t.name!r} (Q4_1) holds {raw.size} bytes, expected "
-            f"{out * cols // Q4_1_BLOCK * _Q4_1_BYTES} for shape {[out, cols]} in blocks of {Q4_1_BLOCK}"
-        )
-    blocks = torch.from_numpy(raw.reshape(out, cols // Q4_1_BLOCK, _Q4_1_BYTES).copy())
-    scale = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
-    zero = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
-    qs = blocks[..., 4:]
-    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(out, cols)  # elements 0..15, then 16..31
-    return pack_int4(q), scale, zero
-
-
-def _int4_quantization_config(config, architecture: str, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """The `quantization_config` `fmodel.quantize(..., "int4", group_size=32)` records, for the
-    linear modules whose weights `gguf_tensors(quantized=True)` kept as int4."""
     from torch import nn
 
     from ..models.quant_linear import QUANT_METHOD
     from ..models.skeleton import skeleton
+    from ..models.spec import get_spec
 
-    module = skeleton(config, architecture)  # as `quantize` walks it
-    chosen, skipped = [], []
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
-            (chosen if f"{name}.weight_int4" in tensors else skipped).append(name)
-    return {
-        "quant_method": QUANT_METHOD,
-        "scheme": "int4",
-        "group_size": Q4_1_BLOCK,
-        "modules": chosen,
-        "skipped_modules": skipped,
+    module = skeleton(config, architecture)  # the float skeleton, as `quantize` walks it
+    tied = {
+        alias.removesuffix(".weight"): source.removesuffix(".weight")
+        for alias, source in get_spec(architecture).ties(config).items()
+        if source.removesuffix(".weight") in layouts
     }
+    modules, skipped = [], []
+    for name, sub in module.named_modules():
+        if name in layouts:
+            modules.append(name)
+        elif isinstance(sub, nn.Linear) and name not in tied:
+            skipped.append(name)
+    common = Counter(layouts[m] for m in modules).most_common(1)[0][0]
+    qc: dict = {
+        "quant_method": QUANT_METHOD,
+        "scheme": common.scheme,
+        "group_size": common.group_size,
+        "modules": modules,
+        "skipped_modules": skipped,
+        "activations": activations,
+    }
+    if common.scheme == "int8" and common.zero:
+        qc["zero"] = True
+    overrides = {m: layouts[m].as_record() for m in modules if layouts[m] != common}
+    if overrides:
+        qc["layouts"] = overrides
+    changes: dict = {}
+    if tied:
+        qc["tied_modules"] = tied
+        changes["tie_word_embeddings"] = False
+    return config.replace(extra=config.extra | {"quantization_config": qc}, **changes)
 
 
 def _has_output(file: GGUFFile) -> bool:
@@ -325,6 +332,7 @@ def load_gguf_with_report(
     strict: bool = True,
     config=None,
     quantized: bool = False,
+    activations: str = "float",
 ):
     """`load_gguf`, also returning the `LoadReport` (renamed, unused and missing tensors)."""
     from .load import state_from_tensors
@@ -348,13 +356,17 @@ def load_gguf_with_report(
             raise ConfigError(f"{file.path}: the GGUF metadata gives an invalid config: {exc}") from None
     if not isinstance(quantized, bool):
         raise ArgumentTypeError(f"load_gguf(quantized) must be a bool, got {type(quantized).__name__}")
-    tensors, origin = gguf_tensors(file, config, quantized=quantized)
+    check_activations(activations, "load_gguf(activations)")
+    if activations != "float" and not quantized:
+        raise InvalidArgumentError(
+            f"load_gguf: activations={activations!r} applies to quantized weights; pass quantized=True too"
+        )
+    tensors, origin, layouts = _gguf_entries(file, config, quantized)
     architecture = architecture or arch.architecture
-    if any(k.endswith(".weight_int4") for k in tensors):
+    if layouts:
         if quantization_config(config) is not None:
             raise CheckpointError(f"{file.path}: quantized=True with a config= that is already quantized")
-        qc = _int4_quantization_config(config, architecture, tensors)
-        config = config.replace(extra=config.extra | {"quantization_config": qc})
+        config = _quantized_config(config, architecture, layouts, activations)
     return state_from_tensors(
         config,
         tensors,
@@ -381,6 +393,7 @@ def load_gguf(
     architecture: str | None = None,
     attn_implementation: str = "sdpa",
     quantized: bool = False,
+    activations: str = "float",
 ) -> ModelState:
     """Load a Llama-family GGUF file (llama.cpp's format) as a floating-point `ModelState`.
 
@@ -401,15 +414,24 @@ def load_gguf(
         device: move the tensors there.
         architecture: class to load as (default: the causal LM of the family).
         attn_implementation: the registered attention function the state's forward uses.
-        quantized: keep the Q4_1 weights of the decoder layers' linear projections quantized:
-            each is re-laid out losslessly as fmodel's int4 (`fmodel.quantize`'s "int4" layout,
-            group size 32, float32 scales and minimums; `q4_1_to_int4`) and the config gets the
-            `quantization_config` `fmodel.quantize(state, "int4", group_size=32)` records, so
-            forward, generate, save/load and `fmodel.dequantize` work as on any int4 state;
-            `fmodel.dequantize` gives back exactly the default float32 load. Every other tensor
-            (embeddings, Q8_0 / K-quant / other-type weights, norms) loads as by default
-            (dequantized to float32); a file with no such Q4_1 weight loads unquantized. Not
+        quantized: keep the weights in their GGUF format instead of dequantizing them: each
+            2-D weight of a linear projection (decoder layers, and the output projection) and
+            the token embedding in Q4_0 / Q4_1 / Q4_K (as fmodel's int4, group 32), Q8_0 / Q5_0
+            (int8 g32), Q5_1 / Q5_K (int8 g32 with a zero) or Q6_K (int8 g16) is re-laid out
+            losslessly (`fmodel.io.gguf_quant`: the layout's reference dequantization equals
+            `gguf.quants.dequantize` value for value), so the state takes about the file's
+            size. The config gets a `quantization_config` recording each module's layout, the
+            embedding (a `QuantEmbedding`) and a tied output projection ("tied_modules": it
+            multiplies by the embedding's quantized tensors, no float copy; the config's
+            `tie_word_embeddings` is false while the tie lives in the record). Forward,
+            generate, save/load and `fmodel.dequantize` work as on any quantized state, and
+            `fmodel.dequantize` gives back the default float32 load (ties included). Other
+            tensors (norms, biases, F16/BF16 weights, Q2_K/Q3_K/IQ* weights: logged at debug
+            level) load as by default; a file with nothing to keep loads unquantized. Not
             with `dtype`.
+        activations: with `quantized`: "float" (default, weight-only products in float32) or
+            "int8" (activations rounded per block of 32 as llama.cpp's integer dot products
+            do; `fmodel.models.quant_linear.quantize_activations_q8`); saved in the record.
 
     Returns:
         A new `ModelState`; the file is never written.
@@ -444,6 +466,7 @@ def load_gguf(
         architecture=architecture,
         attn_implementation=attn_implementation,
         quantized=quantized,
+        activations=activations,
     )
     return state
 

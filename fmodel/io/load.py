@@ -290,6 +290,7 @@ def load_with_report(
     mesh=None,
     plan: Mapping[str, str] | None = None,
     quantized: bool = False,
+    activations: str = "float",
 ) -> tuple[ModelState, LoadReport]:
     """`load`, also returning the `LoadReport` (missing / unexpected / renamed tensors)."""
     check_load_arguments(
@@ -309,7 +310,12 @@ def load_with_report(
         init_missing=init_missing,
     )
     if quantized is not False and not (gguf_file is not None or _is_gguf(path_or_repo_id)):
-        raise InvalidArgumentError("load: quantized=True applies to GGUF files (their Q4_1 weights)")
+        raise InvalidArgumentError("load: quantized=True applies to GGUF files (block-quantized weights)")
+    if activations != "float" and not (gguf_file is not None or _is_gguf(path_or_repo_id)):
+        raise InvalidArgumentError(
+            "load: activations= applies to GGUF files loaded with quantized=True (a quantized "
+            "checkpoint records its activations; fmodel.quantize(..., activations=) sets them)"
+        )
     if quantized is not False and mesh is not None:
         raise InvalidArgumentError("load: quantized=True does not combine with mesh= yet")
     if mesh is not None:  # each rank reads its slices (fmodel.distributed.load_sharded)
@@ -345,6 +351,7 @@ def load_with_report(
             strict=strict,
             config=config,
             quantized=quantized,
+            activations=activations,
         )
     files = resolve_checkpoint(
         path_or_repo_id,
@@ -390,6 +397,7 @@ def load(
     mesh=None,
     plan: Mapping[str, str] | None = None,
     quantized: bool = False,
+    activations: str = "float",
 ) -> ModelState:
     """Load a Hugging Face checkpoint as a `ModelState`.
 
@@ -417,9 +425,13 @@ def load(
             rank reading from safetensors files only its slices of the sharded tensors
             (`fmodel.distributed.load_sharded`); GGUF and pickle files load whole, then split.
         plan: the tensor-parallel plan ({module pattern: style}); None: the architecture's own.
-        quantized: GGUF only: keep the file's Q4_1 weights of the decoder layers quantized, as
-            fmodel's int4 (group size 32), instead of dequantizing them to float32 (see
-            `fmodel.io.gguf.load_gguf`); the state is then an ordinary int4-quantized one.
+        quantized: GGUF only: keep the file's block-quantized weights (Q4_0/1, Q5_0/1, Q8_0,
+            Q4_K, Q5_K, Q6_K) of the linear projections and the token embedding as fmodel's
+            int4 / int8 layouts, losslessly, instead of dequantizing them to float32 (see
+            `fmodel.io.gguf.load_gguf`); the state is then an ordinary quantized one, about
+            the file's size.
+        activations: GGUF with `quantized=True` only: "float" (default) or "int8" (activations
+            rounded per block of 32, as llama.cpp's integer dot products).
 
     Returns:
         A new `ModelState`; the checkpoint files are never written.
@@ -451,5 +463,6 @@ def load(
         mesh=mesh,
         plan=plan,
         quantized=quantized,
+        activations=activations,
     )
     return state

@@ -1,30 +1,49 @@
-"""Weight-only quantized linear layers, and the module swap that puts them into a skeleton.
+"""Quantized linear layers, their layouts and reference math, and the module swap into a skeleton.
 
 Two schemes, each stored as plain tensors (they save, load and move like any other):
 
-- "int8": `weight_int8` [out, in] int8 and `weight_scale` [out] (the model's float dtype),
-  symmetric per output channel. Reference value: `W = weight_int8 * weight_scale[:, None]`.
+- "int8": `weight_int8` [out, in] int8 and `weight_scale`, either [out] (per output channel,
+  symmetric: `fmodel.quantize`'s layout, group_size None) or [out, G] per group of `group_size`
+  input columns (G = ceil(in / group_size)), with an optional `weight_zero` [out, G]. Reference
+  value: `W[o, i] = q[o, i] * scale[o, i // g]` (`+ zero[o, i // g]` when there is a zero).
+  GGUF's Q8_0 (g32), Q6_K (values q - 32, g16), Q5_0 (values q - 16, g32) load symmetric;
+  Q5_1 and Q5_K (values 0..31, g32) with a zero.
 - "int4": `weight_int4` [out, ceil(in / 2)] uint8 holding two 4-bit values per byte (column
   2j in the low nibble, 2j+1 in the high one), `weight_scale` [out, G] (float) and
-  `weight_zero` [out, G] float (each group's minimum, like llama.cpp's Q4_1), per group of `group_size` input columns
-  (G = ceil(in / group_size); the last group may be shorter). Reference value:
-  `W[o, i] = q[o, i] * weight_scale[o, i // g] + weight_zero[o, i // g]`.
+  `weight_zero` [out, G] float (each group's minimum, like llama.cpp's Q4_1), per group of
+  `group_size` input columns (the last group may be shorter). Reference value:
+  `W[o, i] = q[o, i] * weight_scale[o, i // g] + weight_zero[o, i // g]`. GGUF's Q4_0
+  (zero -8d), Q4_1 and Q4_K (scale d * sc, zero -dmin * m) load as int4 g32.
 
-The *reference semantics* of a forward is `F.linear(x, W.to(x.dtype), bias)` with W as above,
-computed in float32. On CPU the forward runs faster kernels instead, which differ from the
-reference by rounding only (tests bound the difference):
+Which layout each module has is recorded in the config's `quantization_config` (saved in
+config.json): its "scheme" / "group_size" (/ "zero" for int8) are the layout of every listed
+module, except those the optional "layouts" {module: {"scheme", "group_size", "zero"}}
+overrides (a GGUF file may mix Q4_1 and Q6_K). `module_layouts` reads it; a checkpoint written
+before "layouts" existed reads unchanged. Quantized embeddings (`QuantEmbedding`) and an output
+projection tied to one (`TiedQuantLinear`, "tied_modules") are in `fmodel.models.quant_embedding`.
 
-- int8: `torch._weight_int8pack_mm` for inputs of at most `KERNEL_MAX_ROWS` rows (decode
-  steps) whose width is a multiple of 16 (the kernel's block; other widths fall back to the
-  dequantized matmul below): weight-only, the activations rounded to bfloat16 and the product returned in
-  bfloat16 (accumulated in float32), then scaled per channel in float32. Longer inputs
-  (prefill) dequantize to float32 and matmul, the faster path there. (fbgemm's dynamic int8
-  linear, which also quantizes the activations, was slower on this project's machines and
-  broke SmolLM2-135M: top-1 agreement with float32 0.22, because of activation outliers.)
+Activations: each module has `activations`, "float" (default: float32 activations, the
+weight-only products above) or "int8" (the activations are rounded as llama.cpp's Q8_0 does
+per block of 32 input columns before the product: `quantize_activations_q8`; the config's
+"activations"). The *reference semantics* of a forward is `F.linear(x', W, bias)` in float32
+with W as above and x' the (rounded) activations. On CPU, weight-only modules run faster
+kernels instead, which differ from the reference by rounding only (tests bound the
+difference); `_kernel_forward` is the one place per module that picks the kernel:
+
+- int8 per channel: `torch._weight_int8pack_mm` for inputs of at most `KERNEL_MAX_ROWS` rows
+  (decode steps) whose width is a multiple of 16 (the kernel's block; other widths fall back to
+  the dequantized matmul below): weight-only, the activations rounded to bfloat16 and the
+  product returned in bfloat16 (accumulated in float32), then scaled per channel in float32.
+  Longer inputs (prefill) dequantize to float32 and matmul, the faster path there. (fbgemm's
+  dynamic int8 linear, which also quantizes the activations, was slower on this project's
+  machines and broke SmolLM2-135M: top-1 agreement with float32 0.22, because of activation
+  outliers.)
 - int4: `torch._weight_int4pack_mm_for_cpu` ("tinygemm") for inputs of at most
   `KERNEL_MAX_ROWS` rows (decode steps): activations and scales are rounded to bfloat16
   (about 3 significant digits). Longer inputs (prefill) dequantize to float32 and matmul,
   which is then the faster path.
+- int8 grouped, and every module with int8 activations: the reference (dequantize, float32
+  matmul) until a kernel for them lands (`fmodel.kernels`).
 
 The kernels' packed weights are a runtime cache derived from the stored tensors (built on
 first use, kept per tensor object while it lives, rebuilt if the tensor is written in place);
@@ -40,6 +59,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,18 +68,24 @@ from ..errors import InvalidArgumentError
 from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, versions
 
 __all__ = [
+    "ACTIVATIONS",
     "KERNEL_MAX_ROWS",
     "Int4Linear",
     "Int8Linear",
+    "Layout",
     "dequantize_int4",
     "dequantize_int8",
+    "module_layouts",
     "pack_int4",
     "quantization_config",
+    "quantize_activations_q8",
     "swap_quantized_linears",
     "unpack_int4",
 ]
 
 QUANT_METHOD = "fmodel"
+ACTIVATIONS = ("float", "int8")
+Q8_BLOCK = 32  # activations per int8 block (llama.cpp's Q8_0)
 
 
 def quantization_config(config: Any) -> Mapping[str, Any] | None:
@@ -71,6 +97,79 @@ def quantization_config(config: Any) -> Mapping[str, Any] | None:
     if isinstance(qc, Mapping) and qc.get("quant_method") == QUANT_METHOD:
         return qc
     return None
+
+
+@attrs.frozen
+class Layout:
+    """How one module's weight is stored.
+
+    Attributes:
+        scheme: "int8" or "int4".
+        group_size: input columns per scale; None for int8 per output channel (`weight_scale` [out]).
+        zero: a `weight_zero` [out, G] is stored (always for int4).
+    """
+
+    scheme: str
+    group_size: int | None
+    zero: bool
+
+    def as_record(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "group_size": self.group_size, "zero": self.zero}
+
+    def entries(self) -> tuple[str, ...]:
+        """The state entry suffixes of a module with this layout (`weight_int8`, `weight_scale`, ...)."""
+        data = "weight_int8" if self.scheme == "int8" else "weight_int4"
+        return (data, "weight_scale", *(("weight_zero",) if self.zero else ()))
+
+
+def _layout(record: Mapping[str, Any], where: str) -> Layout:
+    scheme = record.get("scheme")
+    if scheme not in ("int8", "int4"):
+        raise InvalidArgumentError(
+            f"quantization_config{where}: unknown scheme {scheme!r} (expected 'int8' or 'int4')"
+        )
+    group = record.get("group_size")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise InvalidArgumentError(
+            f"quantization_config{where}: group_size {group!r} is not a positive integer"
+        )
+    if scheme == "int4" and group is None:
+        raise InvalidArgumentError(f"quantization_config{where}: int4 needs a group_size")
+    zero = record.get("zero", scheme == "int4")
+    if not isinstance(zero, bool) or (scheme == "int4" and not zero) or (zero and group is None):
+        raise InvalidArgumentError(
+            f"quantization_config{where}: zero={zero!r} does not fit scheme {scheme!r} with group_size "
+            f"{group!r} (int4 always has a zero; an int8 zero needs groups)"
+        )
+    return Layout(scheme, group, zero)
+
+
+def module_layouts(qc: Mapping[str, Any]) -> dict[str, Layout]:
+    """{module name: its `Layout`} for every module a `quantization_config` lists.
+
+    Raises:
+        InvalidArgumentError: an unknown scheme, a bad group size or zero flag, or a "layouts"
+            entry for a module that "modules" does not list.
+    """
+    default = _layout(qc, "")
+    overrides = qc.get("layouts") or {}
+    modules = tuple(qc.get("modules", ()))
+    stray = sorted(set(overrides) - set(modules))
+    if stray:
+        raise InvalidArgumentError(
+            f"quantization_config: 'layouts' names modules not in 'modules': {stray[:5]}"
+        )
+    return {
+        name: _layout(overrides[name], f"['layouts'][{name!r}]") if name in overrides else default
+        for name in modules
+    }
+
+
+def check_activations(value: Any, what: str) -> str:
+    """`value` if it is one of `ACTIVATIONS`; else a named error."""
+    if value not in ACTIVATIONS:
+        raise InvalidArgumentError(f"{what} must be one of {list(ACTIVATIONS)}, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- reference math
@@ -90,9 +189,38 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :in_features]
 
 
-def dequantize_int8(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The reference float32 weight [out, in] of an int8 layer."""
-    return weight_int8.to(torch.float32) * scale.to(torch.float32)[:, None]
+def _grouped(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, in_features: int, group_size: int
+) -> torch.Tensor:
+    """float32 q [out, >= in] times scale [out, G] per group (+ zero), cut to [out, in]."""
+    out, groups = scale.shape
+    q = F.pad(q, (0, groups * group_size - q.shape[-1])).view(out, groups, group_size)  # whole groups
+    w = q * scale.to(torch.float32)[..., None]
+    if zero is not None:
+        w = w + zero.to(torch.float32)[..., None]
+    return w.reshape(out, groups * group_size)[:, :in_features]
+
+
+def dequantize_int8(
+    weight_int8: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """The reference float32 weight [out, in] of an int8 layer: per channel (`scale` [out]) or
+    per group of `group_size` columns (`scale` / `zero` [out, G]; group_size may be left out
+    when the groups divide the width evenly)."""
+    q = weight_int8.to(torch.float32)
+    if scale.dim() == 1:
+        return q * scale.to(torch.float32)[:, None]
+    in_features, groups = weight_int8.shape[-1], scale.shape[-1]
+    if group_size is None:
+        if in_features % groups:
+            raise InvalidArgumentError(
+                f"dequantize_int8: {groups} groups do not divide {in_features} columns; pass group_size"
+            )
+        group_size = in_features // groups
+    return _grouped(q, scale, zero, in_features, group_size)
 
 
 def dequantize_int4(
@@ -104,6 +232,26 @@ def dequantize_int4(
     q = F.pad(q, (0, groups * group_size - q.shape[-1])).view(out, groups, group_size)  # whole groups
     w = q * scale.to(torch.float32)[..., None] + zero.to(torch.float32)[..., None]
     return w.reshape(out, groups * group_size)[:, :in_features]
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """`x` (float, [..., K]) as llama.cpp's Q8_0 activations hold it, back in float32.
+
+    Per block of 32 columns (the last one zero-padded): `d = max|x| / 127`, `q = roundf(x / d)`
+    (half away from zero, in -127..127, from the reciprocal of the float32 d as ggml computes
+    it), and the block's value is `q * fp16(d)` (ggml stores d as float16). A block of zeros
+    stays zero. This is the reference of the integer dot products (`activations="int8"`).
+    """
+    x = x.to(torch.float32)
+    k = x.shape[-1]
+    blocks = -(-k // Q8_BLOCK)
+    xb = F.pad(x, (0, blocks * Q8_BLOCK - k)).reshape(*x.shape[:-1], blocks, Q8_BLOCK)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = xb * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    y = q * d.to(torch.float16).to(torch.float32)
+    return y.reshape(*x.shape[:-1], blocks * Q8_BLOCK)[..., :k]
 
 
 # --------------------------------------------------------------------------- modules
@@ -127,47 +275,79 @@ def _unit_scales(n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.bfloat16)
 
 
-class Int8Linear(nn.Module):
-    """`nn.Linear` with an int8 weight, symmetric per output channel (see the module docstring
-    for the reference semantics and the CPU kernel)."""
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight: symmetric per output channel (`group_size` None), or per
+    group of `group_size` input columns with an optional zero (see the module docstring for
+    the reference semantics and the CPU kernel)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        *,
+        group_size: int | None = None,
+        zero: bool = False,
+        activations: str = "float",
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.activations = check_activations(activations, "Int8Linear(activations)")
         self.weight_int8 = _frozen_param(out_features, in_features, dtype=torch.int8)
-        self.weight_scale = _frozen_param(out_features, dtype=dtype)
+        if group_size is None:
+            if zero:
+                raise InvalidArgumentError("Int8Linear: a zero needs groups (group_size)")
+            self.weight_scale = _frozen_param(out_features, dtype=dtype)
+        else:
+            groups = math.ceil(in_features / group_size)
+            self.weight_scale = _frozen_param(out_features, groups, dtype=dtype)
+        self.weight_zero = (
+            _frozen_param(out_features, self.weight_scale.shape[-1], dtype=dtype) if zero else None
+        )
         self.bias = _frozen_param(out_features, dtype=dtype) if bias else None
 
     def reference_weight(self) -> torch.Tensor:
-        return dequantize_int8(self.weight_int8, self.weight_scale.detach())
+        return dequantize_int8(
+            self.weight_int8, self.weight_scale.detach(), _detach(self.weight_zero), self.group_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, bias = self.weight_int8, self.weight_scale, self.bias
+        return self.linear(x, self.weight_int8, self.weight_scale, self.weight_zero, self.bias)
+
+    def linear(self, x, q, scale, zero, bias) -> torch.Tensor:
+        """The forward over given tensors of this module's layout (a tied head passes its
+        embedding's)."""
         rows = x.shape[:-1].numel()
+        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and fast_path_ok(x, q, scale):
+            y = self._kernel_forward(x.reshape(rows, self.in_features), q, scale.detach(), _detach(zero))
+            if y is not None:
+                if bias is not None:
+                    y = y.to(torch.float32) + bias.detach().to(torch.float32)
+                y = y.view(*x.shape[:-1], self.out_features)
+                return y if y.dtype == x.dtype else y.to(x.dtype)
+        weight = dequantize_int8(q, scale.detach(), _detach(zero), self.group_size)
+        return _reference_linear(x, weight, bias, self.activations)
+
+    def _kernel_forward(self, x2, q, scale, zero) -> torch.Tensor | None:
+        """[rows, in] -> [rows, out] by a kernel, or None where none fits (the reference runs).
+
+        Today: torch's weight-only int8 kernel for per-channel layouts with float activations
+        (`fmodel.kernels.int8_linear` drops in here for groups, zeros and int8 activations)."""
         # torch's int8 kernel reads the input in blocks of 16 columns: with another width it
         # returns NaN for one row and crashes the process (SIGSEGV) for more (torch 2.13, CPU).
-        if (
-            0 < rows <= KERNEL_MAX_ROWS
-            and self.out_features > 0
-            and self.in_features % 16 == 0
-            and fast_path_ok(x, q, scale)
-        ):
-            # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
-            # bfloat16 product times float32 scales promotes to float32 in the one multiply.
-            x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
-            if q.data_ptr() % 16:
-                q = _INT8_ALIGNED.get(q, versions(q), lambda: q.clone())
-            y = torch._weight_int8pack_mm(x2, q, _unit_scales(self.out_features))
-            scale = scale.detach()
-            if bias is None and scale.dtype == torch.float32:
-                y = y * scale
-            else:
-                y = y.to(torch.float32) * scale.to(torch.float32)
-                if bias is not None:
-                    y = y + bias.detach().to(torch.float32)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        return _reference_linear(x, self.reference_weight(), bias)
+        if scale.dim() != 1 or self.activations != "float" or self.in_features % 16:
+            return None
+        # Unit scales in the kernel: the stored scales are applied after it, unrounded. A
+        # bfloat16 product times float32 scales promotes to float32 in the one multiply.
+        if q.data_ptr() % 16:
+            q = _INT8_ALIGNED.get(q, versions(q), lambda: q.clone())
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, _unit_scales(self.out_features))
+        return y * scale if scale.dtype == torch.float32 else y.to(torch.float32) * scale.to(torch.float32)
 
 
 class Int4Linear(nn.Module):
@@ -175,10 +355,18 @@ class Int4Linear(nn.Module):
     columns (see the module docstring for the reference semantics and the CPU kernel)."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        group_size: int,
+        *,
+        activations: str = "float",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.activations = check_activations(activations, "Int4Linear(activations)")
         groups = math.ceil(in_features / group_size)
         self.weight_int4 = _frozen_param(out_features, math.ceil(in_features / 2), dtype=torch.uint8)
         self.weight_scale = _frozen_param(out_features, groups, dtype=dtype)
@@ -191,20 +379,36 @@ class Int4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, zero, bias = self.weight_int4, self.weight_scale, self.weight_zero, self.bias
+        return self.linear(x, self.weight_int4, self.weight_scale, self.weight_zero, self.bias)
+
+    def linear(self, x, q, scale, zero, bias) -> torch.Tensor:
+        """The forward over given tensors of this module's layout (a tied head passes its
+        embedding's)."""
         rows = x.shape[:-1].numel()
         if 0 < rows <= KERNEL_MAX_ROWS and fast_path_ok(x, q, scale, zero):
-            packed = _INT4_PACKS.get(q, versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
-            if packed is not None:
-                weight, scales_zeros, padded_in = packed
-                x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
-                if padded_in != self.in_features:
-                    x2 = F.pad(x2, (0, padded_in - self.in_features))
-                y = torch._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_zeros)
+            y = self._kernel_forward(x.reshape(rows, self.in_features), q, scale, zero)
+            if y is not None:
                 if bias is not None:
                     y = y.to(torch.float32) + bias.detach().to(torch.float32)
                 return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return _reference_linear(x, self.reference_weight(), bias)
+        weight = dequantize_int4(q, scale.detach(), zero.detach(), self.in_features, self.group_size)
+        return _reference_linear(x, weight, bias, self.activations)
+
+    def _kernel_forward(self, x2, q, scale, zero) -> torch.Tensor | None:
+        """[rows, in] -> [rows, out] by a kernel, or None where none fits (the reference runs).
+
+        Today: tinygemm (weight-only) for float activations (`fmodel.kernels.int4_linear` drops
+        in here, for int8 activations too)."""
+        if self.activations != "float":
+            return None
+        packed = _INT4_PACKS.get(q, versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
+        if packed is None:
+            return None
+        weight, scales_zeros, padded_in = packed
+        x2 = x2.to(torch.bfloat16)
+        if padded_in != self.in_features:
+            x2 = F.pad(x2, (0, padded_in - self.in_features))
+        return torch._weight_int4pack_mm_for_cpu(x2, weight, self.group_size, scales_zeros)
 
     def _prepack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         """tinygemm's layout: int32 [out, in'] values 0..15 (in' = in padded to whole groups) and
@@ -215,50 +419,102 @@ class Int4Linear(nn.Module):
         values = F.pad(values, (0, padded_in - self.in_features))  # x is padded with zeros there
         weight = torch._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
         s = scale.detach().to(torch.float32)
-        offset = zero.to(torch.float32) + 8 * s
+        offset = zero.detach().to(torch.float32) + 8 * s
         scales_zeros = torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         return weight, scales_zeros, padded_in
 
 
-def _reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = F.linear(x.to(torch.float32), weight, None if bias is None else bias.detach().to(torch.float32))
+def _reference_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activations: str = "float"
+) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    if activations == "int8":
+        xf = quantize_activations_q8(xf)
+    y = F.linear(xf, weight, None if bias is None else bias.detach().to(torch.float32))
     return y.to(x.dtype)
+
+
+def make_linear(
+    layout: Layout, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, activations: str
+) -> Int8Linear | Int4Linear:
+    """The quantized linear module of `layout` (on the current default device)."""
+    if layout.scheme == "int8":
+        return Int8Linear(
+            in_features,
+            out_features,
+            bias,
+            dtype,
+            group_size=layout.group_size,
+            zero=layout.zero,
+            activations=activations,
+        )
+    return Int4Linear(in_features, out_features, bias, dtype, layout.group_size, activations=activations)
 
 
 # --------------------------------------------------------------------------- the module swap
 
 
 def swap_quantized_linears(module: nn.Module, config: Any) -> nn.Module:
-    """Replace, in place, the `nn.Linear` submodules a quantized config lists by `Int8Linear` /
-    `Int4Linear` of the same shape and bias (on the current default device: call it where the
-    skeleton is built, under `torch.device("meta")`). A config without an fmodel
-    `quantization_config` leaves `module` as it is. Returns `module`.
+    """Replace, in place, the modules a quantized config lists: each `nn.Linear` by an
+    `Int8Linear` / `Int4Linear` of its layout (same shape and bias), each `nn.Embedding` by a
+    `QuantEmbedding`, and each output projection of "tied_modules" by a `TiedQuantLinear` over
+    its embedding (on the current default device: call it where the skeleton is built, under
+    `torch.device("meta")`). A config without an fmodel `quantization_config` leaves `module`
+    as it is. Returns `module`.
 
     Raises:
-        ValueError: a listed module is missing or is not an `nn.Linear`.
+        InvalidArgumentError: a listed module is missing or is neither an `nn.Linear` nor an
+            `nn.Embedding`, an unknown scheme or activations value, or a tie to a module that is
+            not a quantized embedding.
     """
+    from .quant_embedding import QuantEmbedding, TiedQuantLinear
+
     qc = quantization_config(config)
     if qc is None:
         return module
-    scheme, group_size = qc["scheme"], int(qc.get("group_size") or 0)
+    activations = check_activations(qc.get("activations", "float"), "quantization_config['activations']")
     dtype = torch.get_default_dtype()
-    for name in qc.get("modules", ()):
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        old = getattr(parent, leaf, None)
-        if not isinstance(old, nn.Linear):
-            raise InvalidArgumentError(
-                f"quantization_config lists {name!r}, which is not an nn.Linear of "
-                f"{type(module).__name__} (found {type(old).__name__})"
+    for name, layout in module_layouts(qc).items():
+        old = _submodule(module, name)
+        if isinstance(old, nn.Linear):
+            new = make_linear(
+                layout, old.in_features, old.out_features, old.bias is not None, dtype, activations
             )
-        bias = old.bias is not None
-        if scheme == "int8":
-            new = Int8Linear(old.in_features, old.out_features, bias, dtype)
-        elif scheme == "int4":
-            new = Int4Linear(old.in_features, old.out_features, bias, dtype, group_size)
+        elif isinstance(old, nn.Embedding):
+            new = QuantEmbedding(
+                old.num_embeddings, old.embedding_dim, layout, dtype, padding_idx=old.padding_idx
+            )
         else:
             raise InvalidArgumentError(
-                f"quantization_config: unknown scheme {scheme!r} (expected 'int8' or 'int4')"
+                f"quantization_config lists {name!r}, which is neither an nn.Linear nor an nn.Embedding of "
+                f"{type(module).__name__} (found {type(old).__name__})"
             )
-        setattr(parent, leaf, new)
+        _set_submodule(module, name, new)
+    for head, source in (qc.get("tied_modules") or {}).items():
+        old, embedding = _submodule(module, head), _submodule(module, source)
+        if not isinstance(embedding, QuantEmbedding) or not isinstance(old, nn.Linear):
+            raise InvalidArgumentError(
+                f"quantization_config ties {head!r} to {source!r}: expected an nn.Linear tied to a "
+                f"quantized embedding, found {type(old).__name__} and {type(embedding).__name__}"
+            )
+        if (old.in_features, old.out_features) != (embedding.embedding_dim, embedding.num_embeddings):
+            raise InvalidArgumentError(
+                f"quantization_config ties {head!r} ({old.out_features} x {old.in_features}) to {source!r} "
+                f"({embedding.num_embeddings} x {embedding.embedding_dim}): the shapes differ"
+            )
+        _set_submodule(module, head, TiedQuantLinear(embedding, old.bias is not None, dtype, activations))
     return module
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    parent_name, _, leaf = name.rpartition(".")
+    try:
+        parent = module.get_submodule(parent_name) if parent_name else module
+    except AttributeError:
+        return None
+    return getattr(parent, leaf, None)
+
+
+def _set_submodule(module: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, leaf, new)

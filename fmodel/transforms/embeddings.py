@@ -30,6 +30,7 @@ def get_input_embeddings(state: ModelState) -> torch.Tensor:
         ArgumentTypeError: `state` is not a `ModelState`.
     """
     check_state(state, "get_input_embeddings(state)")
+    _refuse_quantized_embeddings(state, "get_input_embeddings")
     return state.params[spec_of(state).input_embeddings]
 
 
@@ -40,8 +41,24 @@ def get_output_embeddings(state: ModelState) -> torch.Tensor | None:
         ArgumentTypeError: `state` is not a `ModelState`.
     """
     check_state(state, "get_output_embeddings(state)")
+    _refuse_quantized_embeddings(state, "get_output_embeddings")
     name = spec_of(state).output_embeddings
     return None if name is None else state.params[name]
+
+
+def _refuse_quantized_embeddings(state: ModelState, what: str) -> None:
+    """Raise QuantizationError for a state whose token embedding is stored quantized (a GGUF
+    loaded with quantized=True): it has no float matrix to get, set or resize."""
+    from ..errors import QuantizationError
+    from ..models.quant_linear import quantization_config
+
+    qc = quantization_config(state.config)
+    embedding = spec_of(state).input_embeddings.rsplit(".", 1)[0]
+    if qc is not None and embedding in qc.get("modules", ()):
+        raise QuantizationError(
+            f"{what}: the token embedding {embedding!r} of this state is quantized (it has no float "
+            "matrix); call fmodel.dequantize(state) first"
+        )
 
 
 def _is_tied(state: ModelState) -> bool:
@@ -62,6 +79,7 @@ def set_input_embeddings(state: ModelState, embeddings: torch.Tensor) -> ModelSt
         ShapeMismatchError: wrong hidden size, or vocab' disagrees with an untied output projection.
     """
     check_state(state, "set_input_embeddings(state)")
+    _refuse_quantized_embeddings(state, "set_input_embeddings")
     _check_float_matrix(embeddings, "set_input_embeddings(embeddings)")
     spec = spec_of(state)
     old = state.params[spec.input_embeddings]
@@ -97,6 +115,7 @@ def set_output_embeddings(
         FModelError: the model has no output projection.
     """
     check_state(state, "set_output_embeddings(state)")
+    _refuse_quantized_embeddings(state, "set_output_embeddings")
     _check_float_matrix(embeddings, "set_output_embeddings(embeddings)")
     if tie is not None and not isinstance(tie, bool):
         raise ArgumentTypeError(
@@ -224,6 +243,7 @@ def resize_token_embeddings(
         32064
     """
     check_state(state, "resize_token_embeddings(state)")
+    _refuse_quantized_embeddings(state, "resize_token_embeddings")
     check_positive_int(new_num_tokens, "resize_token_embeddings(new_num_tokens)", allow_none=True)
     check_positive_int(pad_to_multiple_of, "resize_token_embeddings(pad_to_multiple_of)", allow_none=True)
     _check_generator(generator, "resize_token_embeddings(generator)")

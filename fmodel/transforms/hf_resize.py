@@ -27,7 +27,7 @@ from ..models.init import (
 from ..models.skeleton import _SkipInit, skeleton
 from ..state import ModelState
 from ._common import spec_of, with_params
-from .embeddings import _check_generator, _check_rows_fit
+from .embeddings import _check_generator, _check_rows_fit, _refuse_quantized_embeddings
 
 __all__ = ["replaced_modules", "resize_token_embeddings"]
 
@@ -68,6 +68,7 @@ def resize_token_embeddings(
         SizeLimitError: the new matrices would not fit in memory (checked before allocating).
     """
     check_state(state, "resize_token_embeddings(state)")
+    _refuse_quantized_embeddings(state, "resize_token_embeddings")
     check_positive_int(new_num_tokens, "resize_token_embeddings(new_num_tokens)", allow_none=True)
     check_positive_int(pad_to_multiple_of, "resize_token_embeddings(pad_to_multiple_of)", allow_none=True)
     _check_generator(generator, "resize_token_embeddings(generator)")

@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from .._checks import check_float_dtype, check_state, describe
-from ..errors import ArgumentTypeError, QuantizationError
+from ..errors import ArgumentTypeError, InvalidArgumentError, QuantizationError
+from ..models.quant_embedding import QuantEmbedding
 from ..models.quant_linear import (
     QUANT_METHOD,
     Int4Linear,
     Int8Linear,
+    Layout,
+    check_activations,
     dequantize_int4,
     dequantize_int8,
     pack_int4,
@@ -50,6 +53,7 @@ def quantize(
     group_size: int = 128,
     skip: Iterable[str] | None = None,
     include_lm_head: bool = False,
+    activations: str = "float",
 ) -> ModelState:
     """Weight-only quantization of the linear projections of the decoder layers.
 
@@ -71,7 +75,7 @@ def quantize(
 
     The config gains `quantization_config`: {"quant_method": "fmodel", "scheme", "group_size"
     (None for int8), "modules": quantized module names, "skipped_modules": linear modules left
-    floating}. A tied output projection quantized with `include_lm_head` is untied first (the
+    floating, "activations"}. A tied output projection quantized with `include_lm_head` is untied first (the
     embeddings stay floating; `tie_word_embeddings` becomes false).
 
     Pure: `state` and its tensors are not modified; every tensor not quantized is shared.
@@ -84,6 +88,9 @@ def quantize(
             e.g. `["mlp.down_proj", r"layers\\.0\\."]`.
         include_lm_head: quantize the output projection too (the largest matrix of a small
             model, so the biggest saving and speed-up; also the biggest accuracy cost).
+        activations: "float" (default: float32 activations, weight-only products) or "int8"
+            (activations rounded per block of 32 as llama.cpp's integer dot products do, see
+            `fmodel.models.quant_linear.quantize_activations_q8`); recorded in the config.
 
     Returns:
         A new, quantized `ModelState`.
@@ -103,6 +110,14 @@ def quantize(
         raise ArgumentTypeError(f"quantize(scheme) must be one of {list(SCHEMES)}, got {describe(scheme)}")
     if scheme not in SCHEMES:
         raise QuantizationError(f"quantize: unknown scheme {scheme!r}; expected one of {list(SCHEMES)}")
+    if not isinstance(activations, str):
+        raise ArgumentTypeError(
+            f"quantize(activations) must be one of ['float', 'int8'], got {describe(activations)}"
+        )
+    try:
+        check_activations(activations, "quantize(activations)")
+    except InvalidArgumentError as exc:
+        raise QuantizationError(str(exc)) from None
     if scheme == "int4" and (isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES):
         raise QuantizationError(
             f"quantize: group_size={group_size!r} is not supported for int4; use one of {list(INT4_GROUP_SIZES)}"
@@ -161,6 +176,7 @@ def quantize(
         "group_size": group_size if scheme == "int4" else None,
         "modules": chosen,
         "skipped_modules": skipped,
+        "activations": activations,
     }
     config = config.replace(extra=config.extra | {"quantization_config": qc})
     added_by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -176,10 +192,13 @@ def quantize(
 
 
 def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> ModelState:
-    """Undo `quantize`: each quantized layer gets a floating `<m>.weight` again, equal to the
-    reference dequantized value (`fmodel.models.quant_linear`), not the original weight:
-    quantization is lossy. The config loses its `quantization_config`. A tied output projection
-    that `quantize` untied stays untied.
+    """Undo `quantize` (or a quantized GGUF load): each quantized module gets a floating
+    `<m>.weight` again, equal to the reference dequantized value of its layout
+    (`fmodel.models.quant_linear`: int8 per channel or per group, with or without a zero,
+    int4 per group; quantized embeddings alike), not the original weight: quantization is
+    lossy. The config loses its `quantization_config`. A tied output projection that
+    `quantize` untied stays untied; one the record ties to a quantized embedding
+    ("tied_modules") is tied again to the dequantized embedding (`tie_word_embeddings` true).
 
     Pure: `state` and its tensors are not modified; every other tensor is shared.
 
@@ -207,25 +226,43 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
             "dequantize: the state is not quantized (its config has no fmodel quantization_config)"
         )
     module = skeleton(state.config, state.architecture)
+    p = state.params
     restored: dict[str, torch.Tensor] = {}
     removed: set[str] = set()
     for name in qc["modules"]:
         layer = module.get_submodule(name)
-        p = state.params
         scale = p[f"{name}.weight_scale"]
-        if isinstance(layer, Int8Linear):
-            weight = dequantize_int8(p[f"{name}.weight_int8"], scale)
-            removed |= {f"{name}.weight_int8", f"{name}.weight_scale"}
-        elif isinstance(layer, Int4Linear):
-            weight = dequantize_int4(
-                p[f"{name}.weight_int4"], scale, p[f"{name}.weight_zero"], layer.in_features, layer.group_size
+        zero = p.get(f"{name}.weight_zero")
+        if isinstance(layer, QuantEmbedding):
+            layout, width = layer.layout, layer.embedding_dim
+        elif isinstance(layer, (Int8Linear, Int4Linear)):
+            layout = Layout(
+                "int8" if isinstance(layer, Int8Linear) else "int4", layer.group_size, zero is not None
             )
-            removed |= {f"{name}.weight_int4", f"{name}.weight_scale", f"{name}.weight_zero"}
+            width = layer.in_features
         else:  # pragma: no cover - the skeleton is built from the same config
-            raise QuantizationError(f"dequantize: {name!r} is not a quantized layer")
+            raise QuantizationError(f"dequantize: {name!r} is not a quantized module")
+        if layout.scheme == "int8":
+            weight = dequantize_int8(p[f"{name}.weight_int8"], scale, zero, layout.group_size)
+        else:
+            weight = dequantize_int4(p[f"{name}.weight_int4"], scale, zero, width, layout.group_size)
+        removed |= {f"{name}.{suffix}" for suffix in layout.entries()}
         restored[f"{name}.weight"] = weight.to(scale.dtype)
     extra = {k: v for k, v in state.config.extra.items() if k != "quantization_config"}
     config = state.config.replace(extra=extra)
+    ties = dict(state.ties)
+    tied = qc.get("tied_modules") or {}
+    if tied:  # the tie lived in the record: back to the architecture's declared tie
+        config = config.replace(tie_word_embeddings=True)
+        wanted = dict(spec_of(state).ties(config))
+        for head, source in tied.items():
+            alias = f"{head}.weight"
+            if wanted.get(alias) != f"{source}.weight":
+                raise QuantizationError(
+                    f"dequantize: the record ties {head!r} to {source!r}, which {state.architecture} "
+                    f"does not declare as a tie ({wanted})"
+                )
+            ties[alias] = f"{source}.weight"
     params = {}
     for n, t in state.params.items():
         if n in removed:
@@ -234,7 +271,9 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
                 params[key] = restored[key]
         else:
             params[n] = t
-    out = state.replace(config=config, params=params)
+    for alias, source in ties.items():
+        params[alias] = params[source]
+    out = state.replace(config=config, params=params, ties=ties)
     return out if dtype is None else to(out, dtype=dtype)
 
 

@@ -49,6 +49,20 @@ def tie_weights(state: ModelState) -> ModelState:
     return with_params(state, changed, ties=wanted)
 
 
+def _refuse_quantized_tie(state: ModelState) -> None:
+    """A quantized state whose output projection multiplies by its quantized embedding (the
+    record's "tied_modules") has no float tensors to copy: refused by name."""
+    from ..errors import QuantizationError
+    from ..models.quant_linear import quantization_config
+
+    tied = (quantization_config(state.config) or {}).get("tied_modules")
+    if tied:
+        raise QuantizationError(
+            f"untie_weights: the output projection is tied to the quantized embedding ({dict(tied)}); "
+            "call fmodel.dequantize(state) first"
+        )
+
+
 def untie_weights(state: ModelState) -> ModelState:
     """Give every tied alias its own copy and record `tie_word_embeddings=False`.
 
@@ -68,6 +82,7 @@ def untie_weights(state: ModelState) -> ModelState:
         False
     """
     check_state(state, "untie_weights(state)")
+    _refuse_quantized_tie(state)
     config = state.config.replace(tie_word_embeddings=False)
     keep = dict(spec_of(state).ties(config))
     if keep == dict(state.ties) and config == state.config:

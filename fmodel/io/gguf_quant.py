@@ -1,0 +1,202 @@
+"""GGUF block-quantized tensors re-laid out, losslessly, as fmodel's quantized layouts.
+
+Each kept format maps onto a `Layout` of `fmodel.models.quant_linear` so that the layout's
+reference dequantization computes, in float32, the same numbers `gguf.quants.dequantize`
+computes (tests compare every format value for value):
+
+| GGUF | block | fmodel | values | scale, zero per group |
+|---|---|---|---|---|
+| Q4_0 | 32: d, 16 B nibbles | int4 g32 | q in 0..15 | d, -8d |
+| Q4_1 | 32: d, m, 16 B | int4 g32 | q | d, m |
+| Q4_K | 256: d, dmin, 12 B of 6-bit sc/m, 128 B | int4 g32 | q | d * sc, -(dmin * m) |
+| Q8_0 | 32: d, 32 int8 | int8 g32 | q | d |
+| Q5_0 | 32: d, 4 B high bits, 16 B | int8 g32 | q - 16 | d |
+| Q5_1 | 32: d, m, 4 B, 16 B | int8 g32 + zero | q in 0..31 | d, m |
+| Q5_K | 256: d, dmin, 12 B, 32 B high bits, 128 B | int8 g32 + zero | q | d * sc, -(dmin * m) |
+| Q6_K | 256: 128 B low, 64 B high, 16 int8 sc, d | int8 g16 | q - 32 | d * sc |
+
+Why the orders agree: gguf computes `d * (q - 8)` for Q4_0 and fmodel `q * d + (-8d)`; with d
+a widened float16 (11 significant bits) and q < 16, both `q * d` and `8d` are exact in float32,
+and so is their difference, so both give the exact product (only the sign of a zero can
+differ: `d * 0` is -0.0 for a negative d, `8d - 8d` is +0.0). Q4_1 / Q5_1 compute `d * q + m`
+either way; Q4_K / Q5_K compute `(d * sc) * q - dmin * m` in gguf and `q * (d * sc) + (-(dmin *
+m))` here, and `a - b` is `a + (-b)` in IEEE arithmetic; Q8_0 / Q5_0 / Q6_K are one product.
+Scales and zeros are float32 (the products of the K-quants need it; fmodel's kernels take
+float32), so the kept state is a little larger than the file: 8 bytes per 32 weights where
+the file has 4.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CorruptFileError
+from ..models.quant_linear import Layout
+
+__all__ = ["KEPT_FORMATS", "kept_layout", "to_layout"]
+
+QK_K = 256
+
+INT4_G32 = Layout("int4", 32, True)
+INT8_G32 = Layout("int8", 32, False)
+INT8_G32_ZERO = Layout("int8", 32, True)
+INT8_G16 = Layout("int8", 16, False)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] bytes (a slice of blocks of an even byte size) -> [n, 1] float32 (a float16
+    widened: exact)."""
+    return b.view(torch.float16).to(torch.float32)
+
+
+def _repack(g: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., L] holding 2L 4-bit values, element i in the low nibble of byte i and L + i
+    in the high one (ggml's order), -> fmodel's order [..., L]: elements 2k, 2k + 1 in the low /
+    high nibble of byte k. Byte k < L/2 takes the low nibbles of bytes 2k and 2k + 1, byte
+    L/2 + k their high nibbles."""
+    even, odd = g[..., 0::2], g[..., 1::2]
+    return torch.cat(((even & 0x0F) | ((odd & 0x0F) << 4), (even >> 4) | (odd & 0xF0)), dim=-1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes of a 32-block -> [n, 32]: element j in the low nibble of byte j, j + 16 in the high one."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[n, 4] bytes (a little-endian uint32) -> [n, 32] bits, bit i for element i."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (qh[..., :, None] >> shifts) & 1  # [n, 4, 8]: byte b, bit k -> element 8b + k
+    return bits.reshape(qh.shape[0], 32)
+
+
+def _q4_0(b):
+    d = _f16(b[:, 0:2])
+    return _repack(b[:, 2:18]), d, d * -8
+
+
+def _q4_1(b):
+    return _repack(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q8_0(b):
+    return b[:, 2:34].view(torch.int8), _f16(b[:, 0:2]), None
+
+
+def _q5_0(b):
+    q = _nibbles(b[:, 6:22]) | (_high_bits(b[:, 2:6]) << 4)
+    return (q.to(torch.int16) - 16).to(torch.int8), _f16(b[:, 0:2]), None
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:24]) | (_high_bits(b[:, 4:8]) << 4)
+    return q.view(torch.int8), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minimums per super-block
+    (`gguf.quants.Q4_K.get_scale_min`)."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc.to(torch.float32), mn.to(torch.float32)
+
+
+def _k_scales(b):
+    """d * sc and -(dmin * m) [n, 8] of Q4_K / Q5_K super-blocks, in gguf's float32 order."""
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    return _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn)
+
+
+def _low_k(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 128] bytes -> [n, 8, 32]: chunk c's low nibbles are sub-block 2c, its high ones 2c + 1."""
+    chunks = qs.reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    return (chunks & 0x0F).reshape(-1, 8, 32)
+
+
+def _q4_k(b):
+    scale, zero = _k_scales(b)
+    return _repack(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, QK_K // 2), scale, zero
+
+
+def _q5_k(b):
+    scale, zero = _k_scales(b)
+    qh = b[:, 16:48].reshape(-1, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 1, 8, 1)
+    q = _low_k(b[:, 48:176]) | ((qh & 1).reshape(-1, 8, 32) << 4)
+    return q.reshape(-1, QK_K).view(torch.int8), scale, zero
+
+
+def _q6_k(b):
+    ql = b[:, 0:128].reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(-1, 8, 32)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(
+        1, 1, 4, 1
+    )
+    qh = (qh & 0x03).reshape(-1, 8, 32)
+    q = ((ql | (qh << 4)).to(torch.int16) - 32).to(torch.int8).reshape(-1, QK_K)
+    sc = b[:, 192:208].view(torch.int8).to(torch.float32)
+    return q, _f16(b[:, 208:210]) * sc, None
+
+
+# format -> (layout, block bytes, values per block, unpack: blocks [n, bytes] uint8 ->
+# (values: int8 [n, per block], or int4 packed in fmodel's order [n, per block / 2] uint8;
+# scale [n, groups per block]; zero or None))
+KEPT_FORMATS: dict[str, tuple[Layout, int, int, Callable]] = {
+    "Q4_0": (INT4_G32, 18, 32, _q4_0),
+    "Q4_1": (INT4_G32, 20, 32, _q4_1),
+    "Q4_K": (INT4_G32, 144, QK_K, _q4_k),
+    "Q8_0": (INT8_G32, 34, 32, _q8_0),
+    "Q5_0": (INT8_G32, 22, 32, _q5_0),
+    "Q5_1": (INT8_G32_ZERO, 24, 32, _q5_1),
+    "Q5_K": (INT8_G32_ZERO, 176, QK_K, _q5_k),
+    "Q6_K": (INT8_G16, 210, QK_K, _q6_k),
+}
+
+
+def kept_layout(t: Any) -> Layout | None:
+    """The layout a 2-D GGUF tensor keeps with `quantized=True`, or None (it is dequantized)."""
+    entry = KEPT_FORMATS.get(t.tensor_type.name)
+    return entry[0] if entry is not None and len(t.shape) == 2 else None
+
+
+def _raw(t: Any) -> torch.Tensor:
+    with warnings.catch_warnings():  # the mapped file is read-only; the bytes are only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(t.data, dtype=np.uint8).reshape(-1))
+
+
+def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
+    """A kept-format 2-D tensor (`kept_layout`) as new tensors of its fmodel layout.
+
+    Returns:
+        (layout, {"weight_int4" or "weight_int8": values, "weight_scale": [out, G] float32,
+        "weight_zero": [out, G] float32 where the layout has one}), rows in the file's order
+        (values: int4 packed [out, in / 2] uint8, int8 [out, in]).
+
+    Raises:
+        CorruptFileError: data that does not fill whole blocks of the shape.
+    """
+    layout, block_bytes, per_block, unpack = KEPT_FORMATS[t.tensor_type.name]
+    out, cols = (int(n) for n in reversed(t.shape.tolist()))
+    raw = _raw(t)
+    if cols % per_block or raw.numel() != out * (cols // per_block) * block_bytes:
+        raise CorruptFileError(
+            f"{path}: tensor {t.name!r} ({t.tensor_type.name}) holds {raw.numel()} bytes, expected "
+            f"{out * (cols // per_block) * block_bytes} for shape {[out, cols]} in blocks of {per_block}"
+        )
+    q, scale, zero = unpack(raw.view(-1, block_bytes))
+    groups = cols // layout.group_size
+    parts = {"weight_scale": scale.reshape(out, groups).contiguous()}
+    if zero is not None:
+        parts["weight_zero"] = zero.reshape(out, groups).contiguous()
+    if layout.scheme == "int4":
+        parts = {"weight_int4": q.reshape(out, cols // 2).contiguous(), **parts}
+    else:
+        parts = {"weight_int8": q.reshape(out, cols).contiguous(), **parts}
+    return layout, parts

@@ -1,0 +1,473 @@
+"""GGUF block formats kept quantized (`load(..., quantized=True)`): every kept format's re-layout
+against `gguf.quants.dequantize`, the float-order arguments behind it, files that mix formats
+(save -> load of the mixed record), the quantized token embedding and the output projection
+tied to it, int8 activations, and corrupt or truncated blocks.
+
+The files are written here with `gguf.GGUFWriter` from a tiny random fmodel Llama (hidden 256,
+so K-quant super-blocks of 256 fit); formats `gguf.quants` cannot quantize to (the K-quants)
+get random blocks with sane float16 scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmodel
+from fmodel.errors import CorruptFileError, InvalidArgumentError, QuantizationError
+from fmodel.io.gguf_quant import KEPT_FORMATS, to_layout
+from fmodel.models.quant_embedding import QuantEmbedding, TiedQuantLinear
+from fmodel.models.quant_linear import (
+    Int4Linear,
+    Int8Linear,
+    Layout,
+    dequantize_int4,
+    dequantize_int8,
+    module_layouts,
+    quantization_config,
+    quantize_activations_q8,
+)
+from fmodel.models.skeleton import skeleton
+
+from .test_gguf import HAS_GGUF, _gguf_name, _permute, requires_gguf
+
+pytestmark = requires_gguf
+
+if HAS_GGUF:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+FORMATS = sorted(KEPT_FORMATS)
+
+
+def _blocks(qtype_name: str, rows: int, cols: int, rng: np.random.Generator, data=None) -> np.ndarray:
+    """Valid blocks of `qtype_name` for a [rows, cols] matrix: gguf's own quantization where it
+    has one, else random bits with float16 scales of either sign (d, dmin) that are finite."""
+    qtype = Q[qtype_name]
+    if qtype_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        if data is None:
+            data = rng.normal(0, 0.05, size=(rows, cols)).astype(np.float32)
+        return gguf.quants.quantize(data.astype(np.float32), qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+
+    def f16(n):
+        return rng.normal(0, 0.004, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    n = out.shape[0]
+    if qtype_name in ("Q4_K", "Q5_K"):  # d, dmin first
+        out[:, 0:2], out[:, 2:4] = f16(n), f16(n)
+    elif qtype_name == "Q6_K":  # d last
+        out[:, -2:] = f16(n)
+    elif qtype_name == "Q2_K":  # d, dmin last
+        out[:, -4:-2], out[:, -2:] = f16(n), f16(n)
+    elif qtype_name == "Q3_K":  # d last
+        out[:, -2:] = f16(n)
+    return out.reshape(rows, cols // block * size)
+
+
+def _fake_tensor(qtype_name: str, raw: np.ndarray, rows: int, cols: int):
+    return types.SimpleNamespace(
+        name="blk.0.ffn_up.weight",
+        tensor_type=Q[qtype_name],
+        shape=np.array([cols, rows], dtype=np.uint64),
+        data=raw,
+    )
+
+
+def _dequantized(layout: Layout, parts: dict, cols: int) -> torch.Tensor:
+    if layout.scheme == "int4":
+        return dequantize_int4(
+            parts["weight_int4"], parts["weight_scale"], parts["weight_zero"], cols, layout.group_size
+        )
+    return dequantize_int8(
+        parts["weight_int8"], parts["weight_scale"], parts.get("weight_zero"), layout.group_size
+    )
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_kept_format_dequantizes_to_gguf_values(name):
+    rows, cols = 12, 512
+    rng = np.random.default_rng(FORMATS.index(name))
+    raw = _blocks(name, rows, cols, rng)
+    layout, parts = to_layout(_fake_tensor(name, raw, rows, cols), "x.gguf")
+    assert layout == KEPT_FORMATS[name][0]
+    assert set(parts) == set(layout.entries())
+    assert all(t.is_contiguous() for t in parts.values())
+    for key in ("weight_scale", "weight_zero")[: 1 + layout.zero]:
+        assert parts[key].dtype == torch.float32 and parts[key].shape == (rows, cols // layout.group_size), (
+            key
+        )
+    data = parts["weight_int4" if layout.scheme == "int4" else "weight_int8"]
+    assert data.shape == (rows, cols // 2 if layout.scheme == "int4" else cols)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, Q[name]).reshape(rows, cols))
+    got = _dequantized(layout, parts, cols)
+    assert torch.equal(got, want)  # the same numbers
+    same_bits = got.view(torch.int32) == want.view(torch.int32)
+    if name == "Q4_0":  # only the sign of a zero may differ (d * 0 vs 8d - 8d): see gguf_quant
+        assert torch.all(same_bits | (want == 0))
+        assert not torch.all(same_bits)  # this data has negative d with q == 8 somewhere
+    else:
+        assert torch.all(same_bits)
+
+
+def test_float_order_arguments():
+    """The orders gguf_quant relies on, checked rather than assumed."""
+    # Q4_0: d * (q - 8) == q * d + (-8d) for every finite float16 d and every q in 0..15
+    d = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).to(torch.float32)
+    d = d[torch.isfinite(d)][:, None]
+    q = torch.arange(16, dtype=torch.float32)[None, :]
+    assert torch.equal(d * (q - 8), q * d + d * -8)
+    # Q4_K / Q5_K: (d * sc) * q - dmin * m == q * (d * sc) + (-(dmin * m)), 6-bit sc and m
+    g = torch.Generator().manual_seed(0)
+    dd = torch.randn(4096, 1, generator=g).to(torch.float16).to(torch.float32)
+    dmin = torch.randn(4096, 1, generator=g).to(torch.float16).to(torch.float32)
+    sc = torch.randint(0, 64, (4096, 1), generator=g).to(torch.float32)
+    m = torch.randint(0, 64, (4096, 1), generator=g).to(torch.float32)
+    q32 = torch.arange(32, dtype=torch.float32)[None, :]
+    scale, dm = dd * sc, dmin * m
+    assert torch.equal((scale * q32 - dm).view(torch.int32), (q32 * scale + (-dm)).view(torch.int32))
+    # q * (d * sc) is exact in float32 (11 + 6 + 5 significant bits), so one rounding remains and
+    # even a fused multiply-add (a compiler's contraction) gives the same numbers: float64 shows it
+    fused = (q32.double() * scale.double() - dm.double()).float()
+    assert torch.equal(fused, q32 * scale + (-dm))
+
+
+def test_quantize_activations_q8_is_gguf_q8_0():
+    """The int8-activation reference rounds exactly as ggml's Q8_0 (what llama.cpp does to the
+    activations before its integer dot products), ties away from zero included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g) * 3
+    x[0, :32] = 0  # an all-zero block stays zero
+    x[1, :32] = torch.arange(32) - 15.5  # halves: ties
+    x[2, 5] = 1e4  # an outlier block
+    want = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), Q.Q8_0), Q.Q8_0)
+    assert torch.equal(quantize_activations_q8(x), torch.from_numpy(want).reshape(x.shape))
+    ragged = torch.randn(3, 40, generator=g)  # a last block of 8 columns
+    padded = quantize_activations_q8(F.pad(ragged, (0, 24)))[:, :40]
+    assert torch.equal(quantize_activations_q8(ragged), padded)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
+def test_truncated_or_ragged_blocks_get_named_errors(name):
+    rows, cols = 4, 256
+    raw = _blocks(name, rows, cols, np.random.default_rng(0))
+    with pytest.raises(CorruptFileError, match=r"x\.gguf: tensor 'blk\.0\.ffn_up\.weight' \(" + name):
+        to_layout(_fake_tensor(name, raw.reshape(-1)[:-3], rows, cols), "x.gguf")
+    with pytest.raises(CorruptFileError, match="blocks of"):
+        to_layout(_fake_tensor(name, raw, rows, cols + 16), "x.gguf")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _tiny_state(tied: bool, seed: int = 0) -> fmodel.ModelState:
+    config = fmodel.LlamaConfig(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return fmodel.init(config, architecture="LlamaForCausalLM", seed=seed)
+
+
+def _write_mixed(path, state: fmodel.ModelState, formats: dict[str, str], seed: int = 0) -> str:
+    """`state` as llama.cpp's converter writes it (q/k rows permuted), each 2-D tensor in
+    `formats[gguf name]` (default F32), 1-D ones in F32."""
+    cfg = state.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.context_length", cfg.max_position_embeddings)
+    w.add_uint32("llama.embedding_length", cfg.hidden_size)
+    w.add_uint32("llama.block_count", cfg.num_hidden_layers)
+    w.add_uint32("llama.feed_forward_length", cfg.intermediate_size)
+    w.add_uint32("llama.attention.head_count", cfg.num_attention_heads)
+    w.add_uint32("llama.attention.head_count_kv", cfg.num_key_value_heads)
+    w.add_uint32("llama.rope.dimension_count", cfg.hidden_size // cfg.num_attention_heads)
+    w.add_float32("llama.rope.freq_base", cfg.rope_theta)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_uint32("llama.vocab_size", cfg.vocab_size)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["t", "0", *(f"t{i}" for i in range(cfg.vocab_size - 2))])
+    w.add_array("tokenizer.ggml.merges", ["t 0"])
+    rng = np.random.default_rng(seed)
+    for name, tensor in state.params.items():
+        if name in state.ties:
+            continue
+        data = tensor.detach().float().numpy()
+        if ".q_proj." in name:
+            data = _permute(data, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            data = _permute(data, cfg.num_key_value_heads)
+        gname = _gguf_name(name)
+        kind = formats.get(gname, "F32") if data.ndim == 2 else "F32"
+        if kind == "F32":
+            w.add_tensor(gname, data)
+        elif kind == "F16":
+            w.add_tensor(gname, data.astype(np.float16))
+        else:
+            w.add_tensor(gname, _blocks(kind, *data.shape, rng, data), raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+# layer 0: one kept format per projection; layer 1: Q4_1, an F16 weight and a Q2_K one (not kept)
+MIXED = {
+    "token_embd.weight": "Q8_0",
+    "blk.0.attn_q.weight": "Q4_0",
+    "blk.0.attn_k.weight": "Q5_0",
+    "blk.0.attn_v.weight": "Q5_1",
+    "blk.0.attn_output.weight": "Q8_0",
+    "blk.0.ffn_gate.weight": "Q4_K",
+    "blk.0.ffn_up.weight": "Q5_K",
+    "blk.0.ffn_down.weight": "Q6_K",
+    "blk.1.attn_q.weight": "Q4_1",
+    "blk.1.attn_k.weight": "Q4_1",
+    "blk.1.attn_v.weight": "F16",
+    "blk.1.attn_output.weight": "Q4_1",
+    "blk.1.ffn_gate.weight": "Q4_1",
+    "blk.1.ffn_up.weight": "Q2_K",
+    "blk.1.ffn_down.weight": "Q4_1",
+}
+UNTIED = {
+    "token_embd.weight": "Q6_K",
+    "output.weight": "Q4_K",
+    **{
+        f"blk.{i}.{p}.weight": "Q5_K" for i in range(2) for p in ("attn_q", "attn_k", "attn_v", "attn_output")
+    },
+    **{f"blk.{i}.{p}.weight": "Q4_0" for i in range(2) for p in ("ffn_gate", "ffn_up", "ffn_down")},
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf_formats")
+    return {
+        "mixed": _write_mixed(folder / "mixed.gguf", _tiny_state(tied=True, seed=1), MIXED, seed=1),
+        "untied": _write_mixed(folder / "untied.gguf", _tiny_state(tied=False, seed=2), UNTIED, seed=2),
+    }
+
+
+def _assert_same_state(a: fmodel.ModelState, b: fmodel.ModelState, saved: bool = False) -> None:
+    """Same config (a saved config gains "torch_dtype"), architecture, ties and tensors."""
+    extra = {k: v for k, v in a.config.extra.items() if not (saved and k == "torch_dtype")}
+    assert a.config.replace(extra=extra) == b.config and a.architecture == b.architecture
+    assert dict(a.ties) == dict(b.ties) and set(a.params) == set(b.params)
+    for name, t in b.params.items():
+        assert a.params[name].dtype == t.dtype and torch.equal(a.params[name], t), name
+
+
+IDS = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def test_mixed_file_records_each_layout_and_dequantizes_to_the_float_load(files, caplog):
+    with caplog.at_level(logging.DEBUG, logger="fmodel"):
+        kept = fmodel.load(files["mixed"], quantized=True)
+    floating = fmodel.load(files["mixed"])
+    qc = quantization_config(kept.config)
+    layouts = module_layouts(qc)
+    expected = {
+        "model.embed_tokens": KEPT_FORMATS["Q8_0"][0],
+        **{
+            f"model.layers.0.{m}": KEPT_FORMATS[f][0]
+            for m, f in (
+                ("self_attn.q_proj", "Q4_0"),
+                ("self_attn.k_proj", "Q5_0"),
+                ("self_attn.v_proj", "Q5_1"),
+                ("self_attn.o_proj", "Q8_0"),
+                ("mlp.gate_proj", "Q4_K"),
+                ("mlp.up_proj", "Q5_K"),
+                ("mlp.down_proj", "Q6_K"),
+            )
+        },
+        **{
+            f"model.layers.1.{m}": KEPT_FORMATS["Q4_1"][0]
+            for m in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.down_proj",
+            )
+        },
+    }
+    assert layouts == expected
+    assert (qc["scheme"], qc["group_size"]) == ("int4", 32)  # the most common layout; the others listed
+    assert set(qc["layouts"]) == {m for m, lay in expected.items() if lay != Layout("int4", 32, True)}
+    assert set(qc["skipped_modules"]) == {"model.layers.1.self_attn.v_proj", "model.layers.1.mlp.up_proj"}
+    assert dict(qc["tied_modules"]) == {"lm_head": "model.embed_tokens"}
+    assert kept.config.tie_word_embeddings is False and not kept.ties
+    assert not any(k.startswith("lm_head.") for k in kept.params)  # the head owns nothing
+    assert "blk.1.ffn_up.weight (Q2_K)" in caplog.text  # dequantized, and said so
+    _assert_same_state(fmodel.dequantize(kept), floating)  # lossless (ties restored)
+
+
+def test_mixed_file_logits_equal_the_float_state_and_save_load(files, tmp_path):
+    kept = fmodel.load(files["mixed"], quantized=True)
+    floating = fmodel.load(files["mixed"])
+    module = skeleton(kept.config, kept.architecture)
+    assert isinstance(module.model.embed_tokens, QuantEmbedding)
+    assert isinstance(module.lm_head, TiedQuantLinear)
+    assert isinstance(module.model.layers[0].mlp.down_proj, Int8Linear)
+    assert module.model.layers[0].mlp.down_proj.group_size == 16
+    assert isinstance(module.model.layers[1].mlp.down_proj, Int4Linear)
+    with torch.inference_mode():
+        ref = fmodel.forward(floating, IDS).logits
+        got = fmodel.forward(kept, IDS).logits  # 40 rows: every module runs its reference
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the same weights; matmul rounding
+    fmodel.save(kept, tmp_path / "mixed")
+    again = fmodel.load(tmp_path / "mixed")
+    assert quantization_config(again.config) == quantization_config(kept.config)
+    _assert_same_state(again, kept, saved=True)
+    with torch.inference_mode():
+        assert torch.equal(fmodel.forward(again, IDS).logits, got)
+    out = fmodel.generate(kept, IDS[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_untied_file_keeps_embedding_and_output_projection(files):
+    kept = fmodel.load(files["untied"], quantized=True)
+    floating = fmodel.load(files["untied"])
+    qc = quantization_config(kept.config)
+    layouts = module_layouts(qc)
+    assert layouts["model.embed_tokens"] == Layout("int8", 16, False)  # Q6_K
+    assert layouts["lm_head"] == Layout("int4", 32, True)  # Q4_K
+    assert "tied_modules" not in qc and qc["skipped_modules"] == ()
+    _assert_same_state(fmodel.dequantize(kept), floating)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fmodel.forward(kept, IDS).logits, fmodel.forward(floating, IDS).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_quantized_embedding_rows_equal_the_float_lookup(files):
+    kept = fmodel.load(files["mixed"], quantized=True)
+    floating = fmodel.load(files["mixed"])
+    module = skeleton(kept.config, kept.architecture).model.embed_tokens
+    table = floating.params["model.embed_tokens.weight"]
+    ids = torch.tensor([[0, 5, 63, 5], [1, 2, 3, 4]])
+    params = {
+        k.removeprefix("model.embed_tokens."): v
+        for k, v in kept.params.items()
+        if k.startswith("model.embed_tokens.")
+    }
+    rows = torch.func.functional_call(module, params, (ids,))
+    assert rows.dtype == torch.float32 and torch.equal(rows, F.embedding(ids, table))  # bit for bit
+
+
+def test_tied_head_multiplies_by_the_embedding_tensors(files):
+    kept = fmodel.load(files["mixed"], quantized=True)
+    floating = fmodel.load(files["mixed"])
+    prefix = "model.embed_tokens."
+    table = {k.removeprefix(prefix): v for k, v in kept.params.items() if k.startswith(prefix)}
+    embedding = QuantEmbedding(64, 256, Layout("int8", 32, False), torch.float32)
+    embedding.load_state_dict(table)
+    head = TiedQuantLinear(embedding, False, torch.float32, "float")
+    assert dict(head.named_parameters()) == {}  # it owns nothing
+    hidden = torch.randn(20, 256, generator=torch.Generator().manual_seed(1))
+    ref = hidden @ floating.params["lm_head.weight"].T
+    with torch.inference_mode():
+        torch.testing.assert_close(head(hidden), ref, rtol=1e-5, atol=1e-5)  # reference path (20 rows)
+        torch.testing.assert_close(head(hidden[:2]), ref[:2], rtol=1e-5, atol=1e-5)  # decode-sized
+    n_kept = sum(t.numel() * t.element_size() for t in kept.params.values())
+    n_float = sum(t.numel() * t.element_size() for n, t in floating.params.items() if n not in floating.ties)
+    assert n_kept < 0.45 * n_float  # one int8 table (+ scales), no float copy for the head
+
+
+def test_transforms_refuse_the_quantized_embedding_by_name(files):
+    kept = fmodel.load(files["mixed"], quantized=True)
+    for call in (
+        lambda: fmodel.resize_token_embeddings(kept, 70),
+        lambda: fmodel.get_input_embeddings(kept),
+        lambda: fmodel.set_input_embeddings(kept, torch.zeros(64, 256)),
+    ):
+        with pytest.raises(QuantizationError, match=r"'model\.embed_tokens' of this state is quantized"):
+            call()
+    with pytest.raises(QuantizationError, match="tied to the quantized embedding"):
+        fmodel.untie_weights(kept)
+    assert fmodel.tie_weights(kept) is kept  # the tie already holds (in the record)
+
+
+def test_int8_activations(files, tmp_path):
+    kept = fmodel.load(files["mixed"], quantized=True, activations="int8")
+    qc = quantization_config(kept.config)
+    assert qc["activations"] == "int8"
+    module = skeleton(kept.config, kept.architecture)
+    linears = [m for m in module.modules() if isinstance(m, (Int8Linear, Int4Linear, TiedQuantLinear))]
+    assert linears and all(m.activations == "int8" for m in linears)
+    floating = fmodel.load(files["mixed"])
+    with torch.inference_mode():
+        plain = fmodel.forward(fmodel.load(files["mixed"], quantized=True), IDS).logits
+        got = fmodel.forward(kept, IDS).logits
+        ref = fmodel.forward(floating, IDS).logits
+    assert not torch.equal(got, plain)  # the activations are rounded ...
+    # ... by about what rounding activations to 8 bits costs (relative error ~ 1 / 127 per product)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    fmodel.save(kept, tmp_path / "int8act")
+    assert quantization_config(fmodel.load(tmp_path / "int8act").config)["activations"] == "int8"
+    # the reference semantics, on one layer: F.linear(q8(x), W)
+    layer = module.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2))
+    p = {
+        k.removeprefix("model.layers.0.mlp.down_proj."): v
+        for k, v in kept.params.items()
+        if k.startswith("model.layers.0.mlp.down_proj.")
+    }
+    y = torch.func.functional_call(layer, p, (x,))
+    w = dequantize_int8(p["weight_int8"], p["weight_scale"], None, 16)
+    torch.testing.assert_close(y, F.linear(quantize_activations_q8(x), w), rtol=1e-6, atol=1e-6)
+
+
+def test_activations_argument_errors(files):
+    with pytest.raises(InvalidArgumentError, match=r"load_gguf\(activations\) must be one of"):
+        fmodel.load(files["mixed"], quantized=True, activations="int4")
+    with pytest.raises(InvalidArgumentError, match="pass quantized=True"):
+        fmodel.load(files["mixed"], activations="int8")
+    state = _tiny_state(tied=True)
+    with pytest.raises(QuantizationError, match="activations"):
+        fmodel.quantize(state, "int8", activations="fp8")
+    q = fmodel.quantize(state, "int4", group_size=32, activations="int8")
+    assert quantization_config(q.config)["activations"] == "int8"
+    assert quantization_config(fmodel.quantize(state, "int8").config)["activations"] == "float"
+
+
+def test_old_records_and_bad_layouts():
+    """A record without "activations" / "layouts" (checkpoints saved before them) reads as before;
+    a bad "layouts" entry is refused by name."""
+    old = {
+        "quant_method": "fmodel",
+        "scheme": "int8",
+        "group_size": None,
+        "modules": ["a", "b"],
+        "skipped_modules": [],
+    }
+    assert module_layouts(old) == {"a": Layout("int8", None, False), "b": Layout("int8", None, False)}
+    with pytest.raises(InvalidArgumentError, match="not in 'modules'"):
+        module_layouts({**old, "layouts": {"c": {"scheme": "int4", "group_size": 32}}})
+    with pytest.raises(InvalidArgumentError, match=r"\['layouts'\]\['a'\]: unknown scheme"):
+        module_layouts({**old, "layouts": {"a": {"scheme": "int3", "group_size": 32}}})
+    with pytest.raises(InvalidArgumentError, match="an int8 zero needs groups"):
+        module_layouts({**old, "zero": True})
+
+
+def test_truncated_mixed_file_is_refused_before_conversion(files, tmp_path):
+    with open(files["mixed"], "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(CorruptFileError, match="truncated file"):
+        fmodel.load(cut, quantized=True)
