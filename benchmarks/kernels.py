@@ -16,7 +16,10 @@ call finds its weight where a decode step does (L3 / memory, not L1); the LM hea
 49152x576 LM head, as llama.cpp's file holds them (Q4_1 g32 projections, Q8_0 head), with
 act_int8 and weight-only, and float32 / bfloat16 dense.
 The machine is shared: variants are interleaved round by round and medians reported; the spread
-(interquartile range / median) of each row is printed so noise is visible.
+(interquartile range / median) of each row is printed so noise is visible. At 1 thread the CPU
+time of the calling thread is printed too ("cpu us"): it leaves out the time other processes
+held the core, so it is the steadier figure on a busy machine (it still includes their cache
+and memory-bandwidth pressure).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def make_weights(n: int, k: int, seed: int) -> dict[str, tuple]:
         "f32": (w,),
         "bf16": (w.bfloat16(),),
         "int4": (pack(q4), s4, z4),
+        "int4h": (pack(q4), s4.half(), z4.half()),  # GGUF Q4_1's own bytes: float16 d and m
+        "int8g32h": (q8, s8.half()),  # GGUF Q8_0's
         "int8g32": (q8, s8),
         "int8ch": (q8, sc),
         "tinygemm": (tiny_w, tiny_sz),
@@ -76,6 +81,10 @@ def variants(k: int) -> dict[str, tuple[str, Callable]]:
         ),
         "fmodel int4 g32 w-only": ("int4", lambda x, xb, w: fk.int4_linear(x, w[0], w[1], w[2], 32, False)),
         "fmodel int4 g32 act8": ("int4", lambda x, xb, w: fk.int4_linear(x, w[0], w[1], w[2], 32, True)),
+        "fmodel int4 g32 act8 f16s": (
+            "int4h",
+            lambda x, xb, w: fk.int4_linear(x, w[0], w[1], w[2], 32, True),
+        ),
         "torch int8pack ch": ("int8pack", lambda x, xb, w: torch._weight_int8pack_mm(xb, w[0], w[1])),
         "fmodel int8 ch w-only": ("int8ch", lambda x, xb, w: fk.int8_linear(x, w[0], w[1], None, k, False)),
         "fmodel int8 ch act8": ("int8ch", lambda x, xb, w: fk.int8_linear(x, w[0], w[1], None, k, True)),
@@ -84,6 +93,10 @@ def variants(k: int) -> dict[str, tuple[str, Callable]]:
             lambda x, xb, w: fk.int8_linear(x, w[0], w[1], None, 32, False),
         ),
         "fmodel int8 g32 act8": ("int8g32", lambda x, xb, w: fk.int8_linear(x, w[0], w[1], None, 32, True)),
+        "fmodel int8 g32 act8 f16s": (
+            "int8g32h",
+            lambda x, xb, w: fk.int8_linear(x, w[0], w[1], None, 32, True),
+        ),
     }
 
 
@@ -111,29 +124,33 @@ def bench_shape(name: str, n: int, k: int, rows: int, threads: list[int], repeat
     for t in threads:
         torch.set_num_threads(t)
         times: dict[str, list[float]] = {v: [] for v in [*vs, "probe f32 sum"]}
+        cpu: dict[str, list[float]] = {v: [] for v in times}
         for _ in range(repeats + 2):
             for v, (key, call) in vs.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 for w in weights:
                     call(x, xb, w[key])
                 times[v].append((time.perf_counter() - start) / copies * 1e6)
-            start = time.perf_counter()
+                cpu[v].append((time.thread_time() - start_cpu) / copies * 1e6)
+            start, start_cpu = time.perf_counter(), time.thread_time()
             for p in probes:
                 p.sum()
             times["probe f32 sum"].append((time.perf_counter() - start) / copies * 1e6)
+            cpu["probe f32 sum"].append((time.thread_time() - start_cpu) / copies * 1e6)
         probe_us, _ = summarize(times["probe f32 sum"][2:])
         print(f"-- {t} thread(s); probe: torch.sum over the f32 weight's {probe_bytes / 1e6:.2f} MB")
         print(
-            f"   {'variant':26s} {'us/call':>9s} {'spread':>7s} {'MB':>7s} {'GB/s':>7s} {'probe us / us':>13s}"
+            f"   {'variant':26s} {'us/call':>9s} {'spread':>7s} {'cpu us':>8s} {'MB':>7s} {'GB/s':>7s} {'vs probe':>9s}"
         )
         base = None
         for v, samples in times.items():
             us, spread = summarize(samples[2:])
+            cpu_us = f"{summarize(cpu[v][2:])[0]:8.1f}" if t == 1 else f"{'':8s}"
             b = probe_bytes if v.startswith("probe") else nbytes(weights[0][vs[v][0]])
             base = us if v == "torch f32 F.linear" else base
             print(
-                f"   {v:26s} {us:9.1f} {spread:6.0%} {b / 1e6:7.2f} {b / us / 1e3:7.1f} {probe_us / us * (b / probe_bytes):13.2f}"
-                f"   x{base / us:.2f} vs torch f32"
+                f"   {v:26s} {us:9.1f} {spread:6.0%} {cpu_us} {b / 1e6:7.2f} {b / us / 1e3:7.1f}"
+                f" {probe_us / us * (b / probe_bytes):9.2f}   x{base / us:.2f} vs torch f32"
             )
 
 
@@ -151,6 +168,8 @@ def bench_step(threads: list[int], repeats: int) -> None:
                 x = xs[k]
                 if kind == "q4_act8":
                     fk.int4_linear(x, *w["int4"], 32, True)
+                elif kind == "q4h_act8":
+                    fk.int4_linear(x, *w["int4h"], 32, True)
                 elif kind == "q4_w":
                     fk.int4_linear(x, *w["int4"], 32, False)
                 elif kind == "f32":
@@ -162,6 +181,8 @@ def bench_step(threads: list[int], repeats: int) -> None:
             x = xs[576]
             if kind == "q4_act8":
                 fk.int8_linear(x, *head["int8g32"], None, 32, True)
+            elif kind == "q4h_act8":
+                fk.int8_linear(x, *head["int8g32h"], None, 32, True)
             elif kind == "q4_w":
                 fk.int8_linear(x, *head["int8g32"], None, 32, False)
             elif kind in ("f32", "torch_f32"):
@@ -173,25 +194,48 @@ def bench_step(threads: list[int], repeats: int) -> None:
 
     kinds = {
         "Q4_1 proj + Q8_0 head, act_int8": ("q4_act8", ("int4",), ("int8g32",)),
+        "the same, float16 scales (GGUF's bytes)": ("q4h_act8", ("int4h",), ("int8g32h",)),
         "Q4_1 proj + Q8_0 head, weight-only": ("q4_w", ("int4",), ("int8g32",)),
         "float32 (fmodel dense)": ("f32", ("f32",), ("f32",)),
         "bfloat16 (fmodel dense)": ("bf16", ("bf16",), ("bf16",)),
         "float32 (torch F.linear)": ("torch_f32", ("f32",), ("f32",)),
     }
+    # bandwidth probes: torch.sum over 211 buffers of the float32 and the Q4_1 step's sizes
+    probe_f32 = [torch.ones(w["f32"][0].numel()) for w in mats] + [torch.ones(head["f32"][0].numel())]
+    probe_q4 = [torch.ones(nbytes(w["int4"]) // 4) for w in mats] + [torch.ones(nbytes(head["int8g32"]) // 4)]
+    for probe_label, bufs in (
+        ("probe: torch.sum, float32's bytes", probe_f32),
+        ("probe: torch.sum, Q4_1's bytes", probe_q4),
+    ):
+        kinds[probe_label] = (bufs, None, None)
+
+    def probe(bufs):
+        def run():
+            for b in bufs:
+                b.sum()
+
+        return run
+
     for t in threads:
         torch.set_num_threads(t)
         times: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(repeats + 2):
             for label, (kind, _, _) in kinds.items():
-                fn = step(kind)
-                start = time.perf_counter()
+                fn = step(kind) if isinstance(kind, str) else probe(kind)
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 fn()
                 times[label].append((time.perf_counter() - start) * 1e3)
+                cpu[label].append((time.thread_time() - start_cpu) * 1e3)
         print(f"\n== one decode step's GEMVs (211 matrices), {t} thread(s)")
         for label, (_, pk, hk) in kinds.items():
             ms, spread = summarize(times[label][2:])
-            mb = (sum(nbytes(w[pk[0]]) for w in mats) + nbytes(head[hk[0]])) / 1e6
-            print(f"   {label:38s} {ms:7.2f} ms {spread:5.0%}  {mb:7.1f} MB  {mb / ms:6.1f} GB/s")
+            cpu_ms = f"cpu {summarize(cpu[label][2:])[0]:6.2f} ms" if t == 1 else ""
+            if pk is None:
+                mb = sum(b.numel() * 4 for b in kinds[label][0]) / 1e6
+            else:
+                mb = (sum(nbytes(w[pk[0]]) for w in mats) + nbytes(head[hk[0]])) / 1e6
+            print(f"   {label:38s} {ms:7.2f} ms {spread:5.0%} {cpu_ms}  {mb:7.1f} MB  {mb / ms:6.1f} GB/s")
 
 
 def main() -> None:

@@ -104,6 +104,15 @@ def _require() -> None:
         ensure_loaded()
 
 
+_OPS: dict[str, object] = {}  # op name -> its OpOverload, looked up once (saves ~0.2 us a call)
+
+
+def _op(name: str):
+    _require()
+    op = _OPS[name] = getattr(torch.ops.fmodel, name).default
+    return op
+
+
 def _named(exc: ValueError) -> InvalidArgumentError:
     return InvalidArgumentError(str(exc).split("\nException raised from")[0])
 
@@ -137,10 +146,9 @@ def int4_linear(
     Example:
         >>> y = fmodel.kernels.int4_linear(x, packed, scale, zero, 32, act_int8=True)
     """
-    if not _state.get("loaded"):
-        _require()
+    op = _OPS.get("int4_linear") or _op("int4_linear")
     try:
-        return torch.ops.fmodel.int4_linear.default(x, packed, scale, zero, group_size, act_int8)
+        return op(x, packed, scale, zero, group_size, act_int8)
     except ValueError as exc:
         raise _named(exc) from exc
 
@@ -170,10 +178,9 @@ def int8_linear(
     Raises:
         KernelBuildError, InvalidArgumentError: as for `int4_linear`.
     """
-    if not _state.get("loaded"):
-        _require()
+    op = _OPS.get("int8_linear") or _op("int8_linear")
     try:
-        return torch.ops.fmodel.int8_linear.default(x, q, scale, zero, group_size, act_int8)
+        return op(x, q, scale, zero, group_size, act_int8)
     except ValueError as exc:
         raise _named(exc) from exc
 
@@ -188,10 +195,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Raises:
         KernelBuildError, InvalidArgumentError: as for `int4_linear`.
     """
-    if not _state.get("loaded"):
-        _require()
+    op = _OPS.get("dense_linear") or _op("dense_linear")
     try:
-        return torch.ops.fmodel.dense_linear.default(x, weight)
+        return op(x, weight)
     except ValueError as exc:
         raise _named(exc) from exc
 

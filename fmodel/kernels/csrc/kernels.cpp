@@ -40,6 +40,9 @@ std::atomic<bool> g_portable{false};
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 bool use_simd() { return FMK_AVX512 && !g_portable.load(std::memory_order_relaxed); }
+#if FMK_AVX512
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
 }  // namespace
 
 float to_f32(float v) { return v; }
@@ -74,7 +77,40 @@ void set_portable(bool portable) { g_portable.store(portable); }
 
 // --------------------------------------------------------------------------- preparation
 
+#if FMK_AVX512
+namespace {
+// quantize_q8 in 16-lane steps; the same float32 operations as the loop below, so the same bits
+void quantize_q8_avx512(const float* x, int64_t M, int64_t K, int8_t* q, float* d) {
+  const int64_t KB = cdiv(K, 32);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t b = 0; b < KB; ++b) {
+      const int64_t k0 = b * 32;
+      const __mmask16 k_lo = mask16(K - k0), k_hi = mask16(std::max<int64_t>(K - k0 - 16, 0));
+      const __m512 lo = _mm512_maskz_loadu_ps(k_lo, xr + k0), hi = _mm512_maskz_loadu_ps(k_hi, xr + k0 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
+      const float db = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+      const __m512i lim = _mm512_set1_epi32(127);
+      auto q16 = [&](__m512 v) {
+        const __m512i i = _mm512_cvtps_epi32(
+            _mm512_roundscale_ps(_mm512_mul_ps(v, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(i, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim)));
+      };
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * KB * 32 + k0), q16(lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * KB * 32 + k0 + 16), q16(hi));
+      d[m * KB + b] = db;
+    }
+  }
+}
+}  // namespace
+#endif
+
 void quantize_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* d) {
+#if FMK_AVX512
+  if (use_simd()) return quantize_q8_avx512(x, M, K, q, d);
+#endif
   const int64_t KB = cdiv(K, 32);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
@@ -339,7 +375,6 @@ void drive(const Kern& k, int64_t M, int64_t n0, int64_t n1) {
   }
 }
 
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1); }
 
 inline float scalar(const float* s) { return *s; }
