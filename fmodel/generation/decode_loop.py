@@ -59,8 +59,11 @@ class _Decoder:
     the whole sequence. Position ids come from the attention mask (Transformers'
     `prepare_inputs_for_generation`): positions count real tokens only."""
 
-    def __init__(self, state, model, mask, rows, total, use_cache, device, capacity=None) -> None:
+    def __init__(
+        self, state, model, mask, rows, total, use_cache, device, capacity=None, compiled=None
+    ) -> None:
         self.model = model
+        self.state = state
         self.attn = attention.get(state.attn_implementation)
         self.total = total
         self.capacity = total if capacity is None else min(capacity, total)
@@ -78,6 +81,11 @@ class _Decoder:
         # length at which the cache is dropped and the whole sequence runs again, as its
         # Transformers `prepare_inputs_for_generation` does.
         self.recompute_at = getattr(model, "recompute_cache_at", None)
+        # A compiled one-token step (`fmodel.generation.compiled_step`) over the same cache, its
+        # inputs kept as one list rebuilt only when the cache or mask buffers change.
+        self.compiled = compiled if self.cache is not None else None
+        self._flat: list[torch.Tensor] | None = None
+        self._flat_for: tuple[Any, ...] = ()
 
     def _grow(self, need: int) -> None:
         """Room for `need` positions: double the capacity (at most `total`), copying what the
@@ -103,6 +111,13 @@ class _Decoder:
         ):
             self.cache, self.seen = self.cache.truncate(0), 0
         start = self.seen if self.cache is not None else 0
+        if (
+            self.compiled is not None
+            and length - start == 1
+            and start > 0
+            and self.capacity <= self.compiled.max_capacity
+        ):
+            return self._compiled_step(tokens, start)
         out = self.model(
             tokens[:, start:],
             attention_mask=None if self.mask is None else self.mask[:, :length],
@@ -114,6 +129,33 @@ class _Decoder:
         if self.cache is not None:
             self.cache, self.seen = out["past_key_values"], length
         return out["logits"][:, -1].float()  # [N, V]
+
+    def _compiled_step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The step for the token at position `start` through the compiled step: same logits
+        (up to float rounding), same cache writes, no Python per layer."""
+        cache, mask = self.cache, self.mask
+        if not self._flat_for or self._flat_for[0] is not cache.keys or self._flat_for[1] is not mask:
+            rows = tokens.shape[0]
+            self._token = torch.empty(rows, 1, dtype=torch.long, device=tokens.device)
+            self._position = torch.empty(rows, 1, dtype=torch.long, device=tokens.device)
+            self._slot = torch.empty(1, dtype=torch.long, device=tokens.device)
+            padding = (
+                mask
+                if mask is not None
+                else torch.ones(rows, self.capacity, dtype=torch.long, device=tokens.device)
+            )
+            fixed = self.compiled.inputs(self.state, cache)
+            self._flat = [*fixed, self._token, self._position, self._slot, padding.contiguous()]
+            self._flat_for = (cache.keys, mask)
+        self._token.copy_(tokens[:, start : start + 1])
+        if self.positions is None:
+            self._position.fill_(start)
+        else:
+            self._position.copy_(self.positions[:, start : start + 1])
+        self._slot.fill_(start)
+        logits = self.compiled.run(self._flat)
+        self.cache, self.seen = cache.advance(1), start + 1
+        return logits  # [N, V] float32
 
     def reorder(self, rows: torch.Tensor) -> None:
         if self.cache is not None:
@@ -176,6 +218,7 @@ class Run:
     pad: int | None
     processors: tuple[LogitsProcessor, ...]
     criteria: tuple[StoppingCriterion, ...]
+    compiled: Any = None  # a `compiled_step.CompiledStep` for the one-token steps, or None
 
     def __call__(self, input_ids, mask, generator, streamer, module) -> GenerateOutput:
         rows, total = input_ids.shape[0], self.prompt + self.new
@@ -185,7 +228,15 @@ class Run:
 
         def loop(model: nn.Module) -> GenerateOutput:
             decoder = _Decoder(
-                self.state, model, mask, rows, total, self.config.use_cache, input_ids.device, capacity
+                self.state,
+                model,
+                mask,
+                rows,
+                total,
+                self.config.use_cache,
+                input_ids.device,
+                capacity,
+                self.compiled,
             )
             if self.config.num_beams > 1:
                 out = self._beams(decoder, input_ids, generator)

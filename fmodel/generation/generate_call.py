@@ -84,6 +84,7 @@ def generate(
     min_length: int | None = None,
     module: nn.Module | None = None,
     decoder_input_ids: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each prompt; returns prompt + new tokens [B * n, P + N] (int64), as Transformers.
 
@@ -133,6 +134,13 @@ def generate(
             start token alone.
         module: run this module instead of the cached skeleton, as in `fmodel.forward` (the
             facade passes its own module tree, so its hooks fire).
+        compile: run each one-token decode step through the compiled step
+            (`fmodel.generation.compiled_step`: exported and compiled ahead of time once per
+            model shape, dtype and batch size, kept on disk, no Python per layer); prefill,
+            logits processing, sampling and beam bookkeeping stay in Python. Same tokens as
+            eager (logits equal up to float rounding). A model or setting it cannot run
+            (`compiled_step.unsupported_reason`, `use_cache=False`, a `module` of your own, a
+            failed compile) runs eagerly with a warning saying why.
 
     Returns:
         A new int64 tensor [B * n, P + N], N <= max_new_tokens (fewer when every row stopped),
@@ -184,6 +192,8 @@ def generate(
         "min_length": min_length,
     }
     check_state(state, "generate(state)")
+    if not isinstance(compile, bool):
+        raise ArgumentTypeError(f"generate(compile) must be True or False, got {describe(compile)}")
     if module is not None and not isinstance(module, nn.Module):
         raise ArgumentTypeError(f"generate(module) must be a torch.nn.Module or None, got {describe(module)}")
     _check_callables(generator, streamer, logits_processor, stopping_criteria)
@@ -246,11 +256,33 @@ def generate(
             decoder_prompt,
         )
     else:
-        run = Run(state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria))
+        compiled = _compiled_step(state, config, rows, module) if compile else None
+        run = Run(
+            state, config, p, new, eos, pad, tuple(logits_processor), tuple(stopping_criteria), compiled
+        )
     with torch.inference_mode():
         out = run(input_ids, attention_mask, generator, streamer, module)
     out = outside_inference(out)  # normal tensors autograd can use later
     return out if config.return_dict_in_generate else out.sequences
+
+
+def _compiled_step(state: ModelState, config: GenerationConfig, rows: int, module):
+    """The compiled step for `generate(compile=True)`, or None (eager) with a warning saying why."""
+    from ..models.skeleton import skeleton
+    from .compiled_step import load_step, unsupported_reason
+
+    reason = unsupported_reason(state)
+    if reason is None and not config.use_cache:
+        reason = "use_cache=False (the compiled step runs over a KV cache)"
+    if reason is None and module is not None and module is not skeleton(state.config, state.architecture):
+        reason = "a module of your own was passed (its hooks run only eagerly)"
+    if reason is None:
+        try:
+            return load_step(state, rows, state.dtype)
+        except Exception as exc:  # export or compile failed: said, then the eager step runs
+            reason = f"compiling it failed ({type(exc).__name__}: {exc})"
+    logger.warning("generate(compile=True): decoding eagerly: %s", reason)
+    return None
 
 
 def _resolve_config(state: ModelState, given, overrides: dict[str, Any]) -> GenerationConfig:
