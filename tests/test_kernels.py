@@ -476,6 +476,37 @@ def test_second_process_loads_from_cache():
     assert "(built)" in info.stdout
 
 
+@pytest.mark.parametrize("act_int8", [False, True])
+def test_gradient_wrt_x_is_the_dequantized_weight(act_int8):
+    """x.grad = grad @ W (dequantized; straight-through for act_int8's rounding); weights get none."""
+    x, q, packed, scale, zero = int4_case(12, 70, 32, 3)
+    x8, q8, scale8, zero8 = int8_case(12, 70, 16, 3, True)
+    grad = torch.randn(3, 12)
+    cases = [
+        (x, lambda x: fk.int4_linear(x, packed, scale, zero, 32, act_int8), dequant(q, scale, zero, 32)),
+        (x8, lambda x: fk.int8_linear(x, q8, scale8, zero8, 16, act_int8), dequant(q8, scale8, zero8, 16)),
+        (x8, lambda x: fk.dense_linear(x, scale8.repeat(1, 14)[:, :70].contiguous()), None),
+    ]
+    for x0, f, w in cases:
+        xr = x0.clone().requires_grad_(True)
+        f(xr).backward(grad)
+        if w is None:
+            w = scale8.repeat(1, 14)[:, :70].double()
+        assert torch.allclose(xr.grad.double(), grad.double() @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch."""
+    x, _q, packed, scale, zero = int4_case(24, 64, 32, 3)
+    _, q8, scale8, zero8 = int8_case(24, 64, 32, 3, True)
+    for xr in (x, x.clone().requires_grad_(True)):
+        torch.library.opcheck(torch.ops.fmodel.int4_linear.default, (xr, packed, scale, zero, 32, True))
+        torch.library.opcheck(
+            torch.ops.fmodel.int8_linear.default, (xr, q8, scale8.half(), zero8.half(), 32, False)
+        )
+        torch.library.opcheck(torch.ops.fmodel.dense_linear.default, (xr, torch.randn(5, 64).bfloat16()))
+
+
 # --------------------------------------------------------------------------- torch.compile / export
 
 

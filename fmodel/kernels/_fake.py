@@ -1,6 +1,7 @@
 """Shape functions ("fake" implementations) of the fmodel ops, so that torch.compile, torch.export
 and AOTInductor can trace calls to them: each checks what the C++ op checks about shapes and
-dtypes and returns an empty float32 tensor [..., N]."""
+dtypes and returns an empty float32 tensor [..., N]. Also their gradients with respect to x
+(below), so an input that requires grad (an adapter on a quantized base) gets one."""
 
 from __future__ import annotations
 
@@ -88,4 +89,68 @@ def register() -> None:
     torch.library.register_fake("fmodel::int8_linear")(_int8_linear)
     torch.library.register_fake("fmodel::dense_linear")(_dense_linear)
     torch.library.register_fake("fmodel::quantize_act")(_quantize_act)
+    register_autograd()
     _registered = True
+
+
+# --------------------------------------------------------------------------- gradients
+# d(x @ W.T)/dx = grad @ W for the dequantized W. With act_int8 this is the straight-through
+# gradient: x's rounding to int8 is treated as the identity (its true derivative is 0 almost
+# everywhere). No gradient reaches the quantized weights, scales or zeros (they are frozen).
+
+
+def _expand(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """[N, G] per-group values -> [N, K] per column, float32."""
+    return t.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group_size: int):
+    """The float32 weight [N, K] of int4_linear's arguments (torch ops only: traceable)."""
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :k]
+    return q.to(torch.float32) * _expand(scale, k, group_size) + _expand(zero, k, group_size)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int):
+    """The float32 weight [N, K] of int8_linear's arguments."""
+    k = q.shape[1]
+    w = q.to(torch.float32) * _expand(scale, k, group_size)
+    return w if zero is None else w + _expand(zero, k, group_size)
+
+
+def _setup_int4(ctx, inputs, output):
+    x, packed, scale, zero, group_size, _ = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.k, ctx.group_size = x.shape[-1], group_size
+
+
+def _backward_int4(ctx, grad):
+    packed, scale, zero = ctx.saved_tensors
+    w = dequantize_int4(packed, scale, zero, ctx.k, ctx.group_size)
+    return grad @ w, None, None, None, None, None
+
+
+def _setup_int8(ctx, inputs, output):
+    _, q, scale, zero, group_size, _ = inputs
+    ctx.save_for_backward(q, scale, *(() if zero is None else (zero,)))
+    ctx.group_size = group_size
+
+
+def _backward_int8(ctx, grad):
+    q, scale, *zero = ctx.saved_tensors
+    w = dequantize_int8(q, scale, zero[0] if zero else None, ctx.group_size)
+    return grad @ w, None, None, None, None, None
+
+
+def _setup_dense(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_dense(ctx, grad):
+    (weight,) = ctx.saved_tensors
+    return grad @ weight.to(torch.float32), None
+
+
+def register_autograd() -> None:
+    torch.library.register_autograd("fmodel::int4_linear", _backward_int4, setup_context=_setup_int4)
+    torch.library.register_autograd("fmodel::int8_linear", _backward_int8, setup_context=_setup_int8)
+    torch.library.register_autograd("fmodel::dense_linear", _backward_dense, setup_context=_setup_dense)
