@@ -126,7 +126,7 @@ def test_save_then_transformers_reload(name, tmp_path):
     assert max_diff(run_model(model, want), want) <= ATOL
 
 
-@pytest.mark.parametrize("name", ["tf/bert-mlm", "flax/llama-lm"])
+@pytest.mark.parametrize("name", ["tf/bert-mlm", "tf/bert-mlm-sharded", "flax/llama-lm-sharded"])
 def test_convert_command(name, tmp_path, capsys):
     want = expected(name)
     assert main(["convert", str(folder_of(name)), str(tmp_path / "out")]) == 0
@@ -198,3 +198,27 @@ def test_gpt2_tf_conv1d_is_not_transposed_and_biases_are_flat():
     assert tensors["transformer.h.0.attn.c_attn.bias"].shape == (24,)  # stored (1, 24)
     flax = read_legacy_files(weight_files("flax/gpt2-lm"), "flax")
     assert flax["transformer.h.0.attn.c_attn.weight"].shape == (8, 24)  # Flax stores (out, in): transposed
+
+
+@pytest.mark.parametrize("name", ["tf/gpt2-lm-sharded", "flax/llama-lm-sharded"])
+def test_hub_id_from_the_cache(name, tmp_path, monkeypatch):
+    from .test_hub_cache import cache_repo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    want = expected(name)
+    snapshot = cache_repo(tmp_path / "cache", "org/legacy", folder_of(name), "a" * 40)
+    files = fmodel.io.resolve_checkpoint("org/legacy", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert files.format == name.split("/")[0] and files.index is not None
+    assert sorted(files.weights) == sorted(str(snapshot / Path(p).name) for p in weight_files(name))
+    flag = {"from_tf": True} if name.startswith("tf/") else {"from_flax": True}
+    cls = getattr(facade, MANIFEST[name]["architecture"])
+    model = cls.from_pretrained(
+        "org/legacy", cache_dir=tmp_path / "cache", local_files_only=True, attn_implementation="eager", **flag
+    )
+    assert max_diff(run_model(model, want), want) <= ATOL
+
+
+def test_dtype_cast_and_the_load_report():
+    state, report = fmodel.load_with_report(folder_of("tf/mistral-lm"), dtype="bfloat16")
+    assert {t.dtype for t in state.params.values()} == {torch.bfloat16}
+    assert not report.unexpected and not report.missing

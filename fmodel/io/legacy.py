@@ -94,6 +94,16 @@ def _tf_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
     return out
 
 
+def _probe(paths, fmt: str) -> None:
+    """TF files are first read in a child process (`legacy_tf.probe_h5_files`): the HDF5 library
+    can crash on a damaged file. msgpack's decoder has no such failure mode (checked by fuzzing)."""
+    if fmt == "tf":
+        require("h5py")
+        from .legacy_tf import probe_h5_files
+
+        probe_h5_files(list(paths))
+
+
 def _flax_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
     """{pytorch name: (tensor, flax key "a/b/c")} of one Flax file (whole or shard)."""
     from .legacy_flax import read_flax_msgpack
@@ -119,16 +129,18 @@ def read_legacy_files(paths, fmt: str) -> dict[str, torch.Tensor]:
         CheckpointError: a `.index` file (a TensorFlow 1 checkpoint), a tensor in two files.
         CorruptFileError, SizeLimitError, MissingDependencyError: see `read_legacy_tensors`.
     """
-    reader = _tf_file if fmt == "tf" else _flax_file
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+    paths = [os.fspath(p) for p in paths]
     for path in paths:
-        path = os.fspath(path)
         if path.endswith(".index"):
             raise CheckpointError(
                 f"{path}: a TensorFlow 1 checkpoint (model.ckpt.index), which only TensorFlow reads; "
                 "fmodel reads TF 2 files written by Transformers (tf_model.h5)"
             )
+    _probe(paths, fmt)
+    reader = _tf_file if fmt == "tf" else _flax_file
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for path in paths:
         for name, (tensor, _) in reader(path).items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two files: {origin[name]} and {path}")
@@ -184,6 +196,7 @@ def read_legacy_tensors(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         SizeLimitError: declared sizes beyond the machine's memory.
         MissingDependencyError: h5py / msgpack is not installed (`pip install fmodel[legacy]`).
     """
+    _probe(files.weights, files.format)
     reader = _tf_file if files.format == "tf" else _flax_file
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}

@@ -10,31 +10,43 @@ Two layouts, both Keras' legacy HDF5 weights format:
 - a shard: the root `layer_names` lists dataset paths, each the weight's name without its first
   level (`modeling_tf_utils.tf_shard_checkpoint` + `save_pretrained`).
 
-Only data is read: the two name attributes (which must be lists of strings) and numeric
-datasets. Every other attribute (Keras' `model_config`, `training_config`, anything pickled) is
-never looked at, nothing is unpickled or evaluated, and h5py is never asked to follow a link:
-each path component must be a hard link inside the file (external links, soft links, external
-raw-data files and virtual datasets are refused, so a file cannot make fmodel read another
-file). A contiguous uncompressed dataset is memory-mapped copy-on-write (no RAM until
-touched); a chunked or compressed one is read, after its declared size has been checked
+Only data is read (`_h5_walk`): the two name attributes (which must be lists of strings) and
+numeric datasets. Every other attribute (Keras' `model_config`, `training_config`, anything
+pickled) is never looked at, nothing is unpickled or evaluated, and h5py is never asked to
+follow a link: each path component must be a hard link inside the file (external links, soft
+links, external raw-data files and virtual datasets are refused, so a file cannot make fmodel
+read another file). A contiguous uncompressed dataset is memory-mapped copy-on-write (no RAM
+until touched); a chunked or compressed one is read, after its declared size has been checked
 against the machine's memory.
+
+The HDF5 C library can crash the interpreter on a damaged file (a segmentation fault, which no
+`except` catches), so `probe_h5_files` first runs the same reading in a child process, once per
+checkpoint; a child killed by a signal or still running after `PROBE_TIMEOUT_S` makes the file
+a `CorruptFileError`, and this process never opens it.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from .._limits import check_allocation
+from .._limits import check_allocation, device_memory_bytes
 from ..errors import CorruptFileError, FModelError
 
-__all__ = ["read_tf_h5"]
+__all__ = ["PROBE_TIMEOUT_S", "probe_h5_files", "read_tf_h5"]
 
-_MAX_NDIM = 8
-_NAME_ATTRS_MAX = 1_000_000  # names in one attribute list: far above any real model
+logger = logging.getLogger("fmodel")
+
+PROBE_TIMEOUT_S = 300
+_WALK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_h5_walk.py")
+# argv: [script, limit, files...]; the current directory is dropped from sys.path first
+_PROBE = "import runpy, sys; sys.path.pop(0); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def _h5py():
@@ -43,107 +55,81 @@ def _h5py():
     return require("h5py")
 
 
-def _names(path: str, node, attr: str) -> list[str]:
-    """Keras' `load_attributes_from_hdf5_group`: the attribute `attr`, or its chunks
-    `attr0`, `attr1`, ...; each must be a 1-D array of (UTF-8) strings."""
-    attrs = node.attrs
-    keys = [attr] if attr in attrs else []
-    if not keys:
-        index = 0
-        while f"{attr}{index}" in attrs and index < _NAME_ATTRS_MAX:
-            keys.append(f"{attr}{index}")
-            index += 1
-    if not keys:
-        raise CorruptFileError(
-            f"{path}: {node.name!r} has no {attr!r} attribute; not a Keras / Transformers TF weights file"
+def _run_probe(paths: Sequence[str]) -> int | None:
+    """The child's exit status (negative: killed by that signal); None when no child could be
+    started (logged)."""
+    limit = device_memory_bytes() or 0
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, _WALK, str(limit), *paths],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
         )
-    names: list[str] = []
-    for key in keys:
-        value = attrs[key]
-        if isinstance(value, np.ndarray) and value.shape == (0,):
-            continue  # a layer without weights: Keras writes an empty (float) array
-        if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "OSU":
-            raise CorruptFileError(
-                f"{path}: attribute {attr!r} of {node.name!r} is {type(value).__name__}"
-                f"{'' if not isinstance(value, np.ndarray) else f' of dtype {value.dtype}'}; expected a list of names"
-            )
-        for item in value.tolist():
-            if isinstance(item, bytes):
-                try:
-                    item = item.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise CorruptFileError(
-                        f"{path}: a name in {attr!r} of {node.name!r} is not UTF-8"
-                    ) from None
-            if not isinstance(item, str) or not item or "\x00" in item:
-                raise CorruptFileError(
-                    f"{path}: attribute {attr!r} of {node.name!r} holds {item!r}; expected non-empty names"
-                )
-            names.append(item)
-    return names
-
-
-def _walk(h5py, path: str, root, name: str):
-    """The object at `name` under `root`, each component checked to be a hard link (never
-    following a soft or external link)."""
-    node = root
-    for part in name.split("/"):
-        if not part or part in (".", ".."):
-            raise CorruptFileError(f"{path}: bad object path {name!r}")
-        if not isinstance(node, h5py.Group):
-            raise CorruptFileError(f"{path}: {node.name!r} is not a group, but {name!r} goes through it")
-        link = node.get(part, default=None, getlink=True)
-        if link is None:
-            raise CorruptFileError(
-                f"{path}: {name!r} is listed but the file has no {part!r} in {node.name!r}"
-            )
-        if not isinstance(link, h5py.HardLink):
-            raise CorruptFileError(
-                f"{path}: {node.name}/{part} is a {type(link).__name__}; fmodel reads only objects stored in the "
-                f"file itself (no soft or external links)"
-            )
-        node = node[part]
-    return node
-
-
-def _tensor(h5py, path: str, dataset, name: str, size: int) -> torch.Tensor:
-    if not isinstance(dataset, h5py.Dataset):
-        raise CorruptFileError(f"{path}: {name!r} is a {type(dataset).__name__}, expected a dataset")
-    dtype = dataset.dtype
-    if dtype.fields is not None or dtype.kind not in "fiub" or dtype.subdtype is not None:
-        raise CorruptFileError(f"{path}: dataset {name!r} has dtype {dtype}; expected a plain numeric array")
-    if dataset.external:
+    except subprocess.TimeoutExpired:
         raise CorruptFileError(
-            f"{path}: dataset {name!r} keeps its data in other files {dataset.external!r}; refused"
+            f"{', '.join(paths)}: the HDF5 library was still reading the file's structure after "
+            f"{PROBE_TIMEOUT_S} s (a damaged file can make it loop); refused"
+        ) from None
+    except OSError as exc:
+        logger.warning(
+            "could not start a child process to check %s before reading it (%s); reading it here",
+            ", ".join(paths),
+            exc,
         )
-    if dataset.is_virtual:
-        raise CorruptFileError(
-            f"{path}: dataset {name!r} is a virtual dataset (data from other files); refused"
-        )
-    shape = tuple(int(d) for d in dataset.shape) if dataset.shape is not None else None
-    if shape is None or len(shape) > _MAX_NDIM:
-        raise CorruptFileError(f"{path}: dataset {name!r} has shape {dataset.shape}; expected an array")
-    nbytes = math.prod(shape) * dtype.itemsize
-    check_allocation(nbytes, what=f"{path}: dataset {name!r} of shape {list(shape)}")
-    native = dtype.newbyteorder("=")
-    offset = dataset.id.get_offset() if dataset.chunks is None else None
-    if (
-        offset is not None
-        and nbytes > 0
-        and dataset.compression is None
-        and dtype.byteorder in ("=", "|", "<" if np.little_endian else ">")
-    ):
-        if offset + nbytes > size:
-            raise CorruptFileError(
-                f"{path}: dataset {name!r} ({nbytes} bytes at offset {offset}) runs past the end of the file "
-                f"({size} bytes): truncated?"
-            )
-        array = np.memmap(path, dtype=native, mode="c", offset=offset, shape=shape)  # copy-on-write
-    else:
-        array = np.empty(shape, dtype=native)
-        if nbytes > 0:
-            dataset.read_direct(array)
-    return torch.from_numpy(array)
+        return None
+    return done.returncode
+
+
+# Files whose probe passed, by identity: the same inode, size, mtime and ctime (a rewrite changes
+# ctime, which no user can set back) are the same bytes, read again without a child.
+_PROBED: set[tuple] = set()
+_PROBED_MAX = 4096
+
+
+def _identity(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def probe_h5_files(paths: Sequence[str]) -> None:
+    """Read `paths` as `read_tf_h5` does, in a child process, so that a file which crashes the
+    HDF5 library is refused instead of killing this process. A child that fails with a Python
+    error is fine: reading here then raises that error with its message. A file that passed
+    and is unchanged since (same inode, size, mtime and ctime) is not probed again.
+
+    Raises:
+        CorruptFileError: the child died of a signal (the file is named: with several files,
+            each is probed alone to find it) or ran past `PROBE_TIMEOUT_S`.
+    """
+    paths = [os.fspath(p) for p in paths]
+    keys = {p: _identity(p) for p in paths}
+    todo = [p for p in paths if keys[p] is None or keys[p] not in _PROBED]
+    if not todo:
+        return
+    status = _run_probe(todo)
+    if status is None:
+        return
+    if status >= 0:
+        _PROBED.update(k for p in todo if (k := keys[p]) is not None)
+        while len(_PROBED) > _PROBED_MAX:
+            _PROBED.pop()
+        return
+    paths = todo
+    bad = [p for p in paths if (_run_probe([p]) or 0) < 0] if len(paths) > 1 else paths
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    raise CorruptFileError(
+        f"{', '.join(bad or paths)}: the HDF5 library crashed reading this file ({name} in a child process); "
+        f"it is damaged or not an HDF5 file written by Keras / Transformers"
+    )
 
 
 def read_tf_h5(path: str) -> list[tuple[str, str, torch.Tensor]]:
@@ -151,31 +137,24 @@ def read_tf_h5(path: str) -> list[tuple[str, str, torch.Tensor]]:
 
     A whole file gives each weight under its full name (`tf_bert_model/bert/...:0`); a shard
     gives its dataset paths as stored (the name without its first level: `legacy_names.
-    tf_full_name` puts one back for the converter).
+    tf_full_name` puts one back for the converter). Call `probe_h5_files` first on files that
+    may be damaged (`fmodel.io.legacy` does).
 
     Raises:
-        CorruptFileError: not an HDF5 file, truncated, no `layer_names`,
-            listed objects missing or not numeric datasets, links out of the file.
+        CorruptFileError: not an HDF5 file, truncated, no `layer_names`, listed objects missing
+            or not numeric datasets, links out of the file.
         SizeLimitError: a dataset declares more bytes than the machine has.
         MissingDependencyError: h5py is not installed.
     """
-    h5py = _h5py()
-    size = os.path.getsize(path)
+    _h5py()
+    from ._h5_walk import H5Refused, walk
+
     try:
-        with h5py.File(path, "r") as f:
-            out = []
-            layers = _names(path, f, "layer_names")
-            for layer in layers:
-                node = _walk(h5py, path, f, layer)
-                if isinstance(node, h5py.Dataset):  # a shard: the layer name is the dataset path
-                    out.append((layer, layer, _tensor(h5py, path, node, layer, size)))
-                    continue
-                for weight in _names(path, node, "weight_names"):
-                    dataset = _walk(h5py, path, node, weight)
-                    out.append((weight, f"{layer}/{weight}", _tensor(h5py, path, dataset, weight, size)))
-            return out
+        found = walk(path, os.path.getsize(path), lambda nbytes, what: check_allocation(nbytes, what=what))
     except FModelError:
         raise
+    except H5Refused as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
         raise CorruptFileError(
             f"{path}: not a readable TF weights (HDF5) file ({type(exc).__name__}: {exc})"
@@ -186,3 +165,4 @@ def read_tf_h5(path: str) -> list[tuple[str, str, torch.Tensor]]:
         raise CorruptFileError(
             f"{path}: not a readable TF weights (HDF5) file ({type(exc).__name__}: {exc})"
         ) from None
+    return [(full, dataset, torch.from_numpy(array)) for full, dataset, array in found]
