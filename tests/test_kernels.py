@@ -446,6 +446,20 @@ def test_failed_build_raises_named_error(monkeypatch, tmp_path):
     assert fk.available() is False and "building the extension" in _build.load_error()
 
 
+def test_damaged_library_raises_named_error(monkeypatch, tmp_path):
+    """A cached library that cannot be loaded: KernelBuildError naming the file."""
+    state: dict = {}
+    monkeypatch.setattr(_build, "_state", state)
+    monkeypatch.setattr(fk, "_state", state)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = _build.extension_name()
+    (tmp_path / name).mkdir()
+    (tmp_path / name / f"{name}.so").write_bytes(b"not a shared library")
+    (tmp_path / name / "fmodel-ready").write_text(name)
+    with pytest.raises(KernelBuildError, match=r"loading .* failed"):
+        fk.build()
+
+
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 def test_portable_build_compiles_without_avx512(tmp_path):
     """The kernels' half of the extension compiles for a baseline x86-64 / any CPU (no AVX-512:

@@ -101,13 +101,16 @@ def _build_and_load() -> str:
     library = directory / f"{name}.so"
     ready = directory / "fmodel-ready"  # written after a complete build: the .so is whole
     if ready.exists() and library.exists():
-        torch.ops.load_library(str(library))
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError) as exc:  # a damaged file: say so (delete the directory to rebuild)
+            raise KernelBuildError(f"fmodel.kernels: loading {library} failed: {exc}") from exc
         return str(library)
     from torch.utils import cpp_extension  # 0.3 s to import: only when building
 
-    directory.mkdir(parents=True, exist_ok=True)
     logger.info("fmodel.kernels: compiling the CPU kernels into %s (once per machine)", directory)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=name,
             sources=[str(CSRC / s) for s in SOURCES],
@@ -122,7 +125,12 @@ def _build_and_load() -> str:
         raise KernelBuildError(
             f"fmodel.kernels: building the extension in {directory} failed: {exc}"
         ) from exc
-    ready.write_text(name + "\n", encoding="utf-8")
+    try:
+        ready.write_text(name + "\n", encoding="utf-8")
+    except OSError as exc:  # loaded; only the next process's quick path is lost
+        logger.warning(
+            "fmodel.kernels: could not mark %s as built (%s): each process will run ninja", directory, exc
+        )
     return str(library)
 
 
