@@ -222,3 +222,20 @@ def test_dtype_cast_and_the_load_report():
     state, report = fmodel.load_with_report(folder_of("tf/mistral-lm"), dtype="bfloat16")
     assert {t.dtype for t in state.params.values()} == {torch.bfloat16}
     assert not report.unexpected and not report.missing
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("tf/bert-mlm", "tf"),
+        ("tf/gpt2-lm-sharded", "tf"),
+        ("flax/llama-lm-sharded", "flax"),
+        ("tf/bert-mlm-safetensors", "tf-safetensors"),
+        ("tf/gpt2-lm-safetensors-sharded", "tf-safetensors"),
+        ("flax/gpt2-lm-safetensors", "flax-safetensors"),
+    ],
+)
+def test_resolved_format(name, kind):
+    """Safetensors written by TF / Flax `save_pretrained(safe_serialization=True)` keep TF /
+    Flax names; their metadata (`format: tf / flax`) routes them to the same converters."""
+    assert fmodel.io.resolve_checkpoint(folder_of(name)).format == kind

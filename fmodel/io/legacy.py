@@ -42,13 +42,14 @@ __all__ = [
     "read_legacy_files",
     "read_legacy_tensors",
     "require",
+    "safetensors_format",
 ]
 
 TF_SINGLE = "tf_model.h5"
 TF_INDEX = "tf_model.h5.index.json"
 FLAX_SINGLE = "flax_model.msgpack"
 FLAX_INDEX = "flax_model.msgpack.index.json"
-LEGACY_FORMATS = ("tf", "flax")
+LEGACY_FORMATS = ("tf", "flax", "tf-safetensors", "flax-safetensors")
 logger = logging.getLogger("fmodel")
 _PACKAGES = {
     "h5py": "TensorFlow checkpoints (tf_model.h5)",
@@ -67,14 +68,13 @@ def require(package: str):
         ) from None
 
 
-def _tf_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
-    """{pytorch name: (tensor, dataset path)} of one TF file (whole or shard)."""
-    from .legacy_tf import read_tf_h5
-
+def _convert_tf(path: str, items) -> dict[str, tuple[torch.Tensor, str]]:
+    """{pytorch name: (tensor, stored name)} of `(full TF name, stored name, tensor)` items."""
     out: dict[str, tuple[torch.Tensor, str]] = {}
-    for full, dataset, tensor in read_tf_h5(path):
-        # a whole file lists full names (`<layer>/<full name>` is the dataset); a shard stores
-        # each weight at its name without the first level, which the converter expects
+    for full, dataset, tensor in items:
+        # a whole h5 file lists full names (`<layer>/<full name>` is the dataset); a shard (and a
+        # TF safetensors file) stores each weight at its name without the first level, which
+        # the converter expects
         source = full if dataset != full else tf_full_name(full)
         try:
             pt_name, transpose = tf_to_pt_name(source, tensor.ndim)
@@ -94,6 +94,21 @@ def _tf_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
     return out
 
 
+def _tf_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """{pytorch name: (tensor, dataset path)} of one TF h5 file (whole or shard)."""
+    from .legacy_tf import read_tf_h5
+
+    return _convert_tf(path, read_tf_h5(path))
+
+
+def _tf_safetensors(path: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """A safetensors file written by TF `save_pretrained(safe_serialization=True)`: the names
+    of a TF shard (`bert/embeddings/word_embeddings/weight:0`)."""
+    from .read import read_weight_file
+
+    return _convert_tf(path, [(name, name, t) for name, t in read_weight_file(path).items()])
+
+
 def _probe(paths, fmt: str) -> None:
     """TF files are first read in a child process (`legacy_tf.probe_h5_files`): the HDF5 library
     can crash on a damaged file. msgpack's decoder has no such failure mode (checked by fuzzing)."""
@@ -104,20 +119,56 @@ def _probe(paths, fmt: str) -> None:
         probe_h5_files(list(paths))
 
 
-def _flax_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
-    """{pytorch name: (tensor, flax key "a/b/c")} of one Flax file (whole or shard)."""
-    from .legacy_flax import read_flax_msgpack
-
-    flat = read_flax_msgpack(path)
+def _convert_flax(path: str, flat: dict[tuple[str, ...], torch.Tensor], sep: str):
     # Transformers drops the collection level only when the state has batch statistics.
     collections = {key[0] for key in flat} & {"batch_stats"}
     out: dict[str, tuple[torch.Tensor, str]] = {}
     for key, tensor in flat.items():
         pt_name, transpose = flax_to_pt_name(key[1:] if collections else key, tensor.ndim)
         if pt_name in out:
-            raise CorruptFileError(f"{path}: {'/'.join(key)!r} and {out[pt_name][1]!r} are both {pt_name!r}")
-        out[pt_name] = (fit_flax_tensor(tensor, transpose), "/".join(key))
+            raise CorruptFileError(f"{path}: {sep.join(key)!r} and {out[pt_name][1]!r} are both {pt_name!r}")
+        out[pt_name] = (fit_flax_tensor(tensor, transpose), sep.join(key))
     return out
+
+
+def _flax_file(path: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """{pytorch name: (tensor, flax key "a/b/c")} of one Flax msgpack file (whole or shard)."""
+    from .legacy_flax import read_flax_msgpack
+
+    return _convert_flax(path, read_flax_msgpack(path), "/")
+
+
+def _flax_safetensors(path: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """A safetensors file written by Flax `save_pretrained(safe_serialization=True)`: the
+    flattened Flax keys joined by "." (`bert.embeddings.LayerNorm.scale`)."""
+    from .read import read_weight_file
+
+    flat = {tuple(name.split(".")): t for name, t in read_weight_file(path).items()}
+    return _convert_flax(path, flat, ".")
+
+
+_READERS = {
+    "tf": _tf_file,
+    "flax": _flax_file,
+    "tf-safetensors": _tf_safetensors,
+    "flax-safetensors": _flax_safetensors,
+}
+
+
+def safetensors_format(path: str) -> str:
+    """ "tf-safetensors" / "flax-safetensors" for a safetensors file that TF / Flax
+    `save_pretrained(safe_serialization=True)` wrote (its metadata says `format: tf / flax`; the
+    names are then TF's or Flax's), else "safetensors"."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # the safetensors reader names the problem when it reads the file
+        logger.debug("%s: header not read for its format (%s: %s)", path, type(exc).__name__, exc)
+        return "safetensors"
+    kind = metadata.get("format")
+    return f"{kind}-safetensors" if kind in ("tf", "flax") else "safetensors"
 
 
 def read_legacy_files(paths, fmt: str) -> dict[str, torch.Tensor]:
@@ -137,7 +188,7 @@ def read_legacy_files(paths, fmt: str) -> dict[str, torch.Tensor]:
                 "fmodel reads TF 2 files written by Transformers (tf_model.h5)"
             )
     _probe(paths, fmt)
-    reader = _tf_file if fmt == "tf" else _flax_file
+    reader = _READERS[fmt]
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for path in paths:
@@ -151,18 +202,27 @@ def read_legacy_files(paths, fmt: str) -> dict[str, torch.Tensor]:
 
 def check_requested_format(source: str, fmt: str) -> None:
     """`from_pretrained(..., from_tf=True)` / `from_flax=True` on a local folder: the folder must
-    hold such weights, as Transformers requires (a hub id is resolved as usual). When it also
-    holds safetensors or pickle weights, those are read (safetensors stays preferred) and this
-    is logged.
+    hold such weights (tf_model.h5 / flax_model.msgpack, their shards, or a safetensors file that
+    TF / Flax wrote), as Transformers requires; a hub id is resolved as usual. When the folder also
+    holds PyTorch safetensors or pickle weights, those are read (safetensors stays preferred) and
+    this is logged.
 
     Raises:
-        CheckpointError: the folder holds no file of that format (a TensorFlow 1 `model.ckpt.index`
-            is named as such: only TensorFlow reads it).
+        CheckpointError: the folder holds no weights of that format (a TensorFlow 1
+            `model.ckpt.index` is named as such: only TensorFlow reads it).
     """
     if not os.path.isdir(source):
         return
+    from .resolve import resolve_checkpoint
+
     single, index = (TF_SINGLE, TF_INDEX) if fmt == "tf" else (FLAX_SINGLE, FLAX_INDEX)
     flag = "from_tf" if fmt == "tf" else "from_flax"
+    try:
+        found = resolve_checkpoint(source, require_config=False).format
+    except CheckpointError:
+        found = None  # no weights at all: said below, or by the load itself
+    if found in (fmt, f"{fmt}-safetensors"):
+        return
     if not any(os.path.isfile(os.path.join(source, name)) for name in (single, index)):
         tf1 = fmt == "tf" and os.path.isfile(os.path.join(source, "model.ckpt.index"))
         raise CheckpointError(
@@ -173,17 +233,15 @@ def check_requested_format(source: str, fmt: str) -> None:
                 else ""
             )
         )
-    others = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                          "pytorch_model.bin.index.json") if os.path.isfile(os.path.join(source, n))]  # fmt: skip
-    if others:
-        logger.info(
-            "%s: %s=True, and the folder also holds %s, which is read instead", source, flag, others[0]
-        )
+    logger.info(
+        "%s: %s=True, and the folder also holds %s weights, which are read instead", source, flag, found
+    )
 
 
 def read_legacy_tensors(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a TF or Flax checkpoint (`CheckpointFiles` of format "tf" / "flax") under
-    their PyTorch names, and for each the file it came from.
+    """All tensors of a TF or Flax checkpoint (`CheckpointFiles` of format "tf" / "flax", or
+    "tf-safetensors" / "flax-safetensors": safetensors files that TF / Flax `save_pretrained`
+    wrote with their own names) under their PyTorch names, and for each the file it came from.
 
     A sharded checkpoint's index must agree with its shards exactly, as for safetensors: every
     weight it lists is in the shard it names, every stored weight is listed, no weight is in two
@@ -197,7 +255,7 @@ def read_legacy_tensors(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         MissingDependencyError: h5py / msgpack is not installed (`pip install fmodel[legacy]`).
     """
     _probe(files.weights, files.format)
-    reader = _tf_file if files.format == "tf" else _flax_file
+    reader = _READERS[files.format]
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     stored: dict[str, str] = {}  # stored name (shard dataset path / flax key) -> shard path
@@ -216,7 +274,7 @@ def read_legacy_tensors(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def _check_index(files, weight_map: dict[str, str], stored: dict[str, str]) -> None:
     """The index's names (full TF names / Flax keys "a/b/c") against what the shards hold."""
     listed = {
-        (tf_shard_dataset_name(name) if files.format == "tf" else name): shard
+        (tf_shard_dataset_name(name) if files.format.startswith("tf") else name): shard
         for name, shard in weight_map.items()
     }
     absent = sorted(set(listed) - set(stored))

@@ -109,7 +109,7 @@ def read_tensors(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[
             with its shards (tensors no shard holds, tensors in another shard than listed,
             shard tensors the index does not list), each named.
     """
-    if files.format in ("tf", "flax"):  # TensorFlow / Flax files, renamed as Transformers does
+    if files.format in ("tf", "flax", "tf-safetensors", "flax-safetensors"):  # fmodel.io.legacy
         from .legacy import read_legacy_tensors
 
         return read_legacy_tensors(files)

@@ -55,7 +55,8 @@ class CheckpointFiles:
         config: path of config.json (None when the caller brought its own config).
         weights: weight files, in shard order.
         index: path of the shard index, if sharded.
-        format: "safetensors", "pickle", "tf" (tf_model.h5) or "flax" (flax_model.msgpack).
+        format: "safetensors", "pickle", "tf" (tf_model.h5), "flax" (flax_model.msgpack), or
+            "tf-safetensors" / "flax-safetensors" (safetensors written by TF / Flax, their names).
         folder: the folder holding the files (a hub snapshot folder for repo ids).
     """
 
@@ -81,11 +82,21 @@ def _local(folder: str, variant: str | None = None, require_config: bool = True)
             missing = [s for s in shards if not os.path.isfile(s)]
             if missing:
                 raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
-            return CheckpointFiles(folder, config, tuple(shards), index, fmt, folder)
+            return CheckpointFiles(folder, config, tuple(shards), index, _refine(fmt, shards), folder)
         path = os.path.join(folder, single)
         if os.path.isfile(path):
-            return CheckpointFiles(folder, config, (path,), None, fmt, folder)
+            return CheckpointFiles(folder, config, (path,), None, _refine(fmt, [path]), folder)
     raise CheckpointError(f"{folder}: no weights found; expected {_expected(candidates)}")
+
+
+def _refine(fmt: str, weights) -> str:
+    """A safetensors checkpoint that TF / Flax `save_pretrained` wrote keeps TF / Flax names
+    (its metadata says so): "tf-safetensors" / "flax-safetensors", read by fmodel.io.legacy."""
+    if fmt != "safetensors" or not weights or not os.path.isfile(weights[0]):
+        return fmt
+    from .legacy import safetensors_format
+
+    return safetensors_format(weights[0])
 
 
 def _expected(candidates: tuple[tuple[str, str, str], ...]) -> str:
@@ -121,11 +132,13 @@ def _hub(
                     )
                 shards.append(path)
             return CheckpointFiles(
-                repo_id, config, tuple(shards), index, fmt, folder or os.path.dirname(index)
+                repo_id, config, tuple(shards), index, _refine(fmt, shards), folder or os.path.dirname(index)
             )
         path = hub.fetch(single)
         if path is not None:
-            return CheckpointFiles(repo_id, config, (path,), None, fmt, folder or os.path.dirname(path))
+            return CheckpointFiles(
+                repo_id, config, (path,), None, _refine(fmt, [path]), folder or os.path.dirname(path)
+            )
     raise CheckpointError(
         f"{repo_id}: no weights found; expected {_expected(candidates)}{hub.missing_reason()}"
     )
