@@ -51,7 +51,7 @@ medians. Both libraries always run with the same `torch.set_num_threads`.
    subprocess, the chat demo's answer and top-1 agreement with float32 over a 256-token probe,
    for fmodel float32 / bfloat16 / int8 / int4 / the GGUF loaded with quantized=True (and its
    +act8 / +compile options where fmodel has them), llama.cpp F32 / F16 / Q8_0 / the file's
-   own Q4_1, Transformers float32 / bfloat16; each ratio beside the bandwidth ceiling, with
+   own Q4_1, Transformers float32 (and bfloat16 on request); each ratio beside the bandwidth ceiling, with
    issue 15's targets. `--engines-only` runs just this section (about 6 minutes on 2 cores).
    decode.py's own section (`--decode-variants`, fmodel vs Transformers only, issue 6's
    targets) is off by default: the engines section times the same variants against
@@ -973,7 +973,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="F32,F16,Q8_0,Q4_1",
         help="of F32,F16,BF16,Q8_0,Q4_0,Q4_1: the file's own type runs the file, others a cached conversion",
     )
-    engines.add_argument("--transformers-variants", default="float32,bfloat16", help="of float32,bfloat16")
+    engines.add_argument(
+        "--transformers-variants",
+        default="float32",
+        help="of float32,bfloat16 (default float32: bfloat16 decodes slowly and adds ~1 min per thread count)",
+    )
     engines.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS subprocesses")
     engines.add_argument(
         "--no-quality", action="store_true", help="skip the chat answers and the top-1 probe"

@@ -33,13 +33,14 @@ rounds of the two speeds' ratio in the same round (other processes' load comes a
 torch.set_num_threads and llama.cpp's n_threads are set to the same count. The CPU time other
 processes used meanwhile (from /proc/stat, less this process's) is printed as the noise.
 
-Quality (fmodel and llama.cpp variants): the probe is a fixed chat prompt and fmodel float32's
-greedy continuation of it (`PROBE_TOKENS` tokens, no EOS stop; fmodel float32 = Transformers
-float32). Each variant decodes it teacher-forced through its own decode path (prefill of the
-prompt, then one step per token: a logits processor in fmodel.generate records the argmax
-and forces the continuation's token; llama.cpp the same with llama_decode), so kernels that
-differ between one token and many (activation quantization) are the ones measured; the
-agreement is the fraction of steps whose argmax is the continuation's token. Targets for
+Quality (fmodel and llama.cpp variants): the probe is fmodel float32's greedy answers to fixed
+chat questions (`PROBE_QUESTIONS`, the demo's first; each answer to its EOS or
+`PROBE_ANSWER_TOKENS`, `PROBE_TOKENS` tokens in all; fmodel float32 = Transformers float32).
+Each variant decodes every answer teacher-forced through its own decode path (prefill of the
+question, then one step per token: a logits processor in fmodel.generate records the argmax
+and forces the answer's token; llama.cpp the same with llama_decode), so kernels that differ
+between one token and many (activation quantization) are the ones measured; the agreement is
+the fraction of steps whose argmax is the answer's token. Targets for
 quantized variants: agreement >= 0.95 and the chat demo's greedy answer to "What is the capital of
 France?" is "The capital of France is Paris.". RSS target for fmodel's GGUF-loaded variants:
 peak <= torch's baseline (RSS after `import torch`) + 1.10 x the file's size.
@@ -69,7 +70,28 @@ PROBE_TOKENS = 256
 CHAT_QUESTION = "What is the capital of France?"
 CHAT_ANSWER = "The capital of France is Paris."
 CHAT_NEW_TOKENS = 32
-PROBE_QUESTION = "Write a long essay about the history of lighthouses and the people who kept them."
+# The probe: float32's greedy answers to these chat questions (each to its EOS, at most
+# PROBE_ANSWER_TOKENS), PROBE_TOKENS answer tokens in all. One long continuation of a single
+# prompt loops on a 135M model, and a loop is trivially easy to predict once forced.
+PROBE_QUESTIONS = (
+    CHAT_QUESTION,
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short poem about the sea.",
+    "What are the main causes of the French Revolution?",
+    "Give me three tips for learning to play the guitar.",
+    "How do vaccines train the immune system?",
+    "Describe the water cycle in simple words.",
+    "Write a Python function that reverses a string.",
+    "What is the difference between weather and climate?",
+    "Summarize the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+    "Suggest a healthy breakfast for a busy morning.",
+    "How does a bicycle stay upright?",
+    "What should I pack for a weekend hiking trip?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "What is photosynthesis?",
+)
+PROBE_ANSWER_TOKENS = 48
 N_CTX = 512  # llama.cpp's context: holds the probe, the chat and prompt + new tokens
 RSS_NEW_TOKENS = 16
 WARMUP_TOKENS = 8  # new tokens of the untimed decode call before the rounds
@@ -84,7 +106,7 @@ TRANSFORMERS_TARGETS = {"float32": 2.5, "bfloat16": 2.5, "int8": 6.0}  # issue 6
 FMODEL_VARIANTS = ("float32", "bfloat16", "int8", "int4", "gguf")
 FMODEL_OPTIONAL = ("gguf+act8", "gguf+compile")  # added to the defaults where fmodel offers them
 LLAMA_VARIANTS = ("F32", "F16", "Q8_0", "Q4_1")
-TRANSFORMERS_VARIANTS = ("float32", "bfloat16")
+TRANSFORMERS_VARIANTS = ("float32", "bfloat16")  # compare.py's default runs float32 only (time)
 PEERS = {"float32": "F32", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_1", "gguf": "Q4_1"}
 PEER_TARGETS = {"float32", "bfloat16", "gguf"}  # bases with issue 15's decode target
 SUFFIXES = ("act8", "compile")
@@ -524,7 +546,11 @@ def build_engines(
             skipped[key("llama.cpp", label)] = missing
     else:
         source_type = gguf_type(gguf) if selection.llama else ""
+        broken = llama_cpp_peer.batch_check(gguf) if selection.llama else None
         for label in selection.llama:
+            if broken:
+                skipped[key("llama.cpp", label)] = broken
+                continue
             start = time.perf_counter()
             path = llama_file(label, gguf, source_type)
             engines.append(LlamaEngine(label, path, selection.threads[0]))
@@ -583,7 +609,8 @@ class EnginesReport:
     skipped: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # llama.cpp variant -> file
     llama_info: str = ""
-    probe_text: str = ""  # the float32 continuation the agreement is measured on
+    probe_text: list[str] = field(default_factory=list)  # the float32 answers the agreement is measured on
+    probe_reference: str = ""  # the variant that made it
     seconds: float = 0.0
 
 
@@ -649,13 +676,34 @@ def measure_quality(
     if reference is None:
         report.skipped["top-1 agreement"] = "needs fmodel float32 or transformers float32 as the reference"
         return
-    prompt = _chat_ids(tokenizer, PROBE_QUESTION)
-    continuation = reference.greedy(prompt, PROBE_TOKENS)  # no EOS: PROBE_TOKENS tokens
-    report.probe_text = tokenizer.decode(continuation)
+    segments = probe_segments(reference, tokenizer)
+    report.probe_text = [tokenizer.decode(answer) for _, answer in segments]
+    report.probe_reference = reference.key
+    reference_tokens = [t for _, answer in segments for t in answer]
     for engine in checked:
+        if engine is reference:
+            continue  # its forced argmax is its greedy continuation: 1.0 by construction
         start = time.perf_counter()
-        report.agreement[engine.key] = top1_agreement(engine.forced(prompt, continuation), continuation)
+        predicted = [t for prompt, answer in segments for t in engine.forced(prompt, answer)]
+        report.agreement[engine.key] = top1_agreement(predicted, reference_tokens)
         log(f"  {engine.key}: top-1 {report.agreement[engine.key]:.3f} ({time.perf_counter() - start:.1f} s)")
+
+
+def probe_segments(reference: Engine, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """(prompt, float32 greedy answer) per probe question, the answers `PROBE_TOKENS` tokens in
+    all (each to its EOS, which counts, or PROBE_ANSWER_TOKENS; the last one cut to fit)."""
+    segments = []
+    left = PROBE_TOKENS
+    for question in PROBE_QUESTIONS:
+        prompt = _chat_ids(tokenizer, question)
+        answer = reference.greedy(prompt, min(PROBE_ANSWER_TOKENS, left), tokenizer.eos_token_ids)
+        segments.append((prompt, answer))
+        left -= len(answer)
+        if left == 0:
+            return segments
+    raise RuntimeError(
+        f"the probe questions gave {PROBE_TOKENS - left} answer tokens, fewer than {PROBE_TOKENS}"
+    )
 
 
 def _chat_ids(tokenizer: Any, question: str) -> list[int]:
@@ -922,7 +970,9 @@ def quality_table(report: EnginesReport) -> tuple[str, list[Check]]:
             cells += [""] * 5
         quantized = _is_quantized(name)
         agreement = report.agreement.get(name)
-        if agreement is None:
+        if name == report.probe_reference:
+            cells += ["ref", ""]
+        elif agreement is None:
             cells += ["", ""]
         else:
             ok = agreement >= AGREEMENT_TARGET if quantized else None
@@ -1025,6 +1075,7 @@ def json_payload(report: EnginesReport, checks: Sequence[Check]) -> dict[str, An
         "agreement": report.agreement,
         "answers": report.answers,
         "probe_text": report.probe_text,
+        "probe_reference": report.probe_reference,
         "rss": report.rss,
         "skipped": report.skipped,
         "checks": [c.__dict__ for c in checks],

@@ -1,10 +1,21 @@
 """llama.cpp as a peer engine for the benchmarks, through llama-cpp-python's low-level binding.
 
 llama-cpp-python is optional (compare.py runs without it and says so). It builds llama.cpp from
-the sdist's vendored sources; the one command (a native build for this CPU, the multimodal
-library left out):
+the sdist's vendored sources; the one command (a native build for this CPU without AMX, the
+multimodal library left out; ~6 min on 2 idle cores, 12 min on busy ones):
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+    CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+    pip install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+Why no AMX: on the Xeon this was measured on (AVX-512 + AMX, a Firecracker VM), a native build
+enables ggml's AMX matrix products, and `llama_decode` of a batch of Q8_0 or Q4_1 weights dies
+in `ggml_backend_amx_mul_mat` (SIGSEGV; llama.cpp's own llama-bench built the same way dies of
+SIGILL on prompt processing), while AMX itself works there (a tile dot product after
+`arch_prctl(ARCH_REQ_XCOMP_PERM)` gives the right sum). Without it llama.cpp uses its AVX-512
+VNNI kernels, the ones the issue's AMD EPYC (no AMX) ran. `--no-cache-dir` keeps pip from
+reusing a wheel built before with other flags. `batch_check(path)` finds such a crashing build
+before a benchmark runs into it.
 
 What this module gives the benchmarks:
 - `missing_reason()`: None when `llama_cpp` imports, else why not and the command above.
@@ -29,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 VERSION = "0.3.36"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 INSTALL_COMMAND = (
-    'CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" '
-    f"pip install --no-binary llama-cpp-python llama-cpp-python=={VERSION}"
+    f'CFLAGS="{NO_AMX}" CXXFLAGS="{NO_AMX}" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" '
+    f"pip install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python=={VERSION}"
 )
 # llama_ftype values (llama.h) of the conversions `convert` writes.
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}
@@ -74,6 +86,29 @@ def system_info() -> str:
     """llama.cpp's own line of the CPU features it was built for and uses (AVX512, AMX, ...)."""
     info = _binding().llama_print_system_info()
     return info.decode("utf-8", "replace").strip() if info else ""
+
+
+def batch_check(path: Path, timeout_s: float = 120.0) -> str | None:
+    """None when this build decodes a batch of `path`'s weights; else why not (with the command
+    to rebuild). Only a build using AMX is checked (in a subprocess: the failure is a crash)."""
+    import subprocess
+    import sys
+
+    if "AMX_INT8 = 1" not in system_info():
+        return None
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import llama_cpp_peer as p; "
+        "p.LlamaCppModel(sys.argv[2], n_ctx=64, threads=1).prefill(list(range(100, 116)))"
+    )
+    cmd = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode == 0:
+        return None
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return (
+        f"this llama-cpp-python build uses AMX and dies decoding a batch of {path.name} ({how}); "
+        f"rebuild it without AMX: {INSTALL_COMMAND}"
+    )
 
 
 # --------------------------------------------------------------------------- files

@@ -151,6 +151,7 @@ def test_llama_cpp_missing_is_reported_with_the_install_command(monkeypatch):
     assert "not installed" in reason
     assert llama_cpp_peer.INSTALL_COMMAND in reason
     assert "--no-binary llama-cpp-python" in llama_cpp_peer.INSTALL_COMMAND
+    assert "-mno-amx-int8" in llama_cpp_peer.INSTALL_COMMAND
 
 
 def test_converted_file_names():
@@ -176,3 +177,57 @@ def test_compare_engine_flags():
     ):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
+
+
+class _Scripted(engines.Engine):
+    """An engine whose greedy answers are given (no model)."""
+
+    engine, variant, step_bytes = "fmodel", "float32", 0
+
+    def __init__(self, answers: list[list[int]]) -> None:
+        self.answers = answers
+        self.asked: list[int] = []
+
+    def greedy(self, prompt, new_tokens, stop_ids=()):
+        self.asked.append(new_tokens)
+        return self.answers[len(self.asked) - 1][:new_tokens]
+
+    def prefill(self, ids):
+        pass
+
+    def forced(self, prompt, continuation):
+        return list(continuation)
+
+
+class _Tokenizer:
+    eos_token_ids = (2,)
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        return messages[0]["content"]
+
+    def encode(self, text, add_special_tokens):
+        return [len(text)]
+
+
+def test_probe_segments_add_up_to_the_probe_length(monkeypatch):
+    monkeypatch.setattr(engines, "PROBE_TOKENS", 100)
+    monkeypatch.setattr(engines, "PROBE_ANSWER_TOKENS", 48)
+    reference = _Scripted([[5] * 30 + [2], [6] * 48, [7] * 48])
+    segments = engines.probe_segments(reference, _Tokenizer())
+    assert [len(answer) for _, answer in segments] == [31, 48, 21]  # the last one cut to fit
+    assert reference.asked == [48, 48, 21]
+    assert segments[0][0] == [len(engines.CHAT_QUESTION)]  # the demo's question comes first
+    monkeypatch.setattr(engines, "PROBE_TOKENS", 10**6)
+    with pytest.raises(RuntimeError, match="fewer than"):
+        engines.probe_segments(_Scripted([[5]] * len(engines.PROBE_QUESTIONS)), _Tokenizer())
+
+
+def test_forcer_records_the_argmax_and_forces_the_given_tokens():
+    import torch
+
+    forcer = engines.Forcer([4, 1])
+    out = forcer(None, torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0]]))
+    assert forcer.argmax == [1]
+    assert int(out[0].argmax()) == 4 and torch.isinf(out[0, :4]).all()
+    out = forcer(None, torch.tensor([[9.0, 0.0, 1.0, 0.0, 2.0]]))
+    assert forcer.argmax == [1, 0] and int(out[0].argmax()) == 1
