@@ -446,6 +446,16 @@ def test_failed_build_raises_named_error(monkeypatch, tmp_path):
     assert fk.available() is False and "building the extension" in _build.load_error()
 
 
+def test_missing_sources_raise_named_error(monkeypatch, tmp_path):
+    """An install without csrc/ (package data left out): KernelBuildError, not FileNotFoundError."""
+    state: dict = {}
+    monkeypatch.setattr(_build, "_state", state)
+    monkeypatch.setattr(fk, "_state", state)
+    monkeypatch.setattr(_build, "CSRC", tmp_path / "csrc")
+    with pytest.raises(KernelBuildError, match="sources are missing"):
+        fk.build()
+
+
 def test_damaged_library_raises_named_error(monkeypatch, tmp_path):
     """A cached library that cannot be loaded: KernelBuildError naming the file."""
     state: dict = {}

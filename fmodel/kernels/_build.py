@@ -96,7 +96,10 @@ def build_directory(name: str) -> Path:
 def _build_and_load() -> str:
     if os.environ.get("FMODEL_KERNELS", "1") == "0":
         raise KernelBuildError("fmodel.kernels: disabled by FMODEL_KERNELS=0")
-    name = extension_name()
+    try:
+        name = extension_name()
+    except OSError as exc:  # an install without the C++ sources (package data)
+        raise KernelBuildError(f"fmodel.kernels: the extension's sources are missing ({exc})") from exc
     directory = build_directory(name)
     library = directory / f"{name}.so"
     ready = directory / "fmodel-ready"  # written after a complete build: the .so is whole
