@@ -993,6 +993,38 @@ def quality_table(report: EnginesReport) -> tuple[str, list[Check]]:
     return format_columns(rows), checks
 
 
+def summary_table(report: EnginesReport) -> str:
+    """One row per variant, issue 15's table: decode and prefill tokens/s per thread count,
+    peak RSS, top-1 agreement and whether the chat answer is the demo's."""
+    n = report.selection.new_tokens
+    header = ["variant"]
+    header += [f"decode {run.threads}T" for run in report.runs]
+    header += [f"prefill {run.threads}T" for run in report.runs]
+    header += ["peak RSS", "top-1", "Paris"]
+    rows = [tuple(header)]
+    names = dict.fromkeys([*report.step_bytes, *report.rss])
+    for name in names:
+        cells = [name]
+        cells += [
+            f"{tokens_per_s(n, run.decode_s[name]):.1f}" if name in run.decode_s else ""
+            for run in report.runs
+        ]
+        cells += [
+            f"{tokens_per_s(PREFILL_TOKENS, run.prefill_s[name]):.0f}" if name in run.prefill_s else ""
+            for run in report.runs
+        ]
+        rss = report.rss.get(name)
+        cells.append(f"{rss['peak_rss'] / MIB:.0f} MiB" if rss else "")
+        agreement = report.agreement.get(name)
+        cells.append(
+            "ref" if name == report.probe_reference else "" if agreement is None else f"{agreement:.3f}"
+        )
+        answer = report.answers.get(name)
+        cells.append("" if answer is None else ("yes" if answer_ok(answer) else "no"))
+        rows.append(tuple(cells))
+    return format_columns(rows)
+
+
 def _is_quantized(name: str) -> bool:
     engine, variant = name.split(" ", 1)
     if engine == "fmodel":
@@ -1036,6 +1068,12 @@ def report_text(report: EnginesReport) -> tuple[str, list[Check]]:
         text, found = quality_table(report)
         lines.append(text)
         checks += found
+    if report.runs:
+        lines += [
+            "",
+            "summary (tokens/s; decode: prompt included, median over rounds)",
+            summary_table(report),
+        ]
     lines.append(
         "tok/s: new tokens / whole call (prompt included); MB/tok: weights read per decode step; GB/s: "
         "achieved weight reads; ceiling: bandwidth / MB per token; ratios: fmodel speed / the other's, "

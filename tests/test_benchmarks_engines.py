@@ -231,3 +231,14 @@ def test_forcer_records_the_argmax_and_forces_the_given_tokens():
     assert int(out[0].argmax()) == 4 and torch.isinf(out[0, :4]).all()
     out = forcer(None, torch.tensor([[9.0, 0.0, 1.0, 0.0, 2.0]]))
     assert forcer.argmax == [1, 0] and int(out[0].argmax()) == 1
+
+
+def test_summary_table_has_one_row_per_variant():
+    report = _report({"fmodel gguf": [1.0, 2.0], "llama.cpp Q4_1": [0.5, 0.5]}, {"fmodel gguf": [0.128]})
+    report.agreement = {"llama.cpp Q4_1": 0.957}
+    report.answers = {"fmodel gguf": engines.CHAT_ANSWER, "llama.cpp Q4_1": "La capitale"}
+    report.probe_reference = "fmodel float32"
+    lines = engines.summary_table(report).splitlines()
+    assert lines[0].split() == ["variant", "decode", "1T", "prefill", "1T", "peak", "RSS", "top-1", "Paris"]
+    assert lines[2].split() == ["fmodel", "gguf", "66.7", "1000", "yes"]  # 100 tokens / 1.5 s
+    assert lines[3].split() == ["llama.cpp", "Q4_1", "200.0", "0.957", "no"]
