@@ -141,19 +141,30 @@ def test_float_order_arguments():
     assert torch.equal(fused, q32 * scale + (-dm))
 
 
-def test_quantize_activations_q8_is_gguf_q8_0():
-    """The int8-activation reference rounds exactly as ggml's Q8_0 (what llama.cpp does to the
-    activations before its integer dot products), ties away from zero included."""
+def test_quantize_activations_q8_rounding():
+    """The int8-activation reference: per block of 32, d = max|x| / 127, q = round-half-even(x * (1/d)),
+    value q * d; the same numbers as the kernels' own quantization where fmodel.kernels is built."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 96, generator=g) * 3
     x[0, :32] = 0  # an all-zero block stays zero
-    x[1, :32] = torch.arange(32) - 15.5  # halves: ties
+    x[1, :5] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5])  # d = 1: exact halves, ties to even
     x[2, 5] = 1e4  # an outlier block
-    want = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), Q.Q8_0), Q.Q8_0)
-    assert torch.equal(quantize_activations_q8(x), torch.from_numpy(want).reshape(x.shape))
+    got = quantize_activations_q8(x)
+    xb = x.double().reshape(5, 3, 32)
+    d = (x.reshape(5, 3, 32).abs().amax(-1, keepdim=True) / 127).double()
+    inv = torch.where(d == 0, torch.zeros_like(d), (1 / d.float()).double())
+    q = np.round((xb.float() * inv.float()).numpy())  # numpy rounds half to even
+    assert torch.equal(got.reshape(5, 3, 32), (torch.from_numpy(q).float() * d.float()))
+    assert torch.equal(got[0, :32], torch.zeros(32))
+    assert got[1, :5].tolist() == [127.0, 0.0, 2.0, 2.0, -2.0]
     ragged = torch.randn(3, 40, generator=g)  # a last block of 8 columns
     padded = quantize_activations_q8(F.pad(ragged, (0, 24)))[:, :40]
     assert torch.equal(quantize_activations_q8(ragged), padded)
+    kernels = pytest.importorskip("fmodel.kernels")
+    if not kernels.available():
+        pytest.skip("fmodel.kernels is not built here")
+    qk, dk = kernels.quantize_act(x)
+    assert torch.equal((qk.float().reshape(5, 3, 32) * dk[..., None]).reshape(5, 96), got)
 
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
@@ -427,9 +438,14 @@ def test_int8_activations(files, tmp_path):
         for k, v in kept.params.items()
         if k.startswith("model.layers.0.mlp.down_proj.")
     }
-    y = torch.func.functional_call(layer, p, (x,))
     w = dequantize_int8(p["weight_int8"], p["weight_scale"], None, 16)
-    torch.testing.assert_close(y, F.linear(quantize_activations_q8(x), w), rtol=1e-6, atol=1e-6)
+    x20 = torch.randn(20, 256, generator=torch.Generator().manual_seed(3))  # > 16 rows: the reference
+    y20 = torch.func.functional_call(layer, p, (x20,))
+    torch.testing.assert_close(y20, F.linear(quantize_activations_q8(x20), w), rtol=1e-6, atol=1e-6)
+    # 2 rows: fmodel.kernels' integer dot products where built (exact per block; the blocks'
+    # float sums round in another order), else the reference
+    y = torch.func.functional_call(layer, p, (x,))
+    torch.testing.assert_close(y, F.linear(quantize_activations_q8(x), w), rtol=1e-4, atol=1e-4)
 
 
 def test_activations_argument_errors(files):

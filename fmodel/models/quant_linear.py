@@ -23,9 +23,9 @@ before "layouts" existed reads unchanged. Quantized embeddings (`QuantEmbedding`
 projection tied to one (`TiedQuantLinear`, "tied_modules") are in `fmodel.models.quant_embedding`.
 
 Activations: each module has `activations`, "float" (default: float32 activations, the
-weight-only products above) or "int8" (the activations are rounded as llama.cpp's Q8_0 does
-per block of 32 input columns before the product: `quantize_activations_q8`; the config's
-"activations"). The *reference semantics* of a forward is `F.linear(x', W, bias)` in float32
+weight-only products above) or "int8" (the activations are rounded to int8 per block of 32
+input columns before the product, as llama.cpp's integer dot products and `fmodel.kernels` do:
+`quantize_activations_q8`; the config's "activations"). The *reference semantics* of a forward is `F.linear(x', W, bias)` in float32
 with W as above and x' the (rounded) activations. On CPU, weight-only modules run faster
 kernels instead, which differ from the reference by rounding only (tests bound the
 difference); `_kernel_forward` is the one place per module that picks the kernel:
@@ -235,12 +235,14 @@ def dequantize_int4(
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
-    """`x` (float, [..., K]) as llama.cpp's Q8_0 activations hold it, back in float32.
+    """`x` (float, [..., K]) rounded to int8 per block of 32 columns as the int8-activation
+    kernels round it (`fmodel.kernels.quantize_act`, the scheme of llama.cpp's Q8 activation
+    blocks), back in float32.
 
-    Per block of 32 columns (the last one zero-padded): `d = max|x| / 127`, `q = roundf(x / d)`
-    (half away from zero, in -127..127, from the reciprocal of the float32 d as ggml computes
-    it), and the block's value is `q * fp16(d)` (ggml stores d as float16). A block of zeros
-    stays zero. This is the reference of the integer dot products (`activations="int8"`).
+    Per block (the last one zero-padded): `d = max|x| / 127` (float32), `q = round(x * (1 / d))`
+    (half to even, in -127..127; a block of zeros stays zero) and the block's value is `q * d`.
+    The reference of `activations="int8"`: an integer dot product of q with the weights' values,
+    scaled, is this float product up to float32 rounding.
     """
     x = x.to(torch.float32)
     k = x.shape[-1]
@@ -248,9 +250,8 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     xb = F.pad(x, (0, blocks * Q8_BLOCK - k)).reshape(*x.shape[:-1], blocks, Q8_BLOCK)
     d = xb.abs().amax(dim=-1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    v = xb * inv
-    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
-    y = q * d.to(torch.float16).to(torch.float32)
+    q = torch.round(xb * inv).clamp_(-127, 127)  # torch.round: half to even
+    y = q * d
     return y.reshape(*x.shape[:-1], blocks * Q8_BLOCK)[..., :k]
 
 
@@ -277,6 +278,29 @@ def _unit_scales(n: int) -> torch.Tensor:
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+def _kernels():
+    """`fmodel.kernels` when its extension is built and loaded (it builds on first use, once per
+    machine, and logs why once when it cannot; `FMODEL_KERNELS=0` turns it off), else None: the
+    modules then run torch's own kernels or the reference."""
+    module = _KERNELS.get("module", _UNSET)
+    if module is _UNSET:
+        from .. import kernels
+
+        module = _KERNELS["module"] = kernels if kernels.available() else None
+    return module
+
+
+_UNSET = object()
+_KERNELS: dict[str, Any] = {}
+
+
+def _kernel_scales(scale: torch.Tensor, zero: torch.Tensor | None):
+    """Scales (and zeros) as the kernels take them: float32, or both float16 (kept as stored)."""
+    if scale.dtype in (torch.float32, torch.float16) and (zero is None or zero.dtype == scale.dtype):
+        return scale, zero
+    return scale.to(torch.float32), None if zero is None else zero.to(torch.float32)
 
 
 class Int8Linear(nn.Module):
@@ -343,8 +367,14 @@ class Int8Linear(nn.Module):
     def _kernel_forward(self, x2, q, scale, zero) -> torch.Tensor | None:
         """[rows, in] -> [rows, out] by a kernel, or None where none fits (the reference runs).
 
-        Today: torch's weight-only int8 kernel for per-channel layouts with float activations
-        (`fmodel.kernels.int8_linear` drops in here for groups, zeros and int8 activations)."""
+        `fmodel.kernels.int8_linear` (every layout, float or int8 activations) when it is built;
+        else torch's weight-only int8 kernel for per-channel layouts with float activations."""
+        kernels = _kernels()
+        if kernels is not None:
+            s = scale if scale.dim() == 2 else scale[:, None]
+            s, zero = _kernel_scales(s, zero)
+            group = self.group_size or self.in_features
+            return kernels.int8_linear(x2.to(torch.float32), q, s, zero, group, self.activations == "int8")
         # torch's int8 kernel reads the input in blocks of 16 columns: with another width it
         # returns NaN for one row and crashes the process (SIGSEGV) for more (torch 2.13, CPU).
         if scale.dim() != 1 or self.activations != "float" or self.in_features % 16:
@@ -411,8 +441,14 @@ class Int4Linear(nn.Module):
     def _kernel_forward(self, x2, q, scale, zero) -> torch.Tensor | None:
         """[rows, in] -> [rows, out] by a kernel, or None where none fits (the reference runs).
 
-        Today: tinygemm (weight-only) for float activations (`fmodel.kernels.int4_linear` drops
-        in here, for int8 activations too)."""
+        `fmodel.kernels.int4_linear` (float or int8 activations) when it is built; else torch's
+        tinygemm (weight-only, activations and scales rounded to bfloat16) for float activations."""
+        kernels = _kernels()
+        if kernels is not None:
+            s, z = _kernel_scales(scale.detach(), zero.detach())
+            return kernels.int4_linear(
+                x2.to(torch.float32), q, s, z, self.group_size, self.activations == "int8"
+            )
         if self.activations != "float":
             return None
         packed = _INT4_PACKS.get(q, versions(q, scale, zero), lambda: self._prepack(q, scale, zero))
