@@ -40,6 +40,12 @@ def _check_kept(kept, floating):
         assert torch.equal(back.params[name], tensor), name  # measured: bit-for-bit
 
 
+def _fmodel_kernels() -> bool:
+    from fmodel.models.quant_linear import _kernels
+
+    return _kernels() is not None
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 
@@ -93,12 +99,15 @@ def test_smollm2_kept_state_logits_and_answer(smollm2_pair):
     diff = (got - ref).abs().max().item()
     print(f"\nprefill logits max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
     assert diff <= 1e-3, diff
-    # a decode-sized input runs the int4 kernel, which rounds activations and scales to bfloat16
+    # a decode-sized input runs a kernel: fmodel.kernels (float32 activations and accumulation:
+    # measured 6.0e-05) where it is built, else torch's tinygemm, which rounds activations and
+    # scales to bfloat16
     short = ids[:, -4:]
     ref_s, got_s = fmodel.forward(floating, short).logits, fmodel.forward(kept, short).logits
     diff_s = (got_s - ref_s).abs().max().item()
     print(f"kernel-path logits max |diff| {diff_s:.3g} (max |logit| {ref_s.abs().max().item():.3g})")
-    assert diff_s <= 0.05 * ref_s.abs().max().item(), diff_s
+    bound = 1e-3 if _fmodel_kernels() else 0.05 * ref_s.abs().max().item()
+    assert diff_s <= bound, diff_s
     # (its top-1 may flip at near ties: position 1 of this context-free slice did, 259 vs 314)
     new = _greedy(kept, prompt, tok.eos_token_ids)
     answer = tok.decode(new, skip_special_tokens=True)
