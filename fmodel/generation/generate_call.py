@@ -252,8 +252,8 @@ def generate(
             pad,
             tuple(logits_processor),
             tuple(stopping_criteria),
-            expand,
-            decoder_prompt,
+            expand=expand,
+            decoder_prompt=decoder_prompt,
         )
     else:
         compiled = _compiled_step(state, config, rows, module) if compile else None
