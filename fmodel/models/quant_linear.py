@@ -280,20 +280,14 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+@functools.cache
 def _kernels():
     """`fmodel.kernels` when its extension is built and loaded (it builds on first use, once per
     machine, and logs why once when it cannot; `FMODEL_KERNELS=0` turns it off), else None: the
-    modules then run torch's own kernels or the reference."""
-    module = _KERNELS.get("module", _UNSET)
-    if module is _UNSET:
-        from .. import kernels
+    modules then run torch's own kernels or the reference. Decided once per process."""
+    from .. import kernels
 
-        module = _KERNELS["module"] = kernels if kernels.available() else None
-    return module
-
-
-_UNSET = object()
-_KERNELS: dict[str, Any] = {}
+    return kernels if kernels.available() else None
 
 
 def _kernel_scales(scale: torch.Tensor, zero: torch.Tensor | None):
