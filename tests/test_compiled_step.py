@@ -229,7 +229,6 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     ("make", "kwargs", "reason"),
     [
         (lambda: fmodel.init(tiny_config("mixtral"), seed=0), {}, "mixture of experts"),
-        (lambda: fmodel.quantize(fmodel.init(tiny_config("llama"), seed=0), "int8"), {}, "quantized"),
         (lambda: fmodel.init(tiny_config("llama"), seed=0), {"use_cache": False}, "use_cache=False"),
         (
             lambda: fmodel.init(tiny_config("llama"), seed=0, attn_implementation="flex_attention"),
@@ -237,7 +236,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
             "'block' mask",
         ),
     ],
-    ids=["moe", "quantized", "no-cache", "flex"],
+    ids=["moe", "no-cache", "flex"],
 )
 def test_unsupported_runs_eagerly_with_a_reason(make, kwargs, reason, caplog, counted):
     s = make()
@@ -257,13 +256,11 @@ def test_unsupported_low_level_call_raises(state):
         fmodel.generate(state, IDS, compile="yes")
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen3", "olmo2", "phi3", "gemma2", "mistral"])
-def test_family_trace_equals_eager(model_type):
-    """The exported step of other families (run uncompiled: the trace is what differs between
-    families; the compiled code is tested on Llama above) gives the eager logits."""
-    s = fmodel.init(tiny_config(model_type), seed=0)
-    assert cs.unsupported_reason(s) is None
-    program = cs.export_step(s, 2).module()
+def _trace_matches_eager(s, tol: float = 1e-5) -> torch.export.ExportedProgram:
+    """Export `s`'s step and run the program uncompiled over three decode positions of the
+    padded batch: each step's logits equal the eager forward's. Returns the program."""
+    exported = cs.export_step(s, 2)
+    program = exported.module()
     names = sorted(s.tensors)
     positions = (MASK.cumsum(-1) - 1).masked_fill(MASK == 0, 1)
     with torch.inference_mode():
@@ -285,7 +282,83 @@ def test_family_trace_equals_eager(model_type):
                 padding,
             )
             cache = cache.advance(1)
-            assert float((logits - full[:, i]).abs().max()) < 1e-5, i
+            assert float((logits - full[:, i]).abs().max()) < tol, i
+    return exported
+
+
+def _kernel_ops(program: torch.export.ExportedProgram) -> list[str]:
+    return sorted(
+        str(n.target) for n in program.graph.nodes if n.op == "call_function" and "fmodel." in str(n.target)
+    )
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen3", "olmo2", "phi3", "gemma2", "mistral"])
+def test_family_trace_equals_eager(model_type):
+    """The exported step of other families (run uncompiled: the trace is what differs between
+    families; the compiled code is tested on Llama above) gives the eager logits."""
+    s = fmodel.init(tiny_config(model_type), seed=0)
+    assert cs.unsupported_reason(s) is None
+    _trace_matches_eager(s)
+
+
+def _kernels_built() -> bool:
+    from fmodel.models import quant_linear
+
+    return quant_linear.traces_kernel_op()
+
+
+requires_kernels = pytest.mark.skipif(not _kernels_built(), reason="fmodel.kernels could not be built here")
+
+
+@requires_kernels
+@pytest.mark.parametrize(
+    ("scheme", "kwargs", "ops"),
+    [
+        ("int8", {}, {"fmodel.int8_linear.default"}),
+        ("int4", {"group_size": 32}, {"fmodel.int4_linear.default"}),
+        ("int4", {"group_size": 32, "activations": "int8"}, {"fmodel.int4_linear.default"}),
+    ],
+    ids=["int8", "int4", "int4-act8"],
+)
+def test_quantized_trace_calls_the_kernels(scheme, kwargs, ops):
+    """A quantized state's step traces one `fmodel.kernels` op per quantized projection (7 per
+    layer), not a dequantization, and still gives the eager logits."""
+    s = fmodel.quantize(fmodel.init(tiny_config("llama"), seed=0), scheme, **kwargs)
+    assert cs.unsupported_reason(s) is None
+    program = _trace_matches_eager(s)
+    calls = _kernel_ops(program)
+    quantized = s.config.extra["quantization_config"]["modules"]
+    assert set(calls) == ops and len(calls) == len(quantized) == 7 * s.config.num_hidden_layers
+
+
+@requires_kernels
+def test_quantized_gguf_state_runs_compiled(tmp_path, counted):
+    """A GGUF file kept quantized (Q4_1 projections, a Q8_0 embedding tied to the head: a
+    QuantEmbedding and a TiedQuantLinear) decodes compiled as it does eagerly."""
+    from . import test_gguf as gguf_tests
+
+    if gguf_tests.transformers is None or not gguf_tests.HAS_GGUF:
+        pytest.skip("Transformers and gguf (writing the synthetic file) are not installed")
+    model = gguf_tests._tiny("llama", seed=3, tie_word_embeddings=True)
+    path = gguf_tests._write(tmp_path / "q.gguf", model, "Q4_1", seed=3)
+    s = fmodel.load(path, quantized=True)
+    assert "tied_modules" in s.config.extra["quantization_config"]
+    assert cs.unsupported_reason(s) is None
+    eager, compiled = both(s, IDS, attention_mask=MASK, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert max_logit_diff(eager, compiled) < 1e-4
+    assert len(counted) == 4
+
+
+def test_quantized_without_kernels_runs_eagerly(monkeypatch, caplog, counted):
+    from fmodel.models import quant_linear
+
+    monkeypatch.setattr(quant_linear, "_kernels", lambda: None)
+    s = fmodel.quantize(fmodel.init(tiny_config("llama"), seed=0), "int8")
+    with caplog.at_level(logging.WARNING, logger="fmodel"):
+        out = fmodel.generate(s, IDS[:1], max_new_tokens=3, eos_token_id=None, compile=True)
+    assert "fmodel.kernels, which is not available" in caplog.text and counted == []
+    assert torch.equal(out, fmodel.generate(s, IDS[:1], max_new_tokens=3, eos_token_id=None))
 
 
 @torch.library.custom_op("fmodel_test::scaled_sdpa", mutates_args=())

@@ -40,12 +40,12 @@ from a checkpoint is executed. (Loading runs that library: the cache folder must
 What runs compiled (`unsupported_reason` says why anything else does not): causal decoders with
 a KV cache (the Llama family, Qwen, Mistral without a sliding window, OLMo, Phi-3 without
 longrope scaling, GPT-2) on CPU, with an attention function taking an additive or boolean mask
-("eager", "sdpa", or one of your own). Quantized states run eagerly for now: under export their
-layers trace the reference dequantize + matmul (their CPU kernels step aside while tracing), a
-full dequantization of every weight per token, slower than the eager kernels. A quantized layer
-class that sets `traces_kernel_op = True` (its traced forward calls a `fmodel.kernels` custom op,
-whose fake implementation export uses) is compiled with that op inside: AOTInductor calls a
-custom op through the dispatcher (tests check it with a custom op of their own).
+("eager", "sdpa", or one of your own), float or quantized (int8 / int4, GGUF kept quantized):
+under export the quantized layers trace the `fmodel.kernels` custom ops (their fake
+implementations give the shapes) and AOTInductor's C++ wrapper calls them through the
+dispatcher, so the compiled step runs the same kernels as the eager one. Without the kernel
+extension a quantized state runs eagerly (the traced reference would dequantize every weight
+per token). The extension is loaded before a quantized step's package is.
 """
 
 from __future__ import annotations
@@ -127,10 +127,11 @@ def unsupported_reason(state: ModelState, attn_implementation: str | None = None
         return f"the state is on {state.device}; the compiled step is built and tested for CPU"
     if getattr(state, "mesh", None) is not None or _is_distributed(state):
         return "a distributed (tensor-parallel) state runs collectives the export does not trace"
-    if quantization_config(state.config) is not None and not _quantized_layers_trace_kernels(module):
+    if quantization_config(state.config) is not None and not quant_linear.traces_kernel_op():
         return (
-            "quantized layers trace their reference dequantize + matmul under export (their CPU "
-            "kernels step aside while tracing): a full dequantization per token, slower than eager"
+            "quantized layers run compiled through fmodel.kernels, which is not available here "
+            "(FMODEL_KERNELS=0 or it could not be built); the traced reference would dequantize "
+            "every weight per token"
         )
     config = state.config
     if any(isinstance(m, SparseMoeBlock) for m in module.modules()):
@@ -147,14 +148,6 @@ def unsupported_reason(state: ModelState, attn_implementation: str | None = None
     if attn.mask_kind not in _MASK_KINDS:
         return f"attention {name!r} takes a {attn.mask_kind!r} mask; the compiled step builds additive or bool masks"
     return None
-
-
-def _quantized_layers_trace_kernels(module: nn.Module) -> bool:
-    """True when every quantized layer says (a class attribute `traces_kernel_op = True`) that
-    while torch.compile / export traces, its forward calls a torch custom op (`fmodel.kernels`)
-    instead of the reference dequantize + matmul: then the compiled step runs it."""
-    quantized = [m for m in module.modules() if type(m).__module__ == quant_linear.__name__]
-    return bool(quantized) and all(getattr(type(m), "traces_kernel_op", False) for m in quantized)
 
 
 def max_capacity(state: ModelState) -> int:

@@ -45,6 +45,11 @@ difference); `_kernel_forward` is the one place per module that picks the kernel
 - int8 grouped, and every module with int8 activations: the reference (dequantize, float32
   matmul) until a kernel for them lands (`fmodel.kernels`).
 
+Under torch.compile / torch.export (the compiled decode step), inputs of at most
+`KERNEL_MAX_ROWS` rows on CPU trace the `fmodel.kernels` custom op (its fake implementation
+gives the shapes; AOTInductor's C++ wrapper calls it through the dispatcher) instead of the
+reference, when the extension is loaded: `traces_kernel_op` says so to the compiled step.
+
 The kernels' packed weights are a runtime cache derived from the stored tensors (built on
 first use, kept per tensor object while it lives, rebuilt if the tensor is written in place);
 they never change the stored tensors and are not part of the state. Gradients: the quantized
@@ -80,6 +85,7 @@ __all__ = [
     "quantization_config",
     "quantize_activations_q8",
     "swap_quantized_linears",
+    "traces_kernel_op",
     "unpack_int4",
 ]
 
@@ -290,6 +296,24 @@ def _kernels():
     return kernels if kernels.available() else None
 
 
+def _traced_kernel_ok(x: torch.Tensor) -> bool:
+    """While torch.compile / export traces: the `fmodel.kernels` op may stand in for the
+    reference (CPU input, extension loaded, no gradient wanted for the input)."""
+    return (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and _kernels() is not None
+    )
+
+
+def traces_kernel_op() -> bool:
+    """True when the quantized modules' traced forward calls the `fmodel.kernels` ops (the
+    extension is built and loaded here): a compiled step then runs the kernels, not a
+    dequantization of every weight per token."""
+    return _kernels() is not None
+
+
 def _kernel_scales(scale: torch.Tensor, zero: torch.Tensor | None):
     """Scales (and zeros) as the kernels take them: float32, or both float16 (kept as stored)."""
     if scale.dtype in (torch.float32, torch.float16) and (zero is None or zero.dtype == scale.dtype):
@@ -341,7 +365,11 @@ class Int8Linear(nn.Module):
         """The forward over given tensors of this module's layout (a tied head passes its
         embedding's)."""
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and self.out_features > 0 and fast_path_ok(x, q, scale):
+        if (
+            0 < rows <= KERNEL_MAX_ROWS
+            and self.out_features > 0
+            and (fast_path_ok(x, q, scale) or _traced_kernel_ok(x))
+        ):
             y = self._kernel_forward(x.reshape(rows, self.in_features), q, scale.detach(), _detach(zero))
             if y is not None:
                 if bias is not None:
@@ -416,7 +444,7 @@ class Int4Linear(nn.Module):
         """The forward over given tensors of this module's layout (a tied head passes its
         embedding's)."""
         rows = x.shape[:-1].numel()
-        if 0 < rows <= KERNEL_MAX_ROWS and fast_path_ok(x, q, scale, zero):
+        if 0 < rows <= KERNEL_MAX_ROWS and (fast_path_ok(x, q, scale, zero) or _traced_kernel_ok(x)):
             y = self._kernel_forward(x.reshape(rows, self.in_features), q, scale, zero)
             if y is not None:
                 if bias is not None:
