@@ -239,9 +239,17 @@ def _source_hash() -> str:
 
 @functools.cache
 def _isa() -> str:
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    return f"{platform.machine()}:{pick_vec_isa()}"
+    """The machine's vector ISA as the key sees it: ATen's CPU capability and, on Linux, a hash of
+    the CPU's feature flags. (Inductor's own `pick_vec_isa` compiles and runs test programs:
+    ~2 s per process, paid before every warm load; this reads what it would find.)"""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+    return f"{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}:{digest}"
 
 
 def _attention_identity(name: str) -> str:
