@@ -43,9 +43,11 @@ longrope scaling, GPT-2) on CPU, with an attention function taking an additive o
 ("eager", "sdpa", or one of your own), float or quantized (int8 / int4, GGUF kept quantized):
 under export the quantized layers trace the `fmodel.kernels` custom ops (their fake
 implementations give the shapes) and AOTInductor's C++ wrapper calls them through the
-dispatcher, so the compiled step runs the same kernels as the eager one. Without the kernel
-extension a quantized state runs eagerly (the traced reference would dequantize every weight
-per token). The extension is loaded before a quantized step's package is.
+dispatcher, so the compiled step runs the same kernels as the eager one (float32 / bfloat16
+projections likewise trace `fmodel.kernels.dense_linear`: `fmodel.models.linear`). Without the
+kernel extension a quantized state runs eagerly (the traced reference would dequantize every
+weight per token). The extension is loaded before any package is (packages call its ops by
+name), and whether it was is part of the key.
 """
 
 from __future__ import annotations
@@ -278,6 +280,8 @@ def key_fields(state: ModelState, batch_size: int, dtype: torch.dtype, attn_name
         "attention": _attention_identity(attn_name),
         "batch_size": batch_size,
         "cache_dtype": str(dtype),
+        # the traced graph calls fmodel.kernels' ops where they are loaded, F.linear otherwise
+        "kernels": quant_linear.traces_kernel_op(),
     }
 
 
@@ -372,6 +376,8 @@ def load_step(
 
 
 def _load_or_build(state: ModelState, key: str, batch_size: int, dtype, attn_name: str) -> CompiledStep:
+    # A package calls fmodel.kernels' ops by name: they must be registered before it loads.
+    quant_linear.traces_kernel_op()
     names, limit = tuple(sorted(state.tensors)), max_capacity(state)
     folder = cache_dir()
     package, meta = folder / f"{key}.pt2", folder / f"{key}.json"
