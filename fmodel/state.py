@@ -7,6 +7,7 @@ Every change is a function returning a new state (`state.replace(...)` or a tran
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,30 @@ class TieError(FModelError, ValueError):
 
 def _frozen_tensors(value: Mapping[str, torch.Tensor]) -> FrozenDict:
     return value if isinstance(value, FrozenDict) else FrozenDict(value)
+
+
+def _quantization_entries(config: Any) -> frozenset[str]:
+    """The scale and zero entry names of the modules `config`'s fmodel `quantization_config`
+    lists (empty for an unquantized config). Cached per config (frozen, hashable): the
+    forward reads `ModelState.dtype` every call."""
+    try:
+        return _cached_quantization_entries(config)
+    except TypeError:  # an unhashable config object
+        return _find_quantization_entries(config)
+
+
+def _find_quantization_entries(config: Any) -> frozenset[str]:
+    from .models.quant_linear import quantization_config
+
+    qc = quantization_config(config)
+    if qc is None:
+        return frozenset()
+    return frozenset(
+        f"{m}.{suffix}" for m in qc.get("modules", ()) for suffix in ("weight_scale", "weight_zero")
+    )
+
+
+_cached_quantization_entries = functools.lru_cache(maxsize=32)(_find_quantization_entries)
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -88,8 +113,17 @@ class ModelState:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the floating-point parameters (the most common one if mixed)."""
-        dtypes = Counter(t.dtype for t in self.params.values() if t.is_floating_point())
+        """The dtype the model computes in: that of its floating-point parameters (the most
+        common one if mixed), leaving out the scales and zeros of quantized modules (the
+        `<m>.weight_scale` / `<m>.weight_zero` of the modules an fmodel `quantization_config`
+        lists), which are storage and may be of another dtype (GGUF's float16 block scales,
+        kept as stored in a model that computes in float32). A state with no other floating
+        parameter takes its scales' dtype; one with none at all, float32."""
+        params = self.params
+        quant = _quantization_entries(self.config)
+        dtypes = Counter(t.dtype for n, t in params.items() if n not in quant and t.is_floating_point())
+        if not dtypes and quant:
+            dtypes = Counter(t.dtype for t in params.values() if t.is_floating_point())
         return dtypes.most_common(1)[0][0] if dtypes else torch.float32
 
     def unique_params(self) -> dict[str, torch.Tensor]:

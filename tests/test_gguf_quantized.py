@@ -78,6 +78,7 @@ def test_smollm2_kept_state_dequantizes_to_the_float32_load(smollm2_pair):
         Layout("int4", 32, True)
     }
     assert dict(qc["tied_modules"]) == {"lm_head": "model.embed_tokens"}
+    assert kept.dtype == torch.float32
     f_bytes, k_bytes = _bytes(floating), _bytes(kept)
     file_bytes = os.path.getsize(packaged_smollm2_path())
     print(f"\nresident tensor bytes: float32 load {f_bytes}, quantized=True {k_bytes}, file {file_bytes}")
@@ -94,7 +95,10 @@ def test_smollm2_kept_state_logits_and_answer(smollm2_pair):
     assert len(prompt) > KERNEL_MAX_ROWS
     ids = torch.tensor([prompt])
     ref = fmodel.forward(floating, ids).logits
-    got = fmodel.forward(kept, ids).logits
+    out = fmodel.forward(kept, ids, output_hidden_states=True)
+    got = out.logits
+    # the quantized embedding's rows come out in the model's float32 (whatever its scales' dtype)
+    assert out.hidden_states[0].dtype == got.dtype == torch.float32
     # a prefill over KERNEL_MAX_ROWS rows runs the reference (dequantize, float32 matmul)
     diff = (got - ref).abs().max().item()
     print(f"\nprefill logits max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
@@ -139,8 +143,9 @@ def test_synthetic_q4_1_kept_state(tiny_q4_1, tmp_path):
     fmodel.save(kept, tmp_path / "saved")
     again = fmodel.load(tmp_path / "saved")
     assert quantization_config(again.config) == quantization_config(kept.config)
+    assert again.dtype == kept.dtype == torch.float32
     for name, tensor in kept.params.items():
-        assert torch.equal(again.params[name], tensor), name
+        assert again.params[name].dtype == tensor.dtype and torch.equal(again.params[name], tensor), name
 
 
 def test_quantized_without_q4_1_weights_and_outside_gguf(tmp_path):

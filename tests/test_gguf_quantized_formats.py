@@ -10,7 +10,9 @@ get random blocks with sane float16 scales.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import types
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 import fmodel
 from fmodel.errors import CorruptFileError, InvalidArgumentError, QuantizationError
-from fmodel.io.gguf_quant import KEPT_FORMATS, to_layout
+from fmodel.io.gguf_quant import KEPT_FORMATS, release_mapped, to_layout
 from fmodel.models.quant_embedding import QuantEmbedding, TiedQuantLinear
 from fmodel.models.quant_linear import (
     Int4Linear,
@@ -103,9 +105,8 @@ def test_every_kept_format_dequantizes_to_gguf_values(name):
     assert set(parts) == set(layout.entries())
     assert all(t.is_contiguous() for t in parts.values())
     for key in ("weight_scale", "weight_zero")[: 1 + layout.zero]:
-        assert parts[key].dtype == torch.float32 and parts[key].shape == (rows, cols // layout.group_size), (
-            key
-        )
+        assert parts[key].dtype == torch.float32, key
+        assert parts[key].shape == (rows, cols // layout.group_size), key
     data = parts["weight_int4" if layout.scheme == "int4" else "weight_int8"]
     assert data.shape == (rows, cols // 2 if layout.scheme == "int4" else cols)
     want = torch.from_numpy(gguf.quants.dequantize(raw, Q[name]).reshape(rows, cols))
@@ -117,6 +118,46 @@ def test_every_kept_format_dequantizes_to_gguf_values(name):
         assert not torch.all(same_bits)  # this data has negative d with q == 8 somewhere
     else:
         assert torch.all(same_bits)
+
+
+def test_scale_views_do_not_alias_the_file():
+    """A one-block tensor's scale is already contiguous as a view of the mapped bytes: the kept
+    tensors are copies all the same (the file's mapping is read-only and may be closed)."""
+    raw = _blocks("Q8_0", 1, 32, np.random.default_rng(0))
+    _, parts = to_layout(_fake_tensor("Q8_0", raw, 1, 32), "x.gguf")
+    for key, t in parts.items():
+        assert not np.shares_memory(t.numpy(), raw), key
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
+                inside = len(parts) > 5 and parts[5] == str(path)
+            elif inside and parts[0] == "Rss:":
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_release_mapped_drops_the_resident_pages_of_a_copied_tensor(tmp_path):
+    """`release_mapped` (called by the GGUF loader once each tensor is copied out) leaves the
+    process holding no pages of that tensor's data, and the data reads the same afterwards."""
+    path = tmp_path / "blob.bin"
+    data = np.random.default_rng(0).integers(0, 256, size=8 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    mapped = np.memmap(path, mode="r")
+    view = mapped[1 << 20 : 5 << 20].reshape(-1, 1024)  # a tensor's view, not at the start
+    total = int(view.sum(dtype=np.int64))  # read: its pages are now resident
+    assert _mapped_kib(path) >= 4 << 10
+    release_mapped(view)
+    assert _mapped_kib(path) <= 8  # at most the pages the view shares with its neighbours
+    assert int(view.sum(dtype=np.int64)) == total  # mapped again on the next read
+    release_mapped(np.zeros(4))  # not mapped: left alone
 
 
 def test_float_order_arguments():
@@ -324,6 +365,7 @@ def test_mixed_file_records_each_layout_and_dequantizes_to_the_float_load(files,
     assert kept.config.tie_word_embeddings is False and not kept.ties
     assert not any(k.startswith("lm_head.") for k in kept.params)  # the head owns nothing
     assert "blk.1.ffn_up.weight (Q2_K)" in caplog.text  # dequantized, and said so
+    assert kept.dtype == torch.float32 and "torch.float32" in repr(kept)
     _assert_same_state(fmodel.dequantize(kept), floating)  # lossless (ties restored)
 
 
@@ -344,6 +386,8 @@ def test_mixed_file_logits_equal_the_float_state_and_save_load(files, tmp_path):
     again = fmodel.load(tmp_path / "mixed")
     assert quantization_config(again.config) == quantization_config(kept.config)
     _assert_same_state(again, kept, saved=True)
+    saved = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert saved["torch_dtype"] == "float32" and again.dtype == torch.float32
     with torch.inference_mode():
         assert torch.equal(fmodel.forward(again, IDS).logits, got)
     out = fmodel.generate(kept, IDS[:1, :5], max_new_tokens=4, do_sample=False)
@@ -378,6 +422,46 @@ def test_quantized_embedding_rows_equal_the_float_lookup(files):
     }
     rows = torch.func.functional_call(module, params, (ids,))
     assert rows.dtype == torch.float32 and torch.equal(rows, F.embedding(ids, table))  # bit for bit
+
+
+@pytest.mark.parametrize(
+    ("scale_dtype", "rows_dtype"),
+    [(torch.float16, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_quantized_embedding_output_dtype(scale_dtype, rows_dtype):
+    """Rows come out in the model's float dtype: the scales' dtype, but float32 for float16
+    scales (a GGUF load's storage); the values are the float32 dequantization either way."""
+    module = QuantEmbedding(8, 64, Layout("int8", 32, False), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (8, 64), dtype=torch.int8, generator=g)
+    scale = (torch.rand(8, 2, generator=g) / 100).to(scale_dtype)
+    ids = torch.tensor([[3, 0, 7]])
+    rows = torch.func.functional_call(module, {"weight_int8": q, "weight_scale": scale}, (ids,))
+    assert rows.dtype == rows_dtype
+    want = dequantize_int8(q, scale.float(), None, 32)[ids[0]].to(rows_dtype)
+    assert torch.equal(rows[0], want)
+
+
+def test_state_dtype_leaves_quantization_scales_out():
+    """`ModelState.dtype` is the dtype the model computes in: scales and zeros of quantized
+    modules are storage (float16 scales in a float32 model stay a float32 model); a state whose
+    only floating tensors are scales takes theirs."""
+    state = _tiny_state(tied=True)
+    q = fmodel.quantize(state, "int4", group_size=32)
+    assert q.dtype == torch.float32
+    narrow = q.replace(
+        params={
+            n: t.half() if n.endswith(("weight_scale", "weight_zero")) else t for n, t in q.params.items()
+        }
+    )
+    scales = [n for n in narrow.params if n.endswith(("weight_scale", "weight_zero"))]
+    assert len(scales) > len(narrow.params) / 2  # most floating tensors are float16 scales ...
+    assert narrow.dtype == torch.float32  # ... and the model is float32
+    assert fmodel.init_cache(narrow, 1, 8).dtype == torch.float32
+    only = narrow.replace(params={n: narrow.params[n] for n in scales}, ties={})
+    assert only.dtype == torch.float16
+    # an unquantized state: the most common floating dtype, as before
+    assert fmodel.to(state, dtype=torch.float16).dtype == torch.float16
 
 
 def test_tied_head_multiplies_by_the_embedding_tensors(files):

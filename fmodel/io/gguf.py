@@ -36,7 +36,7 @@ from ..models.quant_linear import Layout, check_activations, quantization_config
 from ..state import ModelState
 from .gguf_config import config_dict as _config_dict
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
-from .gguf_quant import kept_layout, to_layout
+from .gguf_quant import kept_layout, release_mapped, to_layout
 
 logger = logging.getLogger("fmodel")
 
@@ -173,6 +173,7 @@ def _gguf_entries(file: GGUFFile, config, quantized: bool):
             parts = {"weight": dequantize(t, file)}
             if quantized and t.tensor_type.name not in _FLOAT_TYPES:
                 dequantized.append(f"{t.name} ({t.tensor_type.name})")
+        release_mapped(t.data)  # copied out: the load holds its tensors, not the file too
         if arch.permute_qk and ".attn_q." in t.name:  # whole rows: values, scales and zeros alike
             parts = {k: _unpermute(w, config.num_attention_heads, file, t.name) for k, w in parts.items()}
         elif arch.permute_qk and ".attn_k." in t.name:

@@ -28,6 +28,7 @@ the file has 4.
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,7 @@ import torch
 from ..errors import CorruptFileError
 from ..models.quant_linear import Layout
 
-__all__ = ["KEPT_FORMATS", "kept_layout", "to_layout"]
+__all__ = ["KEPT_FORMATS", "kept_layout", "release_mapped", "to_layout"]
 
 QK_K = 256
 
@@ -177,7 +178,8 @@ def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
     Returns:
         (layout, {"weight_int4" or "weight_int8": values, "weight_scale": [out, G] float32,
         "weight_zero": [out, G] float32 where the layout has one}), rows in the file's order
-        (values: int4 packed [out, in / 2] uint8, int8 [out, in]).
+        (values: int4 packed [out, in / 2] uint8, int8 [out, in]). New tensors: the file's
+        mapping is only read.
 
     Raises:
         CorruptFileError: data that does not fill whole blocks of the shape.
@@ -192,11 +194,39 @@ def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
         )
     q, scale, zero = unpack(raw.view(-1, block_bytes))
     groups = cols // layout.group_size
-    parts = {"weight_scale": scale.reshape(out, groups).contiguous()}
+    mapped = raw.untyped_storage().data_ptr()
+
+    def own(x: torch.Tensor, *shape: int) -> torch.Tensor:
+        # a view of the mapped bytes may already be contiguous (a single block): copy it out
+        x = x.reshape(*shape).contiguous()
+        return x.clone() if x.untyped_storage().data_ptr() == mapped else x
+
+    parts = {"weight_scale": own(scale, out, groups)}
     if zero is not None:
-        parts["weight_zero"] = zero.reshape(out, groups).contiguous()
+        parts["weight_zero"] = own(zero, out, groups)
     if layout.scheme == "int4":
-        parts = {"weight_int4": q.reshape(out, cols // 2).contiguous(), **parts}
+        parts = {"weight_int4": own(q, out, cols // 2), **parts}
     else:
-        parts = {"weight_int8": q.reshape(out, cols).contiguous(), **parts}
+        parts = {"weight_int8": own(q, out, cols), **parts}
     return layout, parts
+
+
+def release_mapped(data: Any) -> None:
+    """Drop this process's resident pages of `data`, a numpy view of a file mapped read-only
+    by `np.memmap` (a GGUF tensor's `data`), once it has been copied out. The pages stay in the
+    OS's page cache and a later read maps them again, so nothing changes but the resident
+    size: a load that copies tensor after tensor out of the mapping then holds about its
+    result, not its result plus the whole file. Any other array (not mapped, or where numpy
+    or the OS offers no `madvise`) is left alone."""
+    mapping = getattr(data, "_mmap", None)  # np.memmap and its views hold the mmap.mmap
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        origin = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
+        start = data.__array_interface__["data"][0] - origin
+        first = start - start % mmap.PAGESIZE
+        end = min(start + data.nbytes, len(mapping))
+        if start >= 0 and end > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+    except (OSError, ValueError):  # a closed mapping, or an OS that refuses: only memory is at stake
+        return

@@ -36,7 +36,14 @@ __all__ = ["QuantEmbedding", "TiedQuantLinear"]
 
 class QuantEmbedding(nn.Module):
     """`nn.Embedding` over a quantized table [num_embeddings, embedding_dim] (see the module
-    docstring). The rows come out in the scales' dtype (the model's float dtype)."""
+    docstring).
+
+    The rows are dequantized in float32 and come out in the model's float dtype: the scales'
+    dtype, except that float16 scales give float32 rows. Float16 scales are a storage format,
+    not the model's dtype: GGUF's float16 block scales, kept as stored (`fmodel.io.gguf_quant`)
+    in a model that computes in float32; no fmodel transform makes a quantized embedding of a
+    float16 model (`fmodel.quantize` leaves embeddings float).
+    """
 
     def __init__(
         self,
@@ -64,7 +71,8 @@ class QuantEmbedding(nn.Module):
         return self.weight_int8 if self.layout.scheme == "int8" else self.weight_int4
 
     def rows(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized float32 rows [n, embedding_dim] of the ids [n]."""
+        """Dequantized float32 rows [n, embedding_dim] of the ids [n] (float16 or float32
+        scales widen exactly: the layout's reference math)."""
         scale = self.weight_scale.detach().index_select(0, flat_ids)
         zero = None if self.weight_zero is None else self.weight_zero.detach().index_select(0, flat_ids)
         q = self.table.detach().index_select(0, flat_ids)
@@ -72,9 +80,15 @@ class QuantEmbedding(nn.Module):
             return dequantize_int8(q, scale, zero, self.layout.group_size)
         return dequantize_int4(q, scale, zero, self.embedding_dim, self.layout.group_size)
 
+    def output_dtype(self) -> torch.dtype:
+        """The dtype `forward` returns (see the class docstring)."""
+        dtype = self.weight_scale.dtype
+        return torch.float32 if dtype == torch.float16 else dtype
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Ids [...] (integers) -> rows [..., embedding_dim] in `output_dtype()`."""
         flat = input_ids.reshape(-1)
-        out = self.rows(flat).to(self.weight_scale.dtype)
+        out = self.rows(flat).to(self.output_dtype())
         return out.view(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
