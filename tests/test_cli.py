@@ -283,6 +283,23 @@ def test_generate_sampling_is_seeded(folder, capsys):
     assert first[1].rstrip("\n") == tok.decode(new[:stop], skip_special_tokens=True).rstrip("\n")
 
 
+def test_generate_compile_decodes_through_the_compiled_step(folder, tmp_path, monkeypatch, capsys):
+    """--compile: the same greedy text, the steps run by the compiled step (kept in $FMODEL_CACHE)."""
+    from fmodel.generation import compiled_step as cs
+
+    monkeypatch.setenv("FMODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cs, "_LOADED", {})
+    runs = []
+    real_run = cs.CompiledStep.run
+    monkeypatch.setattr(cs.CompiledStep, "run", lambda self, flat: runs.append(1) or real_run(self, flat))
+    argv = ["generate", folder, "--prompt", "The capital of", "-n", "6", "--threads", "1"]
+    eager = run(argv, capsys)
+    compiled = run([*argv, "--compile"], capsys)
+    assert compiled[0] == 0 and compiled[1] == eager[1]
+    assert len(runs) == 5  # every step after the prefill's first token
+    assert list((tmp_path / "cache" / "compiled_step").glob("*.pt2"))
+
+
 def test_generate_from_a_hub_id_in_the_cache(folder, tmp_path, monkeypatch, capsys):
     from .test_hub_cache import cache_repo
 

@@ -154,6 +154,13 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
         metavar="N",
         help="CPU threads for torch (default: torch's choice, one per core; on a busy machine 1 can be faster)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through the compiled one-token step (AOTInductor; float or quantized weights, "
+        "CPU): compiled once per model shape (about a minute) and kept on disk "
+        "($FMODEL_CACHE), so later runs start warm; models it cannot compile decode eagerly",
+    )
     p.add_argument("--echo", action="store_true", help="print the prompt text before the generated text")
     p.set_defaults(run=run)
 
@@ -271,7 +278,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     printer = TextPrinter(tokenizer, out, stop)
     input_ids = torch.tensor([ids], device=state.device)
     started = time.perf_counter()
-    fmodel.generate(state, input_ids, generation_config=config, generator=generator, streamer=printer)
+    fmodel.generate(
+        state, input_ids, generation_config=config, generator=generator, streamer=printer, compile=args.compile
+    )
     seconds = time.perf_counter() - started
     first_s = (printer.first_token_at or started) - started
     written = (args.prompt if args.echo else "") + printer.text
