@@ -563,7 +563,7 @@ struct Int4W {
     const int64_t per_group = G == 1 ? B : p.group / 32;
     const __mmask16 last = mask16(KB2 - 16 * (B - 1));
     const int64_t ahead = rows_ahead(KB2, NR);
-    const __m512i m4 = _mm512_set1_epi32(0x0F);
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float* xl = static_cast<const float*>(s.xl) + m0 * Kp;
     for (int64_t n = n0; n + NR <= n1; n += NR) {
       const int64_t pn = std::min(n + ahead, p.N - NR);  // the rows to prefetch
@@ -593,8 +593,10 @@ struct Int4W {
             const uint8_t* src = w + (n + r) * KB2 + b * 16;
             const __m512i v = _mm512_cvtepu8_epi32(b == B - 1 ? _mm_maskz_loadu_epi8(k, src)
                                                                 : _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m4));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            // nibble -> float by a 16-entry table (vpermps reads only an index's low 4 bits):
+            // one shuffle each instead of a mask and a conversion
+            const __m512 lo = _mm512_permutexvar_ps(v, lut);
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
             for (int m = 0; m < MB; ++m) {
               te[r][m] = _mm512_fmadd_ps(lo, xe[m], te[r][m]);
               to[r][m] = _mm512_fmadd_ps(hi, xo[m], to[r][m]);
