@@ -966,7 +966,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     engines.add_argument(
         "--fmodel-variants",
         help="of float32,bfloat16,int8,int4,gguf, each optionally +act8 / +compile (default: the "
-        "five, plus gguf+act8 and gguf+compile where fmodel offers them; '' = none)",
+        "five, plus float32+compile, bfloat16+compile, gguf+compile, gguf+act8 and "
+        "gguf+act8+compile where fmodel offers them; '' = none)",
     )
     engines.add_argument(
         "--llama-variants",

@@ -104,7 +104,8 @@ RSS_FILE_FACTOR = 1.10  # GGUF-loaded peak RSS <= torch baseline + 1.1 x file si
 TRANSFORMERS_TARGETS = {"float32": 2.5, "bfloat16": 2.5, "int8": 6.0}  # issue 6, vs Transformers
 
 FMODEL_VARIANTS = ("float32", "bfloat16", "int8", "int4", "gguf")
-FMODEL_OPTIONAL = ("gguf+act8", "gguf+compile")  # added to the defaults where fmodel offers them
+# added to the defaults where fmodel offers them: the compiled step of each target's variant
+FMODEL_OPTIONAL = ("float32+compile", "bfloat16+compile", "gguf+compile", "gguf+act8", "gguf+act8+compile")
 LLAMA_VARIANTS = ("F32", "F16", "Q8_0", "Q4_1")
 TRANSFORMERS_VARIANTS = ("float32", "bfloat16")  # compare.py's default runs float32 only (time)
 PEERS = {"float32": "F32", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_1", "gguf": "Q4_1"}
