@@ -18,7 +18,7 @@ import torch
 from ._frozen import FrozenDict
 from .errors import FModelError
 
-__all__ = ["ModelState", "TieError"]
+__all__ = ["ModelState", "TieError", "quantization_entries"]
 
 
 class TieError(FModelError, ValueError):
@@ -29,10 +29,11 @@ def _frozen_tensors(value: Mapping[str, torch.Tensor]) -> FrozenDict:
     return value if isinstance(value, FrozenDict) else FrozenDict(value)
 
 
-def _quantization_entries(config: Any) -> frozenset[str]:
-    """The scale and zero entry names of the modules `config`'s fmodel `quantization_config`
-    lists (empty for an unquantized config). Cached per config (frozen, hashable): the
-    forward reads `ModelState.dtype` every call."""
+def quantization_entries(config: Any) -> frozenset[str]:
+    """The scale and zero entry names (`<m>.weight_scale`, `<m>.weight_zero`) of the modules
+    `config`'s fmodel `quantization_config` lists (empty for an unquantized config): storage,
+    left out wherever the model's float dtype is read off its tensors (`ModelState.dtype`).
+    Cached per config (frozen, hashable): the forward reads `ModelState.dtype` every call."""
     try:
         return _cached_quantization_entries(config)
     except TypeError:  # an unhashable config object
@@ -120,7 +121,7 @@ class ModelState:
         kept as stored in a model that computes in float32). A state with no other floating
         parameter takes its scales' dtype; one with none at all, float32."""
         params = self.params
-        quant = _quantization_entries(self.config)
+        quant = quantization_entries(self.config)
         dtypes = Counter(t.dtype for n, t in params.items() if n not in quant and t.is_floating_point())
         if not dtypes and quant:
             dtypes = Counter(t.dtype for t in params.values() if t.is_floating_point())
