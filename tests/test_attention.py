@@ -6,6 +6,9 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fmodel
 from fmodel import attention
@@ -173,3 +176,37 @@ def test_every_mask_form_gives_the_same_attention():
         for other in (sdpa, flex):
             assert ((other - eager).abs() * real[..., None]).max() <= 1e-5
     assert build_mask("bool", MaskInputs(None, torch.arange(8), 8, 2), None, torch.float32) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(2, 4),
+    t=st.integers(1, 5),
+    extra_keys=st.integers(0, 6),
+    per_head=st.booleans(),
+    boolean=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sdpa_grouped_query_attention_equals_repeated_keys(kv_heads, groups, t, extra_keys, per_head, boolean, seed):
+    """sdpa with a mask over grouped key/value heads (the query heads folded into the rows, no
+    repeat_kv copy of the cache) equals sdpa over the repeated keys/values."""
+    from types import SimpleNamespace
+
+    from fmodel.attention.builtin import repeat_kv, sdpa_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    b, d, s = 2, 8, t + extra_keys
+    h = kv_heads * groups
+    q = torch.randn(b, h, t, d, generator=gen)
+    k, v = torch.randn(b, kv_heads, s, d, generator=gen), torch.randn(b, kv_heads, s, d, generator=gen)
+    keep = torch.rand(b, h if per_head else 1, t, s + 3, generator=gen) > 0.3
+    keep[..., 0] = True  # every row sees a key
+    mask = keep if boolean else torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    got, _ = sdpa_attention(module, q, k, v, mask, scaling=0.3)
+    want = F.scaled_dot_product_attention(
+        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask[..., :s], scale=0.3
+    ).transpose(1, 2)
+    assert got.shape == (b, t, h, d)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

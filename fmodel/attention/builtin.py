@@ -139,13 +139,15 @@ def sdpa_attention(
         return _sdpa_by_eager(module, query, key, value, attention_mask, scaling, dropout, is_causal, softcap)
     extra = {}
     groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if groups > 1:
         if attention_mask is None:
             extra["enable_gqa"] = True
+        elif not is_causal:
+            return _sdpa_grouped(query, key, value, attention_mask, groups, scaling, dropout), None
         else:
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     output = F.scaled_dot_product_attention(
@@ -159,6 +161,23 @@ def sdpa_attention(
         **extra,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_grouped(query, key, value, mask, groups: int, scaling, dropout) -> torch.Tensor:
+    """sdpa with a mask for grouped-query attention, without repeating the keys and values: the
+    `groups` query heads of each key/value head are folded into its query rows ([B, H, T, D] ->
+    [B, H_kv, groups * T, D]; rows are independent, so this is the same attention). A decode step
+    would otherwise copy the whole cache per layer (repeat_kv). Returns [B, T, H, D]."""
+    b, h, t, d = query.shape
+    kv, s = key.shape[1], key.shape[-2]
+    q = query.reshape(b, kv, groups * t, d)
+    mb, mh = mask.shape[0], mask.shape[1]
+    if mh == 1:  # one mask for every head: the same rows for each folded head
+        mask = mask[:, :, None].expand(mb, 1, groups, t, s).reshape(mb, 1, groups * t, s)
+    else:  # a mask per query head [B, H, T, S]
+        mask = mask.expand(mb, h, t, s).reshape(mb, kv, groups * t, s)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, h, t, out.shape[-1]).transpose(1, 2).contiguous()
 
 
 def _sdpa_by_eager(module, query, key, value, attention_mask, scaling, dropout, is_causal, softcap):
