@@ -8,7 +8,8 @@
 //     low nibbles with the even columns and another the high nibbles with the odd ones. Int32
 //     lane L of a chunk then sums columns 128c + 8L .. 8L+7, all in one activation block and one
 //     weight group when the group size is a multiple of 8.
-//   int4, weight-only: per 32-column block, x's 16 even columns then its 16 odd ones (float).
+//   int4, weight-only: per 128-column chunk, x[128c + 8L + j] at 16j + L (float): lane L of the
+//     chunk's 64 bytes holds columns 8L .. 8L+7 as its 8 nibbles.
 //   int8, act_int8: q in its own order, rows padded to 64; vpdpbusd wants an unsigned operand, so
 //     the weight is offset by 128 (q ^ 0x80) and each lane starts from -128 * (its sum of q):
 //     the lane's integer is exactly sum(w * q). Lane L of a 64-column chunk sums 4 columns.
@@ -157,7 +158,7 @@ Layout layout(Kind kind, const Problem& p) {
   switch (kind) {
     case Kind::int4_a8: l.chunk = 128; l.lane_cols = 8; break;
     case Kind::int8_a8: l.chunk = 64; l.lane_cols = 4; break;
-    case Kind::int4_w: l.chunk = 32; l.lane_cols = 32; break;
+    case Kind::int4_w: l.chunk = 128; l.lane_cols = 8; break;
     case Kind::int8_w: l.chunk = 16; l.lane_cols = 16; break;
   }
   l.Kp = up(p.K, l.chunk);
@@ -209,7 +210,7 @@ Scratch prepare(Kind kind, const Problem& p, void* buffer) {
   const int64_t M = p.M, K = p.K, G = p.G, group = p.group;
   // the SIMD kernels need each lane inside one group: a single group, or groups a multiple of
   // the lane width (act_int8: 8 or 4 columns) or of the block (weight-only: 32 or 16 columns)
-  if (l.a8)
+  if (l.a8 || kind == Kind::int4_w)
     s.mode = lane_mode(G, group, l.chunk, l.lane_cols, G == 1 || group % l.lane_cols == 0);
   else
     s.mode = use_simd() && (G == 1 || group % l.chunk == 0) ? 1 : -1;
@@ -267,12 +268,12 @@ Scratch prepare(Kind kind, const Problem& p, void* buffer) {
       if (s.mode < 0) continue;
       float* xl = static_cast<float*>(s.xl) + m * l.Kp;
       if (kind == Kind::int4_w) {
-        for (int64_t cb = 0; cb < l.Kp; cb += 32)
-          for (int64_t i = 0; i < 16; ++i) {
-            const int64_t ke = cb + 2 * i, ko = ke + 1;
-            xl[cb + i] = ke < K ? x[ke] : 0.0f;
-            xl[cb + 16 + i] = ko < K ? x[ko] : 0.0f;
-          }
+        for (int64_t cb = 0; cb < l.Kp; cb += 128)
+          for (int64_t j = 0; j < 8; ++j)
+            for (int64_t L = 0; L < 16; ++L) {
+              const int64_t k = cb + 8 * L + j;
+              xl[cb + 16 * j + L] = k < K ? x[k] : 0.0f;
+            }
       } else {
         for (int64_t k = 0; k < l.Kp; ++k) xl[k] = k < K ? x[k] : 0.0f;
       }
@@ -548,9 +549,13 @@ struct Int8A8 {
   }
 };
 
-// Weight-only: dequantize 16 weights at a time into float32 lanes, FMA with float32 x, one
-// float32 sum per row and group, scaled once per group.
-template <class S>
+// Weight-only int4: a 64-byte chunk of a row (128 columns) is read once; int32 lane L holds the
+// 8 nibbles of columns 128c + 8L .. 8L+7, the j-th (bits 4j..4j+3) being column 8L + j. Each
+// nibble position becomes floats by a 16-entry table (vpermps reads only an index's low 4
+// bits, so a shift alone selects the nibble), multiplied with x laid out to match (xl[c][j][L]
+// = x[128c + 8L + j]) in two float32 chains, then scaled per lane by its group's scale (lanes
+// never straddle a group: the group size is a multiple of 8) and accumulated across chunks.
+template <int MODE, class S>
 struct Int4W {
   const Problem& p;
   const Scratch& s;
@@ -559,9 +564,8 @@ struct Int4W {
   const S* zero;
   template <int MB, int NR>
   void run(int64_t m0, int64_t n0, int64_t n1) const {
-    const int64_t KB2 = (p.K + 1) / 2, B = s.Kp / 32, G = p.G, Kp = s.Kp;
-    const int64_t per_group = G == 1 ? B : p.group / 32;
-    const __mmask16 last = mask16(KB2 - 16 * (B - 1));
+    const int64_t KB2 = (p.K + 1) / 2, C = s.Kp / 128, G = p.G, Kp = s.Kp;
+    const __mmask64 last = mask64(KB2 - 64 * (C - 1));
     const int64_t ahead = rows_ahead(KB2, NR);
     const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float* xl = static_cast<const float*>(s.xl) + m0 * Kp;
@@ -574,39 +578,25 @@ struct Int4W {
       __m512 acc[NR][MB];
       for (int r = 0; r < NR; ++r)
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 te[NR][MB], to[NR][MB];
-        for (int r = 0; r < NR; ++r)
-          for (int m = 0; m < MB; ++m) te[r][m] = to[r][m] = _mm512_setzero_ps();
-        const int64_t b1 = std::min(B, (g + 1) * per_group);
-        for (int64_t b = g * per_group; b < b1; ++b) {
-          const __mmask16 k = last;
-          __m512 xe[MB], xo[MB];
-          for (int m = 0; m < MB; ++m) {
-            xe[m] = _mm512_loadu_ps(xl + m * Kp + b * 32);
-            xo[m] = _mm512_loadu_ps(xl + m * Kp + b * 32 + 16);
-          }
-          for (int r = 0; r < NR; ++r) {
-            // 16 bytes zero-extended to 16 int32 lanes (the load folds into vpmovzxbd), then
-            // the two nibbles of each: 32 weights
-            if ((b & 3) == 0) prefetch(w + (pn + r) * KB2 + b * 16);
-            const uint8_t* src = w + (n + r) * KB2 + b * 16;
-            const __m512i v = _mm512_cvtepu8_epi32(b == B - 1 ? _mm_maskz_loadu_epi8(k, src)
-                                                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-            // nibble -> float by a 16-entry table (vpermps reads only an index's low 4 bits):
-            // one shuffle each instead of a mask and a conversion
-            const __m512 lo = _mm512_permutexvar_ps(v, lut);
-            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+      for (int64_t c = 0; c < C; ++c) {
+        const __mmask64 k = c == C - 1 ? last : ~__mmask64(0);
+        const __mmask8 gk = group_mask(MODE, c, C, G);
+        const float* xc = xl + c * 128;
+        for (int r = 0; r < NR; ++r) {
+          prefetch(w + (pn + r) * KB2 + c * 64);
+          const __m512i b = _mm512_maskz_loadu_epi8(k, w + (n + r) * KB2 + c * 64);
+          __m512 te[MB], to[MB];
+          for (int m = 0; m < MB; ++m) te[m] = to[m] = _mm512_setzero_ps();
+          for (int j = 0; j < 8; j += 2) {
+            const __m512 we = _mm512_permutexvar_ps(j == 0 ? b : _mm512_srli_epi32(b, 4 * j), lut);
+            const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4 * j + 4), lut);
             for (int m = 0; m < MB; ++m) {
-              te[r][m] = _mm512_fmadd_ps(lo, xe[m], te[r][m]);
-              to[r][m] = _mm512_fmadd_ps(hi, xo[m], to[r][m]);
+              te[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xc + m * Kp + j * 16), te[m]);
+              to[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xc + m * Kp + j * 16 + 16), to[m]);
             }
           }
-        }
-        for (int r = 0; r < NR; ++r) {
-          const __m512 sv = _mm512_set1_ps(scalar(scale + (n + r) * G + g));
-          for (int m = 0; m < MB; ++m)
-            acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(te[r][m], to[r][m]), sv, acc[r][m]);
+          const __m512 sv = lane_scales<MODE>(scale + (n + r) * G, c, 128, G, p.group, s.idx, gk);
+          for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(_mm512_add_ps(te[m], to[m]), sv, acc[r][m]);
         }
       }
       for (int r = 0; r < NR; ++r)
@@ -739,7 +729,7 @@ void int4_typed(Kind kind, const Problem& p, const Scratch& s, const uint8_t* pa
     if (kind == Kind::int4_a8)
       run_mode<Int4A8>(s.mode, p, s, packed, scale, zero, n0, n1);
     else
-      drive(Int4W<S>{p, s, packed, scale, zero}, p.M, n0, n1);
+      run_mode<Int4W>(s.mode, p, s, packed, scale, zero, n0, n1);
     return;
   }
 #endif
