@@ -45,6 +45,12 @@ if HAS_GGUF:
     from gguf import GGMLQuantizationType as Q
 
 FORMATS = sorted(KEPT_FORMATS)
+# the dtype of each format's kept scales and zeros: the file's float16 d / m as stored, float32
+# for the K-quants' d * sub-scale products (Q4_0: unless -8d overflows float16, see below)
+SCALE_DTYPES = {
+    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"), torch.float16),
+    **dict.fromkeys(("Q4_K", "Q5_K", "Q6_K"), torch.float32),
+}
 
 
 def _blocks(qtype_name: str, rows: int, cols: int, rng: np.random.Generator, data=None) -> np.ndarray:
@@ -105,7 +111,7 @@ def test_every_kept_format_dequantizes_to_gguf_values(name):
     assert set(parts) == set(layout.entries())
     assert all(t.is_contiguous() for t in parts.values())
     for key in ("weight_scale", "weight_zero")[: 1 + layout.zero]:
-        assert parts[key].dtype == torch.float32, key
+        assert parts[key].dtype == SCALE_DTYPES[name], key
         assert parts[key].shape == (rows, cols // layout.group_size), key
     data = parts["weight_int4" if layout.scheme == "int4" else "weight_int8"]
     assert data.shape == (rows, cols // 2 if layout.scheme == "int4" else cols)
@@ -118,6 +124,30 @@ def test_every_kept_format_dequantizes_to_gguf_values(name):
         assert not torch.all(same_bits)  # this data has negative d with q == 8 somewhere
     else:
         assert torch.all(same_bits)
+
+
+def _with_d(raw: np.ndarray, values: list[float]) -> np.ndarray:
+    """Q4_0 blocks `raw` [rows, blocks * 18] with the first blocks' d (bytes 0:2) set to `values`."""
+    blocks = raw.copy().reshape(-1, 18)
+    for i, v in enumerate(values):
+        blocks[i, 0:2] = np.array([v], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(raw.shape)
+
+
+@pytest.mark.parametrize(
+    ("d", "dtype"), [(8188.0, torch.float16), (-8188.0, torch.float16), (8192.0, torch.float32)]
+)
+def test_q4_0_zero_is_float16_unless_it_overflows(d, dtype):
+    """Q4_0's zero -8d is exact in float16 up to |d| = 8188 (8 x 8188 = 65504, float16's largest);
+    one block with a larger d makes that tensor's scale and zero float32 (the others stay float16),
+    still equal to gguf's values."""
+    rows, cols = 4, 64
+    raw = _with_d(_blocks("Q4_0", rows, cols, np.random.default_rng(5)), [d])
+    layout, parts = to_layout(_fake_tensor("Q4_0", raw, rows, cols), "x.gguf")
+    assert parts["weight_scale"].dtype == parts["weight_zero"].dtype == dtype
+    assert parts["weight_zero"][0, 0].item() == -8 * d
+    want = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_0).reshape(rows, cols))
+    assert torch.equal(_dequantized(layout, parts, cols), want)  # equal numbers (zeros' sign aside)
 
 
 def test_scale_views_do_not_alias_the_file():
@@ -365,6 +395,11 @@ def test_mixed_file_records_each_layout_and_dequantizes_to_the_float_load(files,
     assert kept.config.tie_word_embeddings is False and not kept.ties
     assert not any(k.startswith("lm_head.") for k in kept.params)  # the head owns nothing
     assert "blk.1.ffn_up.weight (Q2_K)" in caplog.text  # dequantized, and said so
+    formats = {m: MIXED[_gguf_name(f"{m}.weight")] for m in expected}
+    for module, fmt in formats.items():
+        for suffix in ("weight_scale", "weight_zero")[: 1 + expected[module].zero]:
+            assert kept.params[f"{module}.{suffix}"].dtype == SCALE_DTYPES[fmt], (module, suffix)
+    # the float16 scales are storage: the model computes in float32
     assert kept.dtype == torch.float32 and "torch.float32" in repr(kept)
     _assert_same_state(fmodel.dequantize(kept), floating)  # lossless (ties restored)
 
@@ -385,11 +420,24 @@ def test_mixed_file_logits_equal_the_float_state_and_save_load(files, tmp_path):
     fmodel.save(kept, tmp_path / "mixed")
     again = fmodel.load(tmp_path / "mixed")
     assert quantization_config(again.config) == quantization_config(kept.config)
-    _assert_same_state(again, kept, saved=True)
+    _assert_same_state(again, kept, saved=True)  # the float16 scales stay float16
     saved = json.loads((tmp_path / "mixed" / "config.json").read_text())
     assert saved["torch_dtype"] == "float32" and again.dtype == torch.float32
     with torch.inference_mode():
         assert torch.equal(fmodel.forward(again, IDS).logits, got)
+    # a checkpoint saved before the float16 scales (every scale and zero float32) still loads,
+    # and computes the same numbers
+    wide = kept.replace(
+        params={
+            n: t.float() if n.endswith(("weight_scale", "weight_zero")) else t for n, t in kept.params.items()
+        }
+    )
+    fmodel.save(wide, tmp_path / "wide")
+    old = fmodel.load(tmp_path / "wide")
+    assert {t.dtype for n, t in old.params.items() if n.endswith("weight_scale")} == {torch.float32}
+    with torch.inference_mode():
+        assert torch.equal(fmodel.forward(old, IDS).logits, got)
+    _assert_same_state(fmodel.dequantize(old), fmodel.dequantize(kept), saved=True)
     out = fmodel.generate(kept, IDS[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
 
@@ -462,6 +510,33 @@ def test_state_dtype_leaves_quantization_scales_out():
     assert only.dtype == torch.float16
     # an unquantized state: the most common floating dtype, as before
     assert fmodel.to(state, dtype=torch.float16).dtype == torch.float16
+
+
+def test_float16_scales_do_not_set_the_dtype_of_a_facade_or_of_drawn_tensors(files, tmp_path):
+    """The facade over a kept state (float16 scales first among its floating parameters)
+    computes and caches in float32, as `fmodel.generate` does; a kept checkpoint loaded with a
+    tensor missing draws it in float32."""
+    from safetensors.torch import load_file, save_file
+
+    from fmodel.facade import LlamaForCausalLM
+
+    kept = fmodel.load(files["mixed"], quantized=True)
+    assert kept.params["model.embed_tokens.weight_scale"].dtype == torch.float16
+    model = LlamaForCausalLM.from_state(kept)
+    assert model.dtype == torch.float32
+    with torch.inference_mode():
+        logits = model(IDS).logits
+        torch.testing.assert_close(logits, fmodel.forward(kept, IDS).logits, rtol=1e-5, atol=1e-5)
+        assert logits.dtype == torch.float32
+        out = model.generate(IDS[:1, :5], max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, fmodel.generate(kept, IDS[:1, :5], max_new_tokens=3, do_sample=False))
+    fmodel.save(kept, tmp_path / "kept")
+    (file,) = (tmp_path / "kept").glob("*.safetensors")
+    stored = load_file(file)
+    del stored["model.norm.weight"]
+    save_file(stored, file, metadata={"format": "pt"})
+    drawn = fmodel.load(tmp_path / "kept", allow_missing=True)
+    assert drawn.params["model.norm.weight"].dtype == torch.float32
 
 
 def test_tied_head_multiplies_by_the_embedding_tensors(files):

@@ -16,6 +16,7 @@ from ..errors import ArgumentTypeError
 from ..forward import prepare_call, to_output
 from ..generation.cache import KVCache, init_cache
 from ..models import get_spec
+from ..state import quantization_entries
 from .arg_checks import check_model_inputs
 from .outputs import output_class
 
@@ -47,7 +48,12 @@ class ForwardMixin:
         torch.compile: no attrs converters in the way)."""
         if self.__dict__.get("_tp_mesh") is not None:  # tensor parallel: the state has the mesh
             return self.state  # and plan (local kv heads in the cache, the tensor-parallel skeleton)
-        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        # the model's float dtype: not that of quantization scales (GGUF's float16 block scales)
+        storage = quantization_entries(self._frozen_config)
+        param = next(
+            (p for n, p in self.named_parameters() if p.is_floating_point() and n not in storage),
+            next((p for p in self.parameters() if p.is_floating_point()), None),
+        )
         return _CallInfo(
             self._frozen_config,
             self._architecture,

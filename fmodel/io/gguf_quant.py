@@ -21,9 +21,17 @@ and so is their difference, so both give the exact product (only the sign of a z
 differ: `d * 0` is -0.0 for a negative d, `8d - 8d` is +0.0). Q4_1 / Q5_1 compute `d * q + m`
 either way; Q4_K / Q5_K compute `(d * sc) * q - dmin * m` in gguf and `q * (d * sc) + (-(dmin *
 m))` here, and `a - b` is `a + (-b)` in IEEE arithmetic; Q8_0 / Q5_0 / Q6_K are one product.
-Scales and zeros are float32 (the products of the K-quants need it; fmodel's kernels take
-float32), so the kept state is a little larger than the file: 8 bytes per 32 weights where
-the file has 4.
+
+Scale and zero dtypes, decided per tensor so that nothing is rounded: float16 where the file's
+values are float16 themselves (Q4_1, Q8_0, Q5_0, Q5_1: d and m as stored; Q4_0: d and -8d,
+which is exact in float16 unless it overflows float16's range, and then that tensor's scale
+and zero are float32), so the kept state takes the file's 4 bytes per 32 weights for them;
+float32 for the K-quants, whose `d * sc` products need float32's bits. A tensor's scale and
+zero always share one dtype. Every consumer widens float16 exactly: the reference math
+(`fmodel.models.quant_linear`) computes in float32, and `fmodel.kernels` takes float16 scales
+and zeros as they are, so the numbers above are unchanged. Float16 scales are storage only:
+the model still computes in float32 (`ModelState.dtype` leaves quantization entries out,
+`QuantEmbedding` returns float32 rows for them).
 """
 
 from __future__ import annotations
@@ -50,9 +58,25 @@ INT8_G16 = Layout("int8", 16, False)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
-    """[n, 2] bytes (a slice of blocks of an even byte size) -> [n, 1] float32 (a float16
-    widened: exact)."""
-    return b.view(torch.float16).to(torch.float32)
+    """[n, 2] bytes (a slice, at an even offset, of blocks of an even byte size) -> [n, 1]
+    float16: a view of the bytes (the caller's reshape copies it out)."""
+    return b.view(torch.float16)
+
+
+def _f32(b: torch.Tensor) -> torch.Tensor:
+    """`_f16` widened to float32 (exact), for the K-quants' float32 products."""
+    return _f16(b).to(torch.float32)
+
+
+def _zero_q4_0(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's (scale, zero) = (d, -8d) of float16 d [n, 1]: both float16 when every -8d is exact
+    in float16 (it is unless |d| > 8188, where it overflows), else both float32 (exact there)."""
+    wide = d.to(torch.float32) * -8  # exact: a power of two times a float16
+    narrow = wide.to(torch.float16)
+    back = narrow.to(torch.float32)
+    if bool(((back == wide) | (back.isnan() & wide.isnan())).all()):
+        return d, narrow
+    return d.to(torch.float32), wide
 
 
 def _repack(g: torch.Tensor) -> torch.Tensor:
@@ -77,8 +101,7 @@ def _high_bits(qh: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(b):
-    d = _f16(b[:, 0:2])
-    return _repack(b[:, 2:18]), d, d * -8
+    return _repack(b[:, 2:18]), *_zero_q4_0(_f16(b[:, 0:2]))
 
 
 def _q4_1(b):
@@ -112,7 +135,7 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _k_scales(b):
     """d * sc and -(dmin * m) [n, 8] of Q4_K / Q5_K super-blocks, in gguf's float32 order."""
     sc, mn = _scale_min_k4(b[:, 4:16])
-    return _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn)
+    return _f32(b[:, 0:2]) * sc, -(_f32(b[:, 2:4]) * mn)
 
 
 def _low_k(qs: torch.Tensor) -> torch.Tensor:
@@ -142,12 +165,12 @@ def _q6_k(b):
     qh = (qh & 0x03).reshape(-1, 8, 32)
     q = ((ql | (qh << 4)).to(torch.int16) - 32).to(torch.int8).reshape(-1, QK_K)
     sc = b[:, 192:208].view(torch.int8).to(torch.float32)
-    return q, _f16(b[:, 208:210]) * sc, None
+    return q, _f32(b[:, 208:210]) * sc, None
 
 
 # format -> (layout, block bytes, values per block, unpack: blocks [n, bytes] uint8 ->
 # (values: int8 [n, per block], or int4 packed in fmodel's order [n, per block / 2] uint8;
-# scale [n, groups per block]; zero or None))
+# scale [n, groups per block]; zero or None; float16 or float32, see the module docstring))
 KEPT_FORMATS: dict[str, tuple[Layout, int, int, Callable]] = {
     "Q4_0": (INT4_G32, 18, 32, _q4_0),
     "Q4_1": (INT4_G32, 20, 32, _q4_1),
@@ -176,10 +199,11 @@ def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
     """A kept-format 2-D tensor (`kept_layout`) as new tensors of its fmodel layout.
 
     Returns:
-        (layout, {"weight_int4" or "weight_int8": values, "weight_scale": [out, G] float32,
-        "weight_zero": [out, G] float32 where the layout has one}), rows in the file's order
-        (values: int4 packed [out, in / 2] uint8, int8 [out, in]). New tensors: the file's
-        mapping is only read.
+        (layout, {"weight_int4" or "weight_int8": values, "weight_scale": [out, G],
+        "weight_zero": [out, G] where the layout has one}), rows in the file's order (values:
+        int4 packed [out, in / 2] uint8, int8 [out, in]; scale and zero of one dtype: float16
+        for Q4_1, Q8_0, Q5_0, Q5_1 and Q4_0 unless its -8d overflows float16, else float32;
+        see the module docstring). New tensors: the file's mapping is only read.
 
     Raises:
         CorruptFileError: data that does not fill whole blocks of the shape.

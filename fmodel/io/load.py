@@ -26,7 +26,7 @@ from ..models import get_spec
 from ..models.init import draw_missing_as_transformers, init_tensor
 from ..models.quant_linear import quantization_config
 from ..models.skeleton import skeleton
-from ..state import ModelState
+from ..state import ModelState, quantization_entries
 from .expected import (
     check_against_config,
     check_dtypes,
@@ -196,7 +196,7 @@ def state_from_tensors(
             f"{really_missing[:20]} (pass allow_missing=True to initialise them)"
         )
 
-    init_dtype = target_dtype or _stored_float_dtype(found)
+    init_dtype = target_dtype or _stored_float_dtype(found, quantization_entries(config))
     if init_missing == "transformers":
         shapes = {name: expected[name] for name in missing}
         found.update(draw_missing_as_transformers(module, config, spec.model_type, shapes, ties, init_dtype))
@@ -234,9 +234,13 @@ def state_from_tensors(
     return state, report
 
 
-def _stored_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
-    for t in tensors.values():
-        if t.is_floating_point():
+def _stored_float_dtype(
+    tensors: Mapping[str, torch.Tensor], storage: frozenset[str] = frozenset()
+) -> torch.dtype:
+    """The dtype of the first stored floating tensor that is not a quantization scale or zero
+    (`storage`: GGUF's float16 block scales are not the model's dtype); float32 if none."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and name not in storage:
             return t.dtype
     return torch.float32
 

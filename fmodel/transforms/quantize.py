@@ -204,7 +204,7 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
 
     Arguments:
         state: a quantized model.
-        dtype: None keeps the model's dtype (the scales'); otherwise the whole dequantized state is
+        dtype: None keeps the model's dtype (`state.dtype`); otherwise the whole dequantized state is
             cast to `dtype` (as `fmodel.to(..., dtype=dtype)`).
 
     Returns:
@@ -227,6 +227,7 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
         )
     module = skeleton(state.config, state.architecture)
     p = state.params
+    model_dtype = state.dtype  # not the scales' (a GGUF load keeps float16 block scales)
     restored: dict[str, torch.Tensor] = {}
     removed: set[str] = set()
     for name in qc["modules"]:
@@ -247,7 +248,7 @@ def dequantize(state: ModelState, dtype: torch.dtype | str | None = None) -> Mod
         else:
             weight = dequantize_int4(p[f"{name}.weight_int4"], scale, zero, width, layout.group_size)
         removed |= {f"{name}.{suffix}" for suffix in layout.entries()}
-        restored[f"{name}.weight"] = weight.to(scale.dtype)
+        restored[f"{name}.weight"] = weight.to(model_dtype)
     extra = {k: v for k, v in state.config.extra.items() if k != "quantization_config"}
     config = state.config.replace(extra=extra)
     ties = dict(state.ties)
