@@ -55,7 +55,7 @@ def _within_float32_accumulation(got: torch.Tensor, layer: Linear, x: torch.Tens
     bf16=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_decode_rows_run_the_dense_kernel_within_float32_accumulation(
+def test_bfloat16_decode_rows_run_the_dense_kernel_within_float32_accumulation(
     rows, in_features, out_features, bias, three_d, bf16, seed
 ):
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -67,7 +67,7 @@ def test_decode_rows_run_the_dense_kernel_within_float32_accumulation(
     with torch.inference_mode():
         got = layer(x)
     assert got.dtype == dtype and got.shape == (*x.shape[:-1], out_features)
-    if rows > KERNEL_MAX_ROWS:  # prefill-sized: F.linear itself
+    if rows > KERNEL_MAX_ROWS or not bf16:  # prefill-sized, or eager float32: F.linear itself
         assert torch.equal(got, F.linear(x, layer.weight, layer.bias))
     else:
         _within_float32_accumulation(got, layer, x)
@@ -79,11 +79,13 @@ def test_decode_rows_call_the_kernel_and_longer_inputs_do_not(monkeypatch):
     kernels = linear_module._kernels()
     real = kernels.dense_linear
     monkeypatch.setattr(kernels, "dense_linear", lambda x, w: calls.append(x.shape) or real(x, w))
-    layer = _layer(32, 24, bias=True, dtype=torch.float32)
     with torch.inference_mode():
-        layer(torch.randn(KERNEL_MAX_ROWS + 1, 32))
+        _layer(32, 24, bias=True, dtype=torch.float32)(torch.randn(2, 1, 32))
+        assert calls == []  # eager float32: F.linear, Transformers' numbers
+        layer = _layer(32, 24, bias=True)
+        layer(torch.randn(KERNEL_MAX_ROWS + 1, 32).bfloat16())
         assert calls == []
-        layer(torch.randn(2, 1, 32))
+        layer(torch.randn(2, 1, 32).bfloat16())
     assert calls == [(2, 32)]
 
 
@@ -187,7 +189,8 @@ def test_generate_is_pure_and_equals_the_plain_path(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_compile_traces_the_dense_kernel(dtype):
     """Under torch.compile a decode-sized input traces the `fmodel.dense_linear` op (the pack
-    cache is never traced): the compiled forward equals the eager one."""
+    cache is never traced; float32 too, which eagerly runs F.linear): the compiled forward is
+    the kernel's product plus the bias, rounded once."""
     layer = _layer(32, 24, bias=True, dtype=dtype)
     x = torch.randn(1, 32).to(dtype)
     graphs = []
@@ -197,6 +200,8 @@ def test_torch_compile_traces_the_dense_kernel(dtype):
         return gm
 
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    kernels = linear_module._kernels()
     with torch.inference_mode():
-        assert torch.equal(compiled(x), layer(x))
+        want = (kernels.dense_linear(x.float(), layer.weight) + layer.bias.float()).to(dtype)
+        assert torch.equal(compiled(x), want)
     assert any("fmodel.dense_linear" in str(n.target) for g in graphs for n in g.graph.nodes)

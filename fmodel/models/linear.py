@@ -1,12 +1,14 @@
 """`Linear`: the skeletons' `nn.Linear`, with a faster CPU path for float32 / bfloat16 decode steps.
 
-For inputs of at most `KERNEL_MAX_ROWS` rows (decode steps) on CPU, a float32 or bfloat16
-weight is multiplied by `fmodel.kernels.dense_linear` when the kernel extension is loaded: it
-reads the weight as stored, at memory speed (measured on this project's 2-core AVX-512 machine,
-1 thread, SmolLM2-135M's shapes: float32 1.05-1.1x torch's `F.linear`; bfloat16 1.6x `F.linear`
-and 1.0-1.7x oneDNN over a packed weight, with no packed copy). The same path is traced under
-torch.compile / torch.export (the compiled decode step): the op's fake implementation gives the
-shapes and AOTInductor calls it.
+For inputs of at most `KERNEL_MAX_ROWS` rows (decode steps) on CPU, a weight is multiplied by
+`fmodel.kernels.dense_linear` when the kernel extension is loaded: it reads the weight as
+stored, at memory speed (measured on this project's 2-core AVX-512 machine, 1 thread, SmolLM2-
+135M's shapes: float32 1.05-1.1x torch's `F.linear`; bfloat16 1.6x `F.linear` and 1.0-1.7x
+oneDNN over a packed weight, with no packed copy). bfloat16 takes it eagerly and under
+torch.compile / torch.export; float32 only under compile / export (the compiled decode step,
+whose results are the eager step's up to float rounding anyway): eager float32 stays `F.linear`,
+so an eager forward gives Transformers' numbers bit for bit. Traced, the op's fake
+implementation gives the shapes and AOTInductor calls it.
 
 Numerics: x is widened to float32 (exact for bfloat16), products accumulate in float32, the bias
 is added in float32, and the result is rounded once to x's dtype. Against `F.linear` the result
@@ -51,12 +53,13 @@ def _kernels():
 
 
 def _dense_kernel_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """`fmodel.kernels.dense_linear` may run: eagerly on plain CPU tensors, or while torch.compile
-    / export traces a CPU input; the extension loaded."""
+    """`fmodel.kernels.dense_linear` may run: while torch.compile / export traces a CPU input, or
+    eagerly on plain CPU bfloat16 tensors (float32 stays `F.linear` eagerly: bit for bit the
+    numbers Transformers gives); the extension loaded."""
     if torch.compiler.is_compiling():
         ok = x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
     else:
-        ok = fast_path_ok(x, weight, *(() if bias is None else (bias,)))
+        ok = x.dtype == torch.bfloat16 and fast_path_ok(x, weight, *(() if bias is None else (bias,)))
     return ok and _kernels() is not None
 
 
