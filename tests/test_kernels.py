@@ -191,12 +191,17 @@ def test_int8(impl, n, k, group, with_zero, act_int8):
     check(fk.int8_linear(x, q, scale, zero, group, act_int8), x, q, scale, zero, group, act_int8)
 
 
+@pytest.mark.parametrize("x_bf16", [False, True], ids=["x-f32", "x-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n", "k"), [(64, 576), (37, 100), (5, 7), (3, 1)])
-def test_dense(impl, n, k, dtype):
+@pytest.mark.parametrize(("n", "k", "rows"), [(64, 576, 4), (37, 100, 3), (5, 7, 16), (3, 1, 1), (40, 33, 2)])
+def test_dense(impl, n, k, rows, dtype, x_bf16):
+    """Within float32 accumulation rounding; an x that is exactly bfloat16 (a bfloat16 model's
+    activations) over a bfloat16 weight runs the vdpbf16ps kernel where the CPU has one."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g).to(dtype)
-    x = torch.randn(4, k, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    if x_bf16:
+        x = x.bfloat16().float()
     ref = x.double() @ w.double().T
     mag = x.double().abs() @ w.double().abs().T
     assert ((fk.dense_linear(x, w).double() - ref).abs() <= rounding_bound(k, mag)).all()

@@ -22,7 +22,11 @@ The ops (float32 x [..., K] in, float32 [..., N] out; output rows split over tor
 - Both also take scale and zero in float16 (GGUF's own d / m, kept as stored: 0.625 bytes per
   Q4_1 weight instead of 0.75, so memory stays at the file's size); they are widened exactly to
   float32 as they are read, so the result equals the float32 call on `scale.float()` bit for bit.
-- `dense_linear(x, weight)`: weight float32 or bfloat16 [N, K].
+- `dense_linear(x, weight)`: weight float32 or bfloat16 [N, K]. A bfloat16 weight times an x
+  whose values are all exactly bfloat16 (a bfloat16 model's activations) runs AVX512-BF16's
+  `vdpbf16ps` where the CPU has it (32 products per instruction; the products are exact in
+  float32, accumulated in float32; the instruction flushes denormals to zero: at most 2**-126
+  per product), about 1.2x the widening kernel at 1 thread.
 
 Numerics:
 

@@ -66,5 +66,9 @@ void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, c
 // dense: weight [N, K] float32 or bfloat16 (raw uint16), float32 accumulation.
 void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1);
 void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1);
+// bfloat16 weight, x exactly bfloat16 (xb: its bits, [M, Kp] zero-padded, Kp = 32 * ceil(K/32)):
+// vdpbf16ps where the CPU has AVX512-BF16 (bf16_dot_available), else bf16_rows.
+bool bf16_dot_available();
+void bf16_dot_rows(const Problem& p, const uint16_t* w, const uint16_t* xb, int64_t Kp, int64_t n0, int64_t n1);
 
 }  // namespace fmk
