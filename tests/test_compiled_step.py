@@ -108,6 +108,19 @@ def test_beam_search_runs_compiled(state, counted):
     assert len(counted) == 5
 
 
+def test_long_generation_grows_the_cache_under_the_compiled_step(state, counted):
+    """The compiled path starts with room for COMPILED_STEP_SLOTS new tokens and grows the cache
+    as the generation gets there (one artefact serves every capacity): same tokens as eager."""
+    from fmodel.generation import decode_loop
+
+    new = 2 * decode_loop.COMPILED_STEP_SLOTS + 20
+    eager, compiled = both(state, IDS, attention_mask=MASK, max_new_tokens=new, eos_token_id=None)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert max_logit_diff(eager, compiled) < 1e-4
+    assert len(counted) == new - 1
+    assert compiled.past_key_values.max_length == IDS.shape[1] + new
+
+
 def test_compiled_step_equals_forward(state):
     """The low-level step: the forward's last logits, the cache written at position L only."""
     with torch.inference_mode():
