@@ -88,8 +88,10 @@ def main() -> None:
         state = load(variant)
         step = cs.load_step(state, 1)
         calls = gemv_calls(state)
-        xs = {k: torch.randn(1, k) for *_, k in calls}
         cast = state.dtype if state.dtype == torch.bfloat16 else torch.float32
+        # x as the step passes it: float32 holding the model dtype's values (bfloat16-exact for a
+        # bfloat16 model, which selects the kernels' bfloat16 dot-product path)
+        xs = {k: torch.randn(1, k).to(cast).float() for *_, k in calls}
         with torch.inference_mode():
             cache = fmodel.init_cache(state, 1, args.capacity)
             ids = torch.tensor([[1, 504, 3458, 282, 4649]])
