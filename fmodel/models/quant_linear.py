@@ -30,20 +30,17 @@ with W as above and x' the (rounded) activations. On CPU, weight-only modules ru
 kernels instead, which differ from the reference by rounding only (tests bound the
 difference); `_kernel_forward` is the one place per module that picks the kernel:
 
-- int8 per channel: `torch._weight_int8pack_mm` for inputs of at most `KERNEL_MAX_ROWS` rows
-  (decode steps) whose width is a multiple of 16 (the kernel's block; other widths fall back to
-  the dequantized matmul below): weight-only, the activations rounded to bfloat16 and the
-  product returned in bfloat16 (accumulated in float32), then scaled per channel in float32.
-  Longer inputs (prefill) dequantize to float32 and matmul, the faster path there. (fbgemm's
-  dynamic int8 linear, which also quantizes the activations, was slower on this project's
-  machines and broke SmolLM2-135M: top-1 agreement with float32 0.22, because of activation
-  outliers.)
-- int4: `torch._weight_int4pack_mm_for_cpu` ("tinygemm") for inputs of at most
-  `KERNEL_MAX_ROWS` rows (decode steps): activations and scales are rounded to bfloat16
-  (about 3 significant digits). Longer inputs (prefill) dequantize to float32 and matmul,
-  which is then the faster path.
-- int8 grouped, and every module with int8 activations: the reference (dequantize, float32
-  matmul) until a kernel for them lands (`fmodel.kernels`).
+- `fmodel.kernels` (`int8_linear` / `int4_linear`, every layout, float or int8 activations) for
+  inputs of at most `KERNEL_MAX_ROWS` rows (decode steps), when its extension is built (the
+  default: compiled on first use; float32 x, float32 accumulation for weight-only).
+- Without the extension, torch's own kernels for the same inputs: int8 per channel
+  `torch._weight_int8pack_mm` (width a multiple of 16; activations rounded to bfloat16, the
+  stored scales applied after it in float32; fbgemm's dynamic int8 linear, which also quantizes
+  the activations, broke SmolLM2-135M: top-1 agreement with float32 0.22); int4 with float
+  activations `torch._weight_int4pack_mm_for_cpu` ("tinygemm": activations and scales rounded
+  to bfloat16). Grouped int8 and int8 activations then run the reference.
+- Longer inputs (prefill) dequantize a block of rows at a time to float32 and matmul, the
+  faster path there.
 
 Under torch.compile / torch.export (the compiled decode step), inputs of at most
 `KERNEL_MAX_ROWS` rows on CPU trace the `fmodel.kernels` custom op (its fake implementation
