@@ -33,6 +33,17 @@ def _layer(in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16
     return layer
 
 
+# a layer and its input: decode-sized and prefill-sized rows, odd widths, 2-D or 3-D
+_SHAPES = dict(
+    rows=st.integers(1, 2 * KERNEL_MAX_ROWS),
+    in_features=st.integers(1, 70),
+    out_features=st.integers(1, 70),
+    bias=st.booleans(),
+    three_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+
+
 def _within_float32_accumulation(got: torch.Tensor, layer: Linear, x: torch.Tensor) -> None:
     """`got` is x @ W.T + b accumulated in float32 and rounded once to x's dtype: against the
     float64 product, at most K * 2**-24 * sum |w x| (summation order) plus one ulp of the
@@ -46,15 +57,7 @@ def _within_float32_accumulation(got: torch.Tensor, layer: Linear, x: torch.Tens
 
 @needs_kernels
 @settings(max_examples=25, deadline=None)
-@given(
-    rows=st.integers(1, 2 * KERNEL_MAX_ROWS),
-    in_features=st.integers(1, 70),
-    out_features=st.integers(1, 70),
-    bias=st.booleans(),
-    three_d=st.booleans(),
-    bf16=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**_SHAPES, bf16=st.booleans())
 def test_bfloat16_decode_rows_run_the_dense_kernel_within_float32_accumulation(
     rows, in_features, out_features, bias, three_d, bf16, seed
 ):
@@ -91,14 +94,7 @@ def test_decode_rows_call_the_kernel_and_longer_inputs_do_not(monkeypatch):
 
 @needs_onednn
 @settings(max_examples=25, deadline=None)
-@given(
-    rows=st.integers(1, 2 * KERNEL_MAX_ROWS),
-    in_features=st.integers(1, 70),
-    out_features=st.integers(1, 70),
-    bias=st.booleans(),
-    three_d=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**_SHAPES)
 def test_without_kernels_bfloat16_forward_is_f_linear_bit_for_bit(rows, in_features, out_features, bias, three_d, seed):
     layer = _layer(in_features, out_features, bias, seed=seed)
     gen = torch.Generator().manual_seed(seed)

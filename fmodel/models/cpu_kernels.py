@@ -1,4 +1,5 @@
-"""What the CPU fast paths share: when a packed kernel may run, and the cache of packed weights.
+"""What the CPU fast paths share: when a packed kernel may run, the cache of packed weights, and
+whether fmodel's own kernel extension (`fmodel.kernels`) is loaded.
 
 A packed weight is a runtime form derived from a stored tensor (a oneDNN-blocked bfloat16
 matrix, tinygemm's int4 layout): built on first use, kept per tensor object while that tensor
@@ -9,6 +10,7 @@ again; the entries die with their tensors.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger("fmodel")
 
-__all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "versions"]
+__all__ = ["KERNEL_MAX_ROWS", "PackCache", "fast_path_ok", "fmodel_kernels", "traced_input_ok", "versions"]
 
 # The weight-only kernels beat the plain matmul up to about this many rows (measured on 2 AMD
 # EPYC cores: int8 6x faster at 1 row, equal at 16-32, 2x slower at 128). Decode steps are 1 row.
@@ -40,6 +42,27 @@ def fast_path_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     return all(t.is_cpu and type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+def traced_input_ok(x: torch.Tensor) -> bool:
+    """While torch.compile / torch.export traces: a CPU input that wants no gradient, so an
+    `fmodel.kernels` custom op (fake implementation: shapes only) may stand in for the plain path.
+    The runtime pack caches are never traced."""
+    return (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+@functools.cache
+def fmodel_kernels():
+    """`fmodel.kernels` when its extension is built and loaded (it builds on first use, once per
+    machine, and logs why once when it cannot; `FMODEL_KERNELS=0` turns it off), else None: the
+    layers then run torch's own kernels or the reference. Decided once per process."""
+    from .. import kernels
+
+    return kernels if kernels.available() else None
 
 
 class PackCache:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, versions
+from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, traced_input_ok, versions
+from .cpu_kernels import fmodel_kernels as _kernels
 
 __all__ = ["Linear"]
 
@@ -46,18 +47,12 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def _kernels():
-    from .quant_linear import _kernels
-
-    return _kernels()
-
-
 def _dense_kernel_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """`fmodel.kernels.dense_linear` may run: while torch.compile / export traces a CPU input, or
     eagerly on plain CPU bfloat16 tensors (float32 stays `F.linear` eagerly: bit for bit the
     numbers Transformers gives); the extension loaded."""
     if torch.compiler.is_compiling():
-        ok = x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+        ok = traced_input_ok(x)
     else:
         ok = x.dtype == torch.bfloat16 and fast_path_ok(x, weight, *(() if bias is None else (bias,)))
     return ok and _kernels() is not None
@@ -76,10 +71,15 @@ class Linear(nn.Linear):
             and x.dtype == weight.dtype
             and x.dtype in _KERNEL_DTYPES
             and (bias is None or bias.dtype == x.dtype)
-            and not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+            and not (
+                torch.is_grad_enabled()
+                and (weight.requires_grad or (bias is not None and bias.requires_grad))
+            )
         ):
             if _dense_kernel_ok(x, weight, bias):
-                y = _kernels().dense_linear(x.reshape(rows, self.in_features).to(torch.float32), weight.detach())
+                y = _kernels().dense_linear(
+                    x.reshape(rows, self.in_features).to(torch.float32), weight.detach()
+                )
                 if bias is not None:
                     y = y + bias.detach().to(torch.float32)
                 return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

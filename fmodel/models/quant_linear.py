@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, versions
+from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, traced_input_ok, versions
+from .cpu_kernels import fmodel_kernels as _kernels
 
 __all__ = [
     "ACTIVATIONS",
@@ -283,25 +284,10 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-@functools.cache
-def _kernels():
-    """`fmodel.kernels` when its extension is built and loaded (it builds on first use, once per
-    machine, and logs why once when it cannot; `FMODEL_KERNELS=0` turns it off), else None: the
-    modules then run torch's own kernels or the reference. Decided once per process."""
-    from .. import kernels
-
-    return kernels if kernels.available() else None
-
-
 def _traced_kernel_ok(x: torch.Tensor) -> bool:
     """While torch.compile / export traces: the `fmodel.kernels` op may stand in for the
-    reference (CPU input, extension loaded, no gradient wanted for the input)."""
-    return (
-        torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and _kernels() is not None
-    )
+    reference (CPU input, no gradient wanted for it, extension loaded)."""
+    return traced_input_ok(x) and _kernels() is not None
 
 
 def traces_kernel_op() -> bool:

@@ -152,20 +152,16 @@ Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
     // zero-padded to whole 32-column blocks, for the bfloat16 dot-product kernel
     const int64_t Kp = (K + 31) / 32 * 32;
     const float* xf = x.data_ptr<float>();
-    uint32_t low = 0;
-    for (int64_t i = 0; i < p.M * K; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, xf + i, sizeof bits);
-      low |= bits & 0xFFFFu;
-    }
+    std::vector<uint16_t> xb(static_cast<size_t>(p.M * Kp), 0);
+    uint32_t low = 0;  // any bit below bfloat16's: x is not exactly bfloat16
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, xf + m * K + k, sizeof bits);
+        low |= bits & 0xFFFFu;
+        xb[m * Kp + k] = static_cast<uint16_t>(bits >> 16);
+      }
     if (low == 0) {
-      std::vector<uint16_t> xb(static_cast<size_t>(p.M * Kp), 0);
-      for (int64_t m = 0; m < p.M; ++m)
-        for (int64_t k = 0; k < K; ++k) {
-          uint32_t bits;
-          std::memcpy(&bits, xf + m * K + k, sizeof bits);
-          xb[m * Kp + k] = static_cast<uint16_t>(bits >> 16);
-        }
       at::parallel_for(0, N, grain(K * w.element_size() * p.M), [&](int64_t n0, int64_t n1) {
         fmk::bf16_dot_rows(p, static_cast<const uint16_t*>(wp), xb.data(), Kp, n0, n1);
       });
