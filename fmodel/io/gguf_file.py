@@ -18,7 +18,7 @@ import torch
 from .._frozen import FrozenDict
 from ..errors import CheckpointError
 from .gguf_layout import GGUFTensor, map_tensors
-from .gguf_parse import parse_header
+from .gguf_parse import StringArray, parse_header
 
 __all__ = [
     "GGUF_MAGIC",
@@ -52,8 +52,9 @@ class GGUFFile:
 
     Attributes:
         path: the file.
-        metadata: read-only {key: value}: str, int, float, bool, or a list of them
-            (`tokenizer.ggml.tokens` is a list of str).
+        metadata: read-only {key: value}: str, int, float, bool, or a list of them; an array
+            of strings (`tokenizer.ggml.tokens`) is a `StringArray`, a read-only sequence of
+            str decoded on first use, which `get(key, list)` accepts as a list.
         tensors: `GGUFTensor`s (name, tensor_type, shape, memory-mapped data; the attributes of
             gguf's `ReaderTensor`) in file order, checked against the file by `read_gguf`.
     """
@@ -82,12 +83,13 @@ class GGUFFile:
                 raise CheckpointError(f"{self.path}: GGUF metadata key {key!r} is missing")
             return default
         value = self.metadata[key]
+        accepted = (list, StringArray) if kind is list else kind
         if isinstance(value, bool) and kind in (int, float):
             value = None  # a bool is not a count
         # An integer where a float belongs is refused, as llama.cpp's loader refuses it: a
         # FLOAT32 field whose type id was changed to UINT32 would otherwise read its bits as a
         # (huge) number.
-        if value is None or not isinstance(value, kind):
+        if value is None or not isinstance(value, accepted):
             want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise CheckpointError(
                 f"{self.path}: GGUF metadata key {key!r} holds {self.metadata[key]!r}, expected {want}"

@@ -19,16 +19,18 @@ real file's 100,000-token vocabulary, since it builds no numpy array per string.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
 
 from ..errors import CheckpointError, CorruptFileError
 
-__all__ = ["GGUFHeader", "TensorInfo", "parse_header"]
+__all__ = ["GGUFHeader", "StringArray", "TensorInfo", "parse_header"]
 
 GGUF_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -52,6 +54,69 @@ _SCALARS: dict[int, tuple[str, int, str]] = {
 _STRING, _ARRAY, _BOOL, _UINT32 = 8, 9, 7, 4
 _MIN_KV = 8 + 4 + 1  # empty key, type, one-byte value
 _MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+
+class StringArray(Sequence):
+    """A GGUF metadata array of strings (a vocabulary, its merges), decoded to `str` on first use.
+
+    A 100,000-token vocabulary as a list of `str` takes ~10 MB of Python objects, which a load
+    that only reads weights never needs: this keeps the array's bytes (length prefixes
+    included, ~1 MB) and the start of each string, already bounded and checked to be UTF-8 by
+    the parser. Indexing, slicing, iteration and `len` act as on a list of `str` (the list is
+    built, once, on the first item read), and it equals a list or tuple of the same strings.
+    Read-only.
+    """
+
+    __slots__ = ("_blob", "_items", "_starts")
+
+    # Strings decoded per step while checking that every one is UTF-8 (the check keeps none).
+    _CHECK_CHUNK = 4096
+
+    def __init__(self, blob: bytes, starts: array.array) -> None:
+        self._blob = blob  # the array's bytes: (u64 length, UTF-8 bytes) per string
+        self._starts = starts  # start of string i's bytes; starts[-1] is len(blob) + 8
+        self._items: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def raw(self, i: int) -> bytes:
+        """The bytes of string `i`."""
+        return self._blob[self._starts[i] : self._starts[i + 1] - 8]
+
+    def first_invalid(self) -> int | None:
+        """The index of the first string that is not UTF-8, or None."""
+        blob, starts = self._blob, self._starts
+        for lo in range(0, len(self), self._CHECK_CHUNK):
+            hi = min(lo + self._CHECK_CHUNK, len(self))
+            try:
+                [str(blob[starts[i] : starts[i + 1] - 8], "utf-8") for i in range(lo, hi)]
+            except UnicodeDecodeError:
+                return next(i for i in range(lo, hi) if not _utf8(self.raw(i)))
+        return None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            blob, starts = self._blob, self._starts
+            self._items = [str(blob[starts[i] : starts[i + 1] - 8], "utf-8") for i in range(len(self))]
+        return self._items
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (StringArray, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # like a list
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(s) for s in self[:3])
+        return f"StringArray([{head}{', ...' if len(self) > 3 else ''}], {len(self)} strings)"
 
 
 @attrs.frozen
@@ -124,10 +189,13 @@ class _Cursor:
         start = self.need(n, f"{what} ({n} bytes declared)")
         return self._decode(self.buf[start : start + n], what, start)
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in a row (a vocabulary): the hot loop of a real file's header."""
+    def strings(self, count: int, what: str) -> StringArray:
+        """`count` strings in a row (a vocabulary): the hot loop of a real file's header. Every
+        length is bounded and every string checked to be UTF-8 here; they are decoded to `str`
+        on first use (`StringArray`)."""
         buf, pos, end, unpack = self.buf, self.pos, self.end, struct.Struct("<Q").unpack_from
-        raw = []
+        first = pos
+        starts = array.array("Q")
         for i in range(count):
             if end - pos < 8:
                 self.pos = pos
@@ -137,16 +205,16 @@ class _Cursor:
             if n > end - pos:
                 self.pos = pos
                 self.need(n, f"{what}[{i}] ({n} bytes declared)")
-            raw.append(buf[pos : pos + n])
+            starts.append(pos - first)
             pos += n
         self.pos = pos
-        try:
-            return [str(b, "utf-8") for b in raw]
-        except UnicodeDecodeError:
-            bad = next(i for i, b in enumerate(raw) if not _utf8(b))
-            raise CorruptFileError(
-                f"{self.path}: {what}[{bad}] is not valid UTF-8: {raw[bad][:40]!r}"
-            ) from None
+        starts.append(pos - first + 8)
+        strings = StringArray(bytes(buf[first:pos]), starts)
+        bad = strings.first_invalid()
+        if bad is not None:
+            raw = strings.raw(bad)
+            raise CorruptFileError(f"{self.path}: {what}[{bad}] is not valid UTF-8: {raw[:40]!r}")
+        return strings
 
     def _decode(self, raw: bytes, what: str, start: int) -> str:
         try:

@@ -238,6 +238,9 @@ def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
     return layout, parts
 
 
+_FAULT_AROUND = 64 * 1024
+
+
 def release_mapped(data: Any) -> None:
     """Drop this process's resident pages of `data`, a numpy view of a file mapped read-only
     by `np.memmap` (a GGUF tensor's `data`), once it has been copied out. The pages stay in the
@@ -251,8 +254,12 @@ def release_mapped(data: Any) -> None:
     try:
         origin = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
         start = data.__array_interface__["data"][0] - origin
-        first = start - start % mmap.PAGESIZE
-        end = min(start + data.nbytes, len(mapping))
+        # Reading a page maps its neighbours too (Linux's fault-around, 64 KiB by default):
+        # pages of the tensors before and after, which their own release may already have
+        # passed. Dropping those as well costs nothing: a later read maps them again.
+        first = max(0, start - _FAULT_AROUND)
+        first -= first % mmap.PAGESIZE
+        end = min(start + data.nbytes + _FAULT_AROUND, len(mapping))
         if start >= 0 and end > first:
             mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
     except (OSError, ValueError):  # a closed mapping, or an OS that refuses: only memory is at stake
