@@ -376,6 +376,24 @@ void drive(const Kern& k, int64_t M, int64_t n0, int64_t n1) {
   }
 }
 
+// Output rows [n0, n1) read one weight row at a time, for 4, 2 or 1 rows of x per pass.
+template <class Kern>
+void drive_seq(const Kern& k, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M;) {
+    const int64_t left = M - m0;
+    if (left >= 4) {
+      k.template seq<4>(m0, n0, n1);
+      m0 += 4;
+    } else if (left >= 2) {
+      k.template seq<2>(m0, n0, n1);
+      m0 += 2;
+    } else {
+      k.template seq<1>(m0, n0, n1);
+      m0 += 1;
+    }
+  }
+}
+
 // Software prefetch of the weight rows a call reads next: the rows are read NR at a time,
 // chunk by chunk, an access pattern the hardware prefetchers follow poorly (measured: the
 // 1536 x 576 int4 layer 1.3-1.9x faster from L3; 4 KiB ahead was no better). `ahead`: rows
@@ -669,33 +687,42 @@ inline __m512 load_w(const uint16_t* w, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, w)), 16));
 }
 
+// Dense weights are read strictly in address order: one weight row at a time, start to end,
+// each 16-column vector multiplied into the MB rows of x (two chains per row of x). Measured
+// on a Zen 5 core over SmolLM2's 211 projections: ~32 GB/s this way against 23-25 GB/s when
+// NR rows are read chunk by chunk side by side with software prefetch (`drive`'s scheme),
+// whose interleaved streams the hardware prefetchers follow less well.
 template <class T>
 struct Dense {
   const Problem& p;
   const T* w;
-  template <int MB, int NR>
-  void run(int64_t m0, int64_t n0, int64_t n1) const {
-    const int64_t K = p.K, B = cdiv(K, 16);
-    const __mmask16 last = mask16(K - 16 * (B - 1));
-    const int64_t ahead = rows_ahead(K * static_cast<int64_t>(sizeof(*w)), NR);
+  template <int MB>
+  void seq(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t K = p.K, B = K / 16;
+    const __mmask16 tail = mask16(K - 16 * B);
     const float* x = p.x + m0 * K;
-    for (int64_t n = n0; n + NR <= n1; n += NR) {
-      const int64_t pn = std::min(n + ahead, p.N - NR);  // the rows to prefetch
-      __m512 acc[NR][MB];
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < B; ++b) {
-        const __mmask16 k = b == B - 1 ? last : __mmask16(0xFFFF);
-        __m512 xv[MB];
-        for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(k, x + m * K + b * 16);
-        for (int r = 0; r < NR; ++r) {
-          prefetch(w + (pn + r) * K + b * 16);
-          const __m512 wv = load_w(w + (n + r) * K + b * 16, k);
-          for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* wr = w + n * K;
+      __m512 acc[MB][2];
+      for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      int64_t b = 0;
+      for (; b + 2 <= B; b += 2) {
+        const __m512 w0 = load_w(wr + b * 16, 0xFFFF), w1 = load_w(wr + b * 16 + 16, 0xFFFF);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + b * 16), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + b * 16 + 16), acc[m][1]);
         }
       }
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+      for (; b < B; ++b) {
+        const __m512 w0 = load_w(wr + b * 16, 0xFFFF);
+        for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + b * 16), acc[m][0]);
+      }
+      if (tail) {
+        const __m512 w0 = load_w(wr + B * 16, tail);
+        for (int m = 0; m < MB; ++m)
+          acc[m][1] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(tail, x + m * K + B * 16), acc[m][1]);
+      }
+      for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
     }
   }
 };
@@ -712,29 +739,37 @@ struct DenseBf16Dot {
   const uint16_t* w;
   const uint16_t* xb;
   int64_t Kp;
-  template <int MB, int NR>
-  void run(int64_t m0, int64_t n0, int64_t n1) const {
-    const int64_t K = p.K, B = Kp / 32;
-    const int64_t tail = K - 32 * (B - 1);
-    const __mmask32 last = tail >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << tail) - 1);
-    const int64_t ahead = rows_ahead(K * 2, NR);
-    for (int64_t n = n0; n + NR <= n1; n += NR) {
-      const int64_t pn = std::min(n + ahead, p.N - NR);  // the rows to prefetch
-      __m512 acc[NR][MB];
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < B; ++b) {
-        const __mmask32 k = b == B - 1 ? last : ~__mmask32(0);
-        __m512bh xv[MB];
-        for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * Kp + b * 32);
-        for (int r = 0; r < NR; ++r) {
-          prefetch(w + (pn + r) * K + b * 32);
-          const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(k, w + (n + r) * K + b * 32);
-          for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+  // one weight row at a time, in address order (see Dense::seq)
+  template <int MB>
+  void seq(int64_t m0, int64_t n0, int64_t n1) const {
+    const int64_t K = p.K, B = K / 32, rest = K - 32 * B;
+    const __mmask32 tail = rest ? static_cast<__mmask32>((1u << rest) - 1) : 0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* wr = w + n * K;
+      __m512 acc[MB][2];
+      for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      int64_t b = 0;
+      for (; b + 2 <= B; b += 2) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + b * 32);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + b * 32 + 32);
+        for (int m = 0; m < MB; ++m) {
+          const uint16_t* xm = xb + (m0 + m) * Kp + b * 32;
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xm));
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(xm + 32));
         }
       }
-      for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+      // the last whole block, then the masked tail (x is zero-padded to Kp: its full load is safe)
+      for (; b < B; ++b) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + b * 32);
+        for (int m = 0; m < MB; ++m)
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * Kp + b * 32));
+      }
+      if (tail) {
+        const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + B * 32);
+        for (int m = 0; m < MB; ++m)
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w0, (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * Kp + B * 32));
+      }
+      for (int m = 0; m < MB; ++m) p.out[(m0 + m) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
     }
   }
 };
@@ -821,7 +856,7 @@ void int8_rows(Kind kind, const Problem& p, const Scratch& s, const int8_t* q, c
 
 void f32_rows(const Problem& p, const float* w, int64_t n0, int64_t n1) {
 #if FMK_AVX512
-  if (use_simd()) return drive(Dense<float>{p, w}, p.M, n0, n1);
+  if (use_simd()) return drive_seq(Dense<float>{p, w}, p.M, n0, n1);
 #endif
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
@@ -843,7 +878,7 @@ bool bf16_dot_available() {
 
 void bf16_dot_rows(const Problem& p, const uint16_t* w, const uint16_t* xb, int64_t Kp, int64_t n0, int64_t n1) {
 #if FMK_AVX512 && FMK_BF16_DOT
-  if (use_simd()) return drive(DenseBf16Dot{p, w, xb, Kp}, p.M, n0, n1);
+  if (use_simd()) return drive_seq(DenseBf16Dot{p, w, xb, Kp}, p.M, n0, n1);
 #endif
   (void)xb;
   (void)Kp;
@@ -852,7 +887,7 @@ void bf16_dot_rows(const Problem& p, const uint16_t* w, const uint16_t* xb, int6
 
 void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1) {
 #if FMK_AVX512
-  if (use_simd()) return drive(Dense<uint16_t>{p, w}, p.M, n0, n1);
+  if (use_simd()) return drive_seq(Dense<uint16_t>{p, w}, p.M, n0, n1);
 #endif
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
