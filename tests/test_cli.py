@@ -458,7 +458,10 @@ def test_convert_gguf_to_a_folder_transformers_loads(gguf_file, tmp_path, capsys
     ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, fmodel.forward(fmodel.load(path), ids).logits)
+        # float32 summation order apart (fmodel's dense kernel against MKL)
+        torch.testing.assert_close(
+            theirs(ids).logits, fmodel.forward(fmodel.load(path), ids).logits, rtol=1e-4, atol=1e-4
+        )
     assert theirs.generation_config.eos_token_id == 2
 
     ours = fmodel.Tokenizer.from_gguf(path)

@@ -340,9 +340,14 @@ def test_quantized_trace_calls_the_kernels(scheme, kwargs, ops):
     s = fmodel.quantize(fmodel.init(tiny_config("llama"), seed=0), scheme, **kwargs)
     assert cs.unsupported_reason(s) is None
     program = _trace_matches_eager(s)
-    calls = [op for op in _kernel_ops(program) if op != "fmodel.dense_linear.default"]  # the float head
+    traced = _kernel_ops(program)
+    # the float head aside, and the attention kernel (one call per layer)
+    calls = [
+        op for op in traced if op not in ("fmodel.dense_linear.default", "fmodel.decode_attention.default")
+    ]
     quantized = s.config.extra["quantization_config"]["modules"]
     assert set(calls) == ops and len(calls) == len(quantized) == 7 * s.config.num_hidden_layers
+    assert traced.count("fmodel.decode_attention.default") == s.config.num_hidden_layers
 
 
 @requires_kernels

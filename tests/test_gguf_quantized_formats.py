@@ -24,6 +24,7 @@ import fmodel
 from fmodel.errors import CorruptFileError, InvalidArgumentError, QuantizationError
 from fmodel.io.gguf import packaged_smollm2_path, read_gguf
 from fmodel.io.gguf_quant import KEPT_FORMATS, release_mapped, to_layout
+from fmodel.models.cpu_kernels import float32_linear
 from fmodel.models.quant_embedding import QuantEmbedding, TiedQuantLinear
 from fmodel.models.quant_linear import (
     Int4Linear,
@@ -617,7 +618,8 @@ def test_int8_activations(files, tmp_path):
     w = dequantize_int8(p["weight_int8"], p["weight_scale"], None, 16)
     x20 = torch.randn(20, 256, generator=torch.Generator().manual_seed(3))  # > 16 rows: the reference
     y20 = torch.func.functional_call(layer, p, (x20,))
-    torch.testing.assert_close(y20, F.linear(quantize_activations_q8(x20), w), rtol=1e-6, atol=1e-6)
+    want = float32_linear(quantize_activations_q8(x20), w)  # the float32 product fmodel's layers use
+    torch.testing.assert_close(y20, want, rtol=1e-6, atol=1e-6)
     # 2 rows: fmodel.kernels' integer dot products where built (exact per block; the blocks'
     # float sums round in another order), else the reference
     y = torch.func.functional_call(layer, p, (x,))

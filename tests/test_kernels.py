@@ -574,3 +574,66 @@ def test_inductor_calls_the_op():
         return fk.int4_linear(x * 2, packed, scale, zero, 32, False) + 1
 
     assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- decode attention
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    r=st.integers(1, 9),
+    s=st.integers(1, 70),
+    d=st.sampled_from([1, 8, 17, 64, 80]),
+    spare=st.integers(0, 5),
+    bf16=st.booleans(),
+    per_head_mask=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_attention_is_sdpa_over_the_unmasked_keys(
+    impl, b, h, r, s, d, spare, bf16, per_head_mask, seed
+):
+    """Against float64 attention on the same (widened) inputs: softmax over the unmasked keys,
+    within float32 accumulation (bfloat16: one rounding of the output on top); a row with no
+    key to attend gives zeros; the cache may be a slice of a longer buffer; inputs unchanged."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, r, d, generator=g).to(dtype)
+    buf_k = torch.randn(b, h, s + spare, d, generator=g).to(dtype)
+    buf_v = torch.randn(b, h, s + spare, d, generator=g).to(dtype)
+    k, v = buf_k[:, :, :s], buf_v[:, :, :s]  # a cache sliced to its length
+    mask = torch.rand(b, h if per_head_mask else 1, r, s, generator=g) > 0.4
+    mask[..., 0, :] = False  # a row that attends to nothing
+    before = [t.clone() for t in (q, buf_k, buf_v, mask)]
+    scale = d**-0.5
+    got = fk.decode_attention(q, k, v, mask, scale)
+    assert got.dtype == dtype and got.shape == (b, h, r, d) and got.is_contiguous()
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    want = weights @ v.double()
+    bound = 8 * (s + d) * U * (weights @ v.double().abs()) + 1e-30
+    if bf16:
+        bound = bound + want.abs() * 2.0**-8
+    assert bool(((got.double() - want).abs() <= bound).all())
+    assert bool((got[..., 0, :] == 0).all())
+    for t, old in zip((q, buf_k, buf_v, mask), before, strict=True):
+        assert torch.equal(t, old)
+
+
+def test_decode_attention_names_bad_inputs():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    with pytest.raises(InvalidArgumentError, match="mask must be bool"):
+        fk.decode_attention(q, k, k, mask.float(), 0.5)
+    with pytest.raises(InvalidArgumentError, match="k and v must have q's dtype"):
+        fk.decode_attention(q, k.bfloat16(), k, mask, 0.5)
+    with pytest.raises(InvalidArgumentError, match=r"k and v must be \[1, 2, S, 8\]"):
+        fk.decode_attention(q, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), mask, 0.5)
+    with pytest.raises(InvalidArgumentError, match="4-D"):
+        fk.decode_attention(q[0], k, k, mask, 0.5)

@@ -1,6 +1,6 @@
 """fmodel.models.linear.Linear: nn.Linear whose CPU decode steps (float32 / bfloat16, at most
 KERNEL_MAX_ROWS rows) run fmodel.kernels.dense_linear, or oneDNN over a packed bfloat16 weight
-without the extension."""
+without the extension, and whose float32 prefill runs oneDNN's product on the stored weight."""
 
 from __future__ import annotations
 
@@ -58,9 +58,11 @@ def _within_float32_accumulation(got: torch.Tensor, layer: Linear, x: torch.Tens
 @needs_kernels
 @settings(max_examples=25, deadline=None)
 @given(**_SHAPES, bf16=st.booleans())
-def test_bfloat16_decode_rows_run_the_dense_kernel_within_float32_accumulation(
+def test_inference_rows_are_within_float32_accumulation_of_the_exact_product(
     rows, in_features, out_features, bias, three_d, bf16, seed
 ):
+    """Decode rows (the dense kernel, either dtype) and float32 prefill rows (oneDNN) are the
+    exact product up to float32 summation order; bfloat16 prefill is F.linear itself."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     layer = _layer(in_features, out_features, bias, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +72,7 @@ def test_bfloat16_decode_rows_run_the_dense_kernel_within_float32_accumulation(
     with torch.inference_mode():
         got = layer(x)
     assert got.dtype == dtype and got.shape == (*x.shape[:-1], out_features)
-    if rows > KERNEL_MAX_ROWS or not bf16:  # prefill-sized, or eager float32: F.linear itself
+    if rows > KERNEL_MAX_ROWS and bf16:  # bfloat16 prefill: F.linear itself
         assert torch.equal(got, F.linear(x, layer.weight, layer.bias))
     else:
         _within_float32_accumulation(got, layer, x)
@@ -84,12 +86,13 @@ def test_decode_rows_call_the_kernel_and_longer_inputs_do_not(monkeypatch):
     monkeypatch.setattr(kernels, "dense_linear", lambda x, w: calls.append(x.shape) or real(x, w))
     with torch.inference_mode():
         _layer(32, 24, bias=True, dtype=torch.float32)(torch.randn(2, 1, 32))
-        assert calls == []  # eager float32: F.linear, Transformers' numbers
+        assert calls == [(2, 32)]  # float32 decode rows: the kernel too
         layer = _layer(32, 24, bias=True)
         layer(torch.randn(KERNEL_MAX_ROWS + 1, 32).bfloat16())
-        assert calls == []
-        layer(torch.randn(2, 1, 32).bfloat16())
-    assert calls == [(2, 32)]
+        _layer(32, 24, bias=True, dtype=torch.float32)(torch.randn(KERNEL_MAX_ROWS + 1, 32))
+        assert calls == [(2, 32)]  # prefill-sized: not the kernel
+        layer(torch.randn(3, 32).bfloat16())
+    assert calls == [(2, 32), (3, 32)]
 
 
 @needs_onednn
@@ -145,9 +148,25 @@ def test_gradients_reach_a_trainable_bfloat16_weight():
     assert torch.equal(layer.bias.grad, reference.bias.grad)
 
 
-def test_prefill_rows_and_vmap_run_plain_f_linear():
-    layer = _layer(16, 8, bias=True, dtype=torch.float32)
-    x = torch.randn(3, KERNEL_MAX_ROWS + 1, 16)
+@needs_onednn
+def test_float32_prefill_runs_onednn_without_a_packed_copy_and_trains_through_f_linear():
+    layer = Linear(40, 24)
+    x = torch.randn(2, KERNEL_MAX_ROWS + 3, 40)
+    packs = len(linear_module._BF16_PACKS)
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], ""))
+    _within_float32_accumulation(got, layer, x)
+    assert len(linear_module._BF16_PACKS) == packs  # the stored weight itself: nothing packed
+    trained = layer(x)  # gradients wanted: F.linear, and they reach the weight
+    assert torch.equal(trained, F.linear(x, layer.weight, layer.bias))
+    trained.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape
+
+
+def test_bfloat16_prefill_rows_and_vmap_run_plain_f_linear():
+    layer = _layer(16, 8, bias=True)
+    x = torch.randn(3, KERNEL_MAX_ROWS + 1, 16).bfloat16()
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     bf16 = _layer(16, 8, bias=True)
     xs = torch.randn(3, 1, 16).bfloat16()
@@ -185,7 +204,7 @@ def test_generate_is_pure_and_equals_the_plain_path(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_compile_traces_the_dense_kernel(dtype):
     """Under torch.compile a decode-sized input traces the `fmodel.dense_linear` op (the pack
-    cache is never traced; float32 too, which eagerly runs F.linear): the compiled forward is
+    cache is never traced): the compiled forward is
     the kernel's product plus the bias, rounded once."""
     layer = _layer(32, 24, bias=True, dtype=dtype)
     x = torch.randn(1, 32).to(dtype)

@@ -150,6 +150,9 @@ def sdpa_attention(
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    if not is_causal and _decode_kernel_ok(query, key, value, attention_mask, dropout, query.shape[2]):
+        output = _decode_kernels().decode_attention(query, key, value, attention_mask, _scale(query, scaling))
+        return output.transpose(1, 2).contiguous(), None
     output = F.scaled_dot_product_attention(
         query,
         key,
@@ -161,6 +164,51 @@ def sdpa_attention(
         **extra,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+# Query rows per key/value head (the grouped heads of one position) up to which a decode step's
+# attention runs `fmodel.kernels`' decode_attention (one pass over the cache for all the rows)
+# instead of torch's flash kernel, whose blocking is for long queries: ~5 us a call against ~20
+# on SmolLM2's decode step.
+DECODE_KERNEL_MAX_ROWS = 64
+
+
+def _decode_kernels():
+    from ..models.cpu_kernels import fmodel_kernels
+
+    return fmodel_kernels()
+
+
+def _decode_kernel_ok(query, key, value, mask, dropout, positions: int) -> bool:
+    """`fmodel.kernels.decode_attention` may stand in for sdpa: one query position (a decode
+    step; longer inputs keep torch's kernel, which rounds a bfloat16 prefill at Transformers'
+    steps), a bool mask, no dropout, a few query rows, float32 or bfloat16 CPU tensors alike,
+    no gradient wanted (eagerly: plain tensors; traced: a CPU input), the extension loaded."""
+    if (
+        positions != 1
+        or mask is None
+        or mask.dtype != torch.bool
+        or dropout
+        or query.shape[2] > DECODE_KERNEL_MAX_ROWS
+        or query.dtype not in (torch.float32, torch.bfloat16)
+        or key.dtype != query.dtype
+        or value.dtype != query.dtype
+        or mask.dim() != 4
+    ):
+        return False
+    from ..models.cpu_kernels import fast_path_ok, traced_input_ok
+
+    if torch.compiler.is_compiling():
+        ok = traced_input_ok(query) and not (key.requires_grad or value.requires_grad)
+    else:
+        ok = fast_path_ok(query, key, value, mask) and not (
+            torch.is_grad_enabled() and (key.requires_grad or value.requires_grad)
+        )
+    return ok and _decode_kernels() is not None
+
+
+def _scale(query: torch.Tensor, scaling) -> float:
+    return float(scaling) if scaling is not None else query.shape[-1] ** -0.5
 
 
 def _sdpa_grouped(query, key, value, mask, groups: int, scaling, dropout) -> torch.Tensor:
@@ -176,7 +224,10 @@ def _sdpa_grouped(query, key, value, mask, groups: int, scaling, dropout) -> tor
         mask = mask[:, :, None].expand(mb, 1, groups, t, s).reshape(mb, 1, groups * t, s)
     else:  # a mask per query head [B, H, T, S]
         mask = mask.expand(mb, h, t, s).reshape(mb, kv, groups * t, s)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    if _decode_kernel_ok(q, key, value, mask, dropout, t):
+        out = _decode_kernels().decode_attention(q, key, value, mask, _scale(query, scaling))
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.reshape(b, h, t, out.shape[-1]).transpose(1, 2).contiguous()
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "KernelBuildError",
     "available",
     "build",
+    "decode_attention",
     "dense_linear",
     "int4_linear",
     "int8_linear",
@@ -202,6 +203,33 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     op = _OPS.get("dense_linear") or _op("dense_linear")
     try:
         return op(x, weight)
+    except ValueError as exc:
+        raise _named(exc) from exc
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked softmax attention of a few query rows over a key/value cache (a decode step).
+
+    Arguments:
+        q: [B, H, R, D] float32 or bfloat16 (R: the query rows sharing each key/value head,
+            e.g. the grouped-query heads of one position folded together).
+        k, v: [B, H, S, D], q's dtype; rows contiguous (a cache sliced along S is fine).
+        mask: bool, broadcastable to [B, H, R, S]: True where a row may attend to a key.
+        scale: the scores' factor (1 / sqrt(D) for standard attention).
+
+    Returns:
+        [B, H, R, D] in q's dtype: softmax(scale * q k^T over the unmasked keys) v, accumulated
+        in float32; zeros for a row whose mask lets no key through (as torch's CPU flash
+        kernel). Pure: the inputs are not written.
+
+    Raises:
+        KernelBuildError, InvalidArgumentError: as for `int4_linear`.
+    """
+    op = _OPS.get("decode_attention") or _op("decode_attention")
+    try:
+        return op(q, k, v, mask, float(scale))
     except ValueError as exc:
         raise _named(exc) from exc
 

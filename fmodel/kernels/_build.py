@@ -33,7 +33,7 @@ logger = logging.getLogger("fmodel")
 __all__ = ["build_directory", "ensure_loaded", "extension_name", "load_error"]
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "kernels.cpp")
+SOURCES = ("ops.cpp", "kernels.cpp", "attention.cpp")
 HEADERS = ("kernels.h",)
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into this library (torch's CPU wheel
 # uses OpenMP); without it every op would run on one thread. The OpenMP runtime at run time is

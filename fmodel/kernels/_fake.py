@@ -74,6 +74,23 @@ def _dense_linear(x, weight):
     return _out(x, n, op)
 
 
+def _decode_attention(q, k, v, mask, scale):
+    op = "fmodel::decode_attention"
+    _check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and mask.dim() == 4,
+        f"{op}: q, k, v and mask must be 4-D",
+    )
+    _check(q.dtype in (torch.float32, torch.bfloat16), f"{op}: q must be float32 or bfloat16, got {q.dtype}")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, f"{op}: k and v must have q's dtype ({q.dtype})")
+    _check(mask.dtype == torch.bool, f"{op}: mask must be bool, got {mask.dtype}")
+    b, h, _, d = q.shape
+    _check(
+        tuple(k.shape[:2]) == (b, h) and k.shape[3] == d and k.shape == v.shape,
+        f"{op}: k and v must be [{b}, {h}, S, {d}] alike, got {tuple(k.shape)} and {tuple(v.shape)}",
+    )
+    return q.new_empty(q.shape).contiguous()
+
+
 def _quantize_act(x):
     m, k = x.shape
     kb = (k + 31) // 32
@@ -89,6 +106,7 @@ def register() -> None:
     torch.library.register_fake("fmodel::int8_linear")(_int8_linear)
     torch.library.register_fake("fmodel::dense_linear")(_dense_linear)
     torch.library.register_fake("fmodel::quantize_act")(_quantize_act)
+    torch.library.register_fake("fmodel::decode_attention")(_decode_attention)
     register_autograd()
     _registered = True
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, traced_input_ok, versions
+from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, float32_linear, traced_input_ok, versions
 from .cpu_kernels import fmodel_kernels as _kernels
 
 __all__ = [
@@ -501,9 +501,11 @@ def _reference_linear(
         xf = quantize_activations_q8(xf)
     step = max(64, _BLOCK_BYTES // (4 * max(in_features, 1)))
     if out_features <= step or torch.compiler.is_compiling():
-        y = F.linear(xf, weight_rows(0, out_features))
+        y = float32_linear(xf, weight_rows(0, out_features))
     else:
-        y = torch.cat([F.linear(xf, weight_rows(i, i + step)) for i in range(0, out_features, step)], dim=-1)
+        y = torch.cat(
+            [float32_linear(xf, weight_rows(i, i + step)) for i in range(0, out_features, step)], dim=-1
+        )
     if bias is not None:
         y = y + bias.detach().to(torch.float32)
     return y.to(x.dtype)

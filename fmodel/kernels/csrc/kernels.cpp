@@ -73,6 +73,7 @@ float to_f32(f16 v) {
 }
 
 bool simd_compiled() { return FMK_AVX512; }
+bool simd_enabled() { return use_simd(); }
 const char* simd_name() { return use_simd() ? "avx512vnni" : "portable"; }
 void set_portable(bool portable) { g_portable.store(portable); }
 

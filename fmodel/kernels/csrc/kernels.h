@@ -23,6 +23,8 @@ float to_f32(float v);
 float to_f32(f16 v);
 bool simd_compiled();
 void set_portable(bool portable);
+// the AVX-512 code is compiled and not switched off by set_portable
+bool simd_enabled();
 
 // llama.cpp's Q8_1 activation scheme: x [M, K] in blocks of 32 columns (the last one padded
 // with zeros), per block d = max|x| / 127, q = round-half-even(x * (1/d)) (q = 0 if d = 0).
@@ -70,5 +72,24 @@ void bf16_rows(const Problem& p, const uint16_t* w, int64_t n0, int64_t n1);
 // vdpbf16ps where the CPU has AVX512-BF16 (bf16_dot_available), else bf16_rows.
 bool bf16_dot_available();
 void bf16_dot_rows(const Problem& p, const uint16_t* w, const uint16_t* xb, int64_t Kp, int64_t n0, int64_t n1);
+
+// Attention of R query rows per (batch, head) over S cached keys / values of size D (attention.cpp):
+// q [B, H, R, D], k and v [B, H, S, D] (rows contiguous; batch and head strides given, in
+// elements), all float32 or all bfloat16 (`bf16`: raw uint16); mask bool, true = attend, read at
+// b * m_sb + h * m_sh + r * m_sr + j * m_ss (0 strides broadcast); out [B, H, R, D] contiguous,
+// q's dtype. Computes the (batch, head) pairs bh0 .. bh1 - 1 (bh = b * H + h).
+struct AttnProblem {
+  int64_t B, H, R, S, D;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;
+  const bool* mask;
+  int64_t m_sb, m_sh, m_sr, m_ss;
+  float scale;
+  bool bf16;
+  void* out;
+};
+void decode_attention(const AttnProblem& a, int64_t bh0, int64_t bh1);
 
 }  // namespace fmk

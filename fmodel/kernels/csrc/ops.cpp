@@ -177,6 +177,39 @@ Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
   return out;
 }
 
+// Attention of a decode step's few query rows over the cache (attention.cpp): q [B, H, R, D],
+// k / v [B, H, S, D] of q's dtype (float32 or bfloat16; rows contiguous, any batch / head
+// strides: a cache sliced to its length), mask bool broadcastable to [B, H, R, S] (true =
+// attend); returns [B, H, R, D] in q's dtype.
+Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& mask_in,
+                        double scale) {
+  const char* op = "fmodel::decode_attention";
+  for (const Tensor* t : {&q_in, &k_in, &v_in, &mask_in}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": q, k, v and mask must be 4-D, got ", t->sizes());
+  }
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, op, ": q must be float32 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype, op,
+                    ": k and v must have q's dtype (", dtype, "), got ", k_in.scalar_type(), " and ", v_in.scalar_type());
+  TORCH_CHECK_VALUE(mask_in.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), R = q_in.size(2), D = q_in.size(3), S = k_in.size(2);
+  TORCH_CHECK_VALUE(k_in.size(0) == B && k_in.size(1) == H && k_in.size(3) == D && v_in.sizes() == k_in.sizes(), op,
+                    ": k and v must be [", B, ", ", H, ", S, ", D, "] alike, got ", k_in.sizes(), " and ", v_in.sizes());
+  const Tensor mask = mask_in.expand({B, H, R, S});
+  // rows contiguous in each (batch, head): a cache sliced along its slots keeps them so
+  auto rows = [D](const Tensor& t) { return t.size(2) <= 1 || (t.stride(3) == 1 && t.stride(2) == D) ? t : t.contiguous(); };
+  const Tensor q = rows(q_in), k = rows(k_in), v = rows(v_in);
+  Tensor out = at::empty({B, H, R, D}, q.options());
+  if (out.numel() == 0) return out;
+  fmk::AttnProblem a{B, H, R, S, D, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), k.stride(0),
+                     k.stride(1), v.stride(0), v.stride(1), mask.data_ptr<bool>(), mask.stride(0), mask.stride(1),
+                     mask.stride(2), mask.stride(3), static_cast<float>(scale), dtype == at::kBFloat16, out.data_ptr()};
+  at::parallel_for(0, B * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, R * S * D / 64)),
+                   [&](int64_t bh0, int64_t bh1) { fmk::decode_attention(a, bh0, bh1); });
+  return out;
+}
+
 // llama.cpp's Q8_1 activation quantization as the act_int8 kernels apply it (for tests):
 // q [M, ceil(K/32)*32] int8, d [M, ceil(K/32)] float32.
 std::tuple<Tensor, Tensor> quantize_act(const Tensor& x_in) {
@@ -202,6 +235,7 @@ TORCH_LIBRARY(fmodel, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? zero, int group_size, bool act_int8) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("quantize_act(Tensor x) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("simd() -> str", &simd);
   m.def("simd_compiled() -> bool", &simd_compiled);
   m.def("set_portable(bool portable) -> ()", &set_portable);
@@ -212,4 +246,5 @@ TORCH_LIBRARY_IMPL(fmodel, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("dense_linear", &dense_linear);
   m.impl("quantize_act", &quantize_act);
+  m.impl("decode_attention", &decode_attention);
 }
