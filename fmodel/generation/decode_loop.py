@@ -7,7 +7,9 @@ token buffers are private to that call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -29,6 +31,22 @@ __all__ = ["GenerateOutput", "Run", "StoppingCriterion", "outside_inference"]
 StoppingCriterion = Callable[[torch.Tensor, Any], Any]
 """`(tokens [N, L], scores so far or None) -> bool [N] (or one bool for every row)`: Transformers'
 `StoppingCriteria` call; a row is finished once any criterion says so."""
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a generation's token loop, as it was after.
+    Each step makes a few container objects (cache values, outputs), so the collector would run
+    every few hundred steps' worth, walking every object the process holds (a loaded model's
+    modules included): ~5 % of a compiled SmolLM2 decode's time, measured with perf. Reference
+    counting still frees everything that is not a cycle; the cycles wait for the next pass."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @attrs.frozen(eq=False)
@@ -253,10 +271,11 @@ class Run:
                 capacity,
                 self.compiled,
             )
-            if self.config.num_beams > 1:
-                out = self._beams(decoder, input_ids, generator)
-            else:
-                out = self._sample(decoder, input_ids, generator, streamer)
+            with collector_paused():
+                if self.config.num_beams > 1:
+                    out = self._beams(decoder, input_ids, generator)
+                else:
+                    out = self._sample(decoder, input_ids, generator, streamer)
             return attrs.evolve(out, past_key_values=decoder.cache)
 
         return run_bound(self.state, module, loop)

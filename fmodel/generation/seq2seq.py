@@ -21,7 +21,7 @@ from ..forward import run_bound
 from ..models.skeleton import skeleton
 from .cache import KVCache, reorder_cache
 from .config import GenerationConfig
-from .decode_loop import GenerateOutput, Run, _Decoder, _grown_cache, initial_capacity
+from .decode_loop import GenerateOutput, Run, _Decoder, _grown_cache, collector_paused, initial_capacity
 from .seq2seq_cache import Seq2SeqCache
 
 __all__ = ["Seq2SeqRun", "decoder_prompt_ids", "decoder_start_token_id", "is_encoder_decoder"]
@@ -161,10 +161,11 @@ class Seq2SeqRun(Run):
                 enc_mask = None if mask is None else mask.repeat_interleave(self.expand, dim=0)
             decoder.encoder_hidden, decoder.encoder_mask = encoded, enc_mask
             start = self.decoder_prompt.repeat_interleave(self.expand, dim=0)
-            if self.config.num_beams > 1:
-                out = self._beams(decoder, start, generator)
-            else:
-                out = self._sample(decoder, start, generator, streamer)
+            with collector_paused():
+                if self.config.num_beams > 1:
+                    out = self._beams(decoder, start, generator)
+                else:
+                    out = self._sample(decoder, start, generator, streamer)
             return attrs.evolve(out, past_key_values=decoder.cache)
 
         return run_bound(self.state, module, loop)

@@ -191,8 +191,10 @@ def int8_linear(
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, weight float32 or bfloat16 [N, K], x float32 [..., K]; float32 accumulation
-    (bfloat16 weights are widened exactly; x is not rounded).
+    """x @ weight.T, weight float32 or bfloat16 [N, K], x float32 or bfloat16 [..., K]; float32
+    accumulation (bfloat16 values are widened exactly; x is not rounded). A bfloat16 weight with
+    an x that is exactly bfloat16 (a bfloat16 x, or float32 holding such values) runs the
+    bfloat16 dot-product instruction where the CPU has it.
 
     Returns:
         float32 [..., N].

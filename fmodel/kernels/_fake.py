@@ -71,7 +71,7 @@ def _dense_linear(x, weight):
     )
     n, k = weight.shape
     _check(x.shape[-1] == k, f"{op}: x must be [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
-    return _out(x, n, op)
+    return _out(x.new_empty(x.shape, dtype=torch.float32) if x.dtype == torch.bfloat16 else x, n, op)
 
 
 def _decode_attention(q, k, v, mask, scale):
@@ -161,11 +161,12 @@ def _backward_int8(ctx, grad):
 
 def _setup_dense(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
+    ctx.x_dtype = inputs[0].dtype
 
 
 def _backward_dense(ctx, grad):
     (weight,) = ctx.saved_tensors
-    return grad @ weight.to(torch.float32), None
+    return (grad @ weight.to(torch.float32)).to(ctx.x_dtype), None
 
 
 def register_autograd() -> None:

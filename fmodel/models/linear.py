@@ -88,7 +88,8 @@ class Linear(nn.Linear):
             and _no_grad_wanted(weight, bias)
         ):
             if _dense_kernel_ok(x, weight, bias):
-                y = _kernels().dense_linear(x.reshape(rows, x.shape[-1]).to(torch.float32), weight.detach())
+                # a bfloat16 x goes as it is: rounded, even where torch.compile would not round it
+                y = _kernels().dense_linear(x.reshape(rows, x.shape[-1]), weight.detach())
                 if bias is not None:
                     y = y + bias.detach().to(torch.float32)
                 return y.view(*x.shape[:-1], out_features).to(x.dtype)

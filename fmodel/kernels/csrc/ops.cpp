@@ -138,9 +138,13 @@ Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16, op,
                     ": weight must be float32 or bfloat16, got ", weight.scalar_type());
   const int64_t N = weight.size(0), K = weight.size(1);
-  check_x(x_in, K, op);
+  // x float32, or bfloat16 (a bfloat16 model's activations as they are: widened exactly here,
+  // so that they reach the bfloat16 dot-product kernel even where torch.compile would have
+  // kept a float32 value unrounded)
+  const bool x_bf16 = x_in.scalar_type() == at::kBFloat16;
+  check_x(x_bf16 ? x_in.to(at::kFloat) : x_in, K, op);
   check_w(weight, weight.scalar_type(), N, K, "weight", op);
-  const Tensor x = x_in.contiguous(), w = weight.contiguous();
+  const Tensor x = (x_bf16 ? x_in.to(at::kFloat) : x_in).contiguous(), w = weight.contiguous();
   Tensor out = out_like(x, N);
   const fmk::Problem p = problem(x, out, N, K, 1, K);
   if (p.M == 0 || N == 0) return out;
