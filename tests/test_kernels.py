@@ -637,3 +637,14 @@ def test_decode_attention_names_bad_inputs():
         fk.decode_attention(q, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), mask, 0.5)
     with pytest.raises(InvalidArgumentError, match="4-D"):
         fk.decode_attention(q[0], k, k, mask, 0.5)
+
+
+def test_dense_takes_a_bfloat16_x_as_its_float32_widening():
+    """A bfloat16 x (a bfloat16 model's activations, passed as they are) gives exactly what its
+    float32 widening gives, for a bfloat16 or a float32 weight; the result is float32."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 70, generator=g).bfloat16()
+    for w in (torch.randn(33, 70, generator=g).bfloat16(), torch.randn(33, 70, generator=g)):
+        got = fk.dense_linear(x, w)
+        assert got.dtype == torch.float32 and got.shape == (3, 2, 33)
+        assert torch.equal(got, fk.dense_linear(x.float(), w))

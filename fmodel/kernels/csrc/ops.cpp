@@ -142,9 +142,31 @@ Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
   // so that they reach the bfloat16 dot-product kernel even where torch.compile would have
   // kept a float32 value unrounded)
   const bool x_bf16 = x_in.scalar_type() == at::kBFloat16;
-  check_x(x_bf16 ? x_in.to(at::kFloat) : x_in, K, op);
   check_w(weight, weight.scalar_type(), N, K, "weight", op);
-  const Tensor x = (x_bf16 ? x_in.to(at::kFloat) : x_in).contiguous(), w = weight.contiguous();
+  const Tensor w = weight.contiguous();
+  if (x_bf16 && w.scalar_type() == at::kBFloat16 && fmk::bf16_dot_available()) {
+    TORCH_CHECK_VALUE(x_in.device().is_cpu(), op, ": x must be a CPU tensor, got ", x_in.device());
+    TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) == K, op, ": x must be [..., ", K,
+                      "] (the weight's in_features), got ", x_in.sizes());
+    // x's bits as they are, zero-padded to whole 32-column blocks: no conversion, no check
+    const Tensor xc = x_in.contiguous();
+    std::vector<int64_t> shape(xc.sizes().begin(), xc.sizes().end());
+    shape.back() = N;
+    Tensor out = at::empty(shape, xc.options().dtype(at::kFloat));
+    const int64_t M = N == 0 ? 0 : out.numel() / N, Kp = (K + 31) / 32 * 32;
+    if (M == 0 || N == 0) return out;
+    if (K == 0) return out.zero_();
+    std::vector<uint16_t> xb(static_cast<size_t>(M * Kp), 0);
+    const auto* bits = static_cast<const uint16_t*>(xc.data_ptr());
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xb.data() + m * Kp, bits + m * K, static_cast<size_t>(K) * 2);
+    const fmk::Problem p{M, N, K, 1, K, nullptr, out.data_ptr<float>()};
+    at::parallel_for(0, N, grain(K * 2 * M), [&](int64_t n0, int64_t n1) {
+      fmk::bf16_dot_rows(p, static_cast<const uint16_t*>(w.data_ptr()), xb.data(), Kp, n0, n1);
+    });
+    return out;
+  }
+  const Tensor x = (x_bf16 ? x_in.to(at::kFloat) : x_in).contiguous();
+  check_x(x, K, op);
   Tensor out = out_like(x, N);
   const fmk::Problem p = problem(x, out, N, K, 1, K);
   if (p.M == 0 || N == 0) return out;
