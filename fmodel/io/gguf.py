@@ -36,7 +36,7 @@ from ..models.quant_linear import Layout, check_activations, quantization_config
 from ..state import ModelState
 from .gguf_config import config_dict as _config_dict
 from .gguf_file import GGUFFile, check_tensor_types, dequantize, is_gguf_file, read_gguf
-from .gguf_quant import kept_layout, release_mapped, return_free_heap, to_layout
+from .gguf_quant import kept_layout, release_mapped, release_mapping, return_free_heap, to_layout
 
 logger = logging.getLogger("fmodel")
 
@@ -192,6 +192,8 @@ def _gguf_entries(file: GGUFFile, config, quantized: bool):
         for key, w in entries.items():
             tensors[key] = w
             origin[key] = f"{file.path} (GGUF tensor {t.name!r})"
+    if file.tensors:
+        release_mapping(file.tensors[0].data)
     if layouts:
         return_free_heap()
     if dequantized:

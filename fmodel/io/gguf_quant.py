@@ -241,6 +241,18 @@ def to_layout(t: Any, path: str) -> tuple[Layout, dict[str, torch.Tensor]]:
 _FAULT_AROUND = 64 * 1024
 
 
+def release_mapping(data: Any) -> None:
+    """`release_mapped` for the whole file that `data` (a numpy view of an `np.memmap`) maps: the
+    loader's last word, for pages the OS read ahead or mapped around reads beyond the windows
+    `release_mapped` covers (which depends on the page cache and the readahead state)."""
+    mapping = getattr(data, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, 0, len(mapping))
+        except (OSError, ValueError):  # a closed mapping, or an OS that refuses: only memory is at stake
+            return
+
+
 def release_mapped(data: Any) -> None:
     """Drop this process's resident pages of `data`, a numpy view of a file mapped read-only
     by `np.memmap` (a GGUF tensor's `data`), once it has been copied out. The pages stay in the
