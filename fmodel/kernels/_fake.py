@@ -71,7 +71,9 @@ def _dense_linear(x, weight):
     )
     n, k = weight.shape
     _check(x.shape[-1] == k, f"{op}: x must be [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
-    return _out(x.new_empty(x.shape, dtype=torch.float32) if x.dtype == torch.bfloat16 else x, n, op)
+    if x.dtype == torch.bfloat16:  # taken as it is; the product is float32 all the same
+        return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+    return _out(x, n, op)
 
 
 def _decode_attention(q, k, v, mask, scale):

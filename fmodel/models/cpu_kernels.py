@@ -28,6 +28,7 @@ __all__ = [
     "fast_path_ok",
     "float32_linear",
     "fmodel_kernels",
+    "no_grad_wanted",
     "traced_input_ok",
     "versions",
 ]
@@ -56,6 +57,13 @@ def fast_path_ok(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def no_grad_wanted(weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """No gradient is wanted for a layer's weight or bias (grad mode off, or they are frozen)."""
+    return not (
+        torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    )
+
+
 def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a matrix product of many rows: oneDNN's float32 product on
     the stored weight (`torch.ops.mkldnn._linear_pointwise`, no packed copy) for plain float32
@@ -71,9 +79,7 @@ def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         and weight.dim() == 2
         and weight.shape[0] > 0
         and fast_path_ok(x, weight, *(() if bias is None else (bias,)))
-        and not (
-            torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-        )
+        and no_grad_wanted(weight, bias)
     ):
         return torch.ops.mkldnn._linear_pointwise(
             x, weight.detach(), None if bias is None else bias.detach(), "none", [], ""

@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import KERNEL_MAX_ROWS, PackCache, fast_path_ok, float32_linear, traced_input_ok, versions
+from .cpu_kernels import (
+    KERNEL_MAX_ROWS,
+    PackCache,
+    fast_path_ok,
+    float32_linear,
+    no_grad_wanted,
+    traced_input_ok,
+    versions,
+)
 from .cpu_kernels import fmodel_kernels as _kernels
 
 __all__ = ["Linear"]
@@ -62,12 +70,6 @@ def _dense_kernel_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return ok and _kernels() is not None
 
 
-def _no_grad_wanted(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return not (
-        torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    )
-
-
 class Linear(nn.Linear):
     """`nn.Linear`; float32 / bfloat16 decode steps on CPU run `fmodel.kernels.dense_linear` (or,
     without the extension, oneDNN over a packed bfloat16 weight), float32 prefill oneDNN's
@@ -85,7 +87,7 @@ class Linear(nn.Linear):
             and out_features > 0
             and same
             and x.dtype in _KERNEL_DTYPES
-            and _no_grad_wanted(weight, bias)
+            and no_grad_wanted(weight, bias)
         ):
             if _dense_kernel_ok(x, weight, bias):
                 # a bfloat16 x goes as it is: rounded, even where torch.compile would not round it

@@ -48,10 +48,11 @@ void check_scale(const Tensor& t, const Tensor& scale, int64_t rows, int64_t col
   check_shape(t, rows, cols, what, op);
 }
 
+// float32 [..., N] for x [..., K]
 Tensor out_like(const Tensor& x, int64_t N) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  return at::empty(shape, x.options());
+  return at::empty(shape, x.options().dtype(at::kFloat));
 }
 
 fmk::Problem problem(const Tensor& x, const Tensor& out, int64_t N, int64_t K, int64_t G, int64_t group) {
@@ -150,9 +151,7 @@ Tensor dense_linear(const Tensor& x_in, const Tensor& weight) {
                       "] (the weight's in_features), got ", x_in.sizes());
     // x's bits as they are, zero-padded to whole 32-column blocks: no conversion, no check
     const Tensor xc = x_in.contiguous();
-    std::vector<int64_t> shape(xc.sizes().begin(), xc.sizes().end());
-    shape.back() = N;
-    Tensor out = at::empty(shape, xc.options().dtype(at::kFloat));
+    Tensor out = out_like(xc, N);
     const int64_t M = N == 0 ? 0 : out.numel() / N, Kp = (K + 31) / 32 * 32;
     if (M == 0 || N == 0) return out;
     if (K == 0) return out.zero_();
