@@ -46,7 +46,8 @@ def load(variant: str):
         act = {"activations": "int8"} if variant.endswith("+act8") else {}
         return fmodel.load(packaged_smollm2_path(), quantized=True, **act)
     source = CHECKPOINT if CHECKPOINT.exists() else packaged_smollm2_path()
-    return fmodel.load(source, dtype=getattr(torch, variant))
+    # float32 as compare.py loads it: copied out of the file mapping (fmodel.load's mmap=False)
+    return fmodel.load(source, dtype=getattr(torch, variant), mmap=variant != "float32")
 
 
 def gemv_calls(state) -> list[tuple]:

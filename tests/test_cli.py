@@ -672,3 +672,22 @@ def test_readme_demo_answers_paris(capsys):
     assert code == 0, err
     assert "Paris" in out
     assert out == shown  # the README shows the real output
+
+
+def test_cli_generate_no_mmap_reads_into_memory_and_gives_the_same_text(folder, monkeypatch, capsys):
+    from fmodel.cli import _load
+
+    seen = []
+    read = _load.read_tensors
+
+    def spy(files, mmap=True):
+        seen.append(mmap)
+        return read(files, mmap=mmap)
+
+    monkeypatch.setattr(_load, "read_tensors", spy)
+    argv = ["generate", str(folder), "--prompt", "The capital of", "-n", "5"]
+    assert main(argv) == 0
+    mapped_text = capsys.readouterr().out
+    assert main([*argv, "--no-mmap"]) == 0
+    assert capsys.readouterr().out == mapped_text
+    assert seen == [True, False]

@@ -161,6 +161,13 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
         "CPU): compiled once per model shape (about a minute) and kept on disk "
         "($FMODEL_CACHE), so later runs start warm; models it cannot compile decode eagerly",
     )
+    p.add_argument(
+        "--no-mmap",
+        dest="mmap",
+        action="store_false",
+        help="copy a safetensors / pickle checkpoint's weights into process memory instead of "
+        "mapping the file (as llama.cpp's --no-mmap): slower to load, faster CPU decode",
+    )
     p.add_argument("--echo", action="store_true", help="print the prompt text before the generated text")
     p.set_defaults(run=run)
 
@@ -238,6 +245,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         attn=args.attn,
         quantized=not args.dequantize,
         activations=args.activations,
+        mmap=args.mmap,
     )
     state = loaded.state
     tokenizer = load_tokenizer(loaded)

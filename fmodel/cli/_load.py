@@ -128,15 +128,15 @@ def _locate(model: str, gguf_file: str | None) -> tuple[str, str]:
     return "checkpoint", model
 
 
-def _read_shards(files: CheckpointFiles) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_shards(files: CheckpointFiles, mmap: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """`read_tensors`, one shard at a time under a progress bar."""
     if files.format not in ("safetensors", "pickle"):  # TF / Flax: names checked against the index
-        return read_tensors(files)
+        return read_tensors(files, mmap=mmap)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     shards = progress(files.weights, total=len(files.weights), desc="reading shards", unit="shard")
     for path in shards:
-        part, _ = read_tensors(attrs.evolve(files, weights=(path,), index=None))
+        part, _ = read_tensors(attrs.evolve(files, weights=(path,), index=None), mmap=mmap)
         for name, tensor in part.items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two shards: {origin[name]} and {path}")
@@ -171,6 +171,7 @@ def load_model(
     attn: str | None = None,
     quantized: bool = False,
     activations: str = "float",
+    mmap: bool = True,
 ) -> LoadedModel:
     """Load MODEL: a checkpoint folder, a GGUF file (or a folder holding exactly one), a hub id.
 
@@ -182,6 +183,8 @@ def load_model(
             (`fmodel.io.gguf.load_gguf`); ignored for other checkpoints, and not with `dtype`.
         device: move the tensors there.
         attn: the attention implementation (checked to be available).
+        mmap: False: copy a safetensors / pickle checkpoint's tensors into process memory
+            (`fmodel.load`'s `mmap`).
 
     Returns:
         A `LoadedModel`.
@@ -210,7 +213,7 @@ def load_model(
     else:
         files = resolve_checkpoint(where)
         config = load_config(files.config)
-        tensors, origin = _read_shards(files)
+        tensors, origin = _read_shards(files, mmap=mmap)
         types = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         # A quantized checkpoint refuses a dtype (state_from_tensors says why); others are cast
         # here, tensor by tensor under a progress bar.

@@ -106,7 +106,7 @@ def check_load_arguments(where: str, *, config=None, tensors=None, **options) ->
         check_config(config, f"{where}(config)")
     if tensors is not None:
         check_mapping_of_tensors(tensors, f"{where}(tensors)")
-    for name in ("allow_missing", "strict", "ignore_mismatched_sizes", "warn_missing"):
+    for name in ("allow_missing", "strict", "ignore_mismatched_sizes", "warn_missing", "mmap"):
         if name in options:
             _check_bool(options[name], f"{where}({name})")
     for name in ("architecture", "revision", "gguf_file", "variant"):
