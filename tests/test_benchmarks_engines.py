@@ -128,6 +128,19 @@ def test_quality_table_targets_for_quantized_variants_only():
     }
     assert "<= 410 MiB" in text
 
+    # the budget counts from torch's runtime baseline (torch after running ops) where measured
+    report.rss = {
+        "fmodel gguf": {
+            "baseline_rss": 300 * mib,
+            "runtime_rss": 345 * mib,
+            "peak_rss": 450 * mib,
+            "load_s": 1.0,
+        }
+    }
+    text, checks = engines.quality_table(report)
+    assert {c.name: c.passed for c in checks}["RSS fmodel gguf"] is True  # 450 <= 345 + 110
+    assert "<= 455 MiB" in text and "+45 MiB" in text
+
 
 def test_report_text_counts_targets_and_lists_skips():
     report = _report({"fmodel float32": [1.0], "llama.cpp F32": [2.0]}, {"fmodel float32": [0.1]})

@@ -178,6 +178,7 @@ def _gguf_entries(file: GGUFFile, config, quantized: bool):
         release_mapped(t.data)  # copied out: the load holds its tensors, not the file too
         if converted >= _TRIM_EVERY:  # the re-layouts' freed temporaries, before they pile up
             return_free_heap()
+            release_mapping(t.data)  # and the pages readahead mapped beyond the windows
             converted = 0
         if arch.permute_qk and ".attn_q." in t.name:  # whole rows: values, scales and zeros alike
             parts = {k: _unpermute(w, config.num_attention_heads, file, t.name) for k, w in parts.items()}
@@ -382,7 +383,7 @@ def load_gguf_with_report(
         if quantization_config(config) is not None:
             raise CheckpointError(f"{file.path}: quantized=True with a config= that is already quantized")
         config = _quantized_config(config, architecture, layouts, activations)
-    return state_from_tensors(
+    loaded = state_from_tensors(
         config,
         tensors,
         architecture=architecture,
@@ -394,6 +395,10 @@ def load_gguf_with_report(
         allow_missing=allow_missing,
         strict=strict,
     )
+    if layouts:  # the parsed header (unless the caller holds it) and the checks' temporaries
+        del file, tensors
+        return_free_heap()
+    return loaded
 
 
 def load_gguf(
